@@ -1,0 +1,123 @@
+"""The one module that talks to the ComfyUI host.
+
+Everything else in ``nodes/`` and all of ``wan_core`` stays host-free. Each function falls back
+to a sensible stand-alone behaviour when ComfyUI is not importable (tests, scripts), so the
+nodes can be exercised without a running ComfyUI.
+
+Environment for the stand-alone fallback: ``WANCORE_MODELS_DIR`` (default ``./models``) holds
+``diffusion_models/``, ``vae/``, ``text_encoders/``, ``clip_vision/``, ``loras/``;
+``WANCORE_OUTPUT_DIR`` (default ``./output``) receives saved videos.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+try:  # pragma: no cover - exercised only inside ComfyUI
+    import folder_paths as _folder_paths
+except ImportError:
+    _folder_paths = None
+
+try:  # pragma: no cover
+    import comfy.utils as _comfy_utils
+    import comfy.model_management as _model_management
+except ImportError:
+    _comfy_utils = None
+    _model_management = None
+
+# ComfyUI folder names for each kind of model (text_encoders was "clip" in old ComfyUI).
+MODEL_FOLDERS = {
+    "diffusion_models": ("diffusion_models", "unet"),
+    "vae": ("vae",),
+    "text_encoders": ("text_encoders", "clip"),
+    "clip_vision": ("clip_vision",),
+    "loras": ("loras",),
+}
+MODEL_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".gguf")
+
+
+def in_comfyui() -> bool:
+    return _folder_paths is not None
+
+
+def _standalone_models_dir() -> Path:
+    return Path(os.environ.get("WANCORE_MODELS_DIR", "models"))
+
+
+def list_models(kind: str) -> list[str]:
+    """File names (relative to the model folder) that a loader dropdown offers."""
+    names: list[str] = []
+    if _folder_paths is not None:
+        for folder in MODEL_FOLDERS[kind]:
+            try:
+                names.extend(_folder_paths.get_filename_list(folder))
+            except KeyError:
+                continue
+    else:
+        root = _standalone_models_dir() / MODEL_FOLDERS[kind][0]
+        if root.is_dir():
+            names = [p.relative_to(root).as_posix() for p in root.rglob("*")
+                     if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES]
+    return sorted(dict.fromkeys(names))
+
+
+def model_path(kind: str, name: str) -> str:
+    """Full path of a model file chosen in a dropdown; a clear error when it is gone."""
+    if _folder_paths is not None:
+        for folder in MODEL_FOLDERS[kind]:
+            try:
+                path = _folder_paths.get_full_path(folder, name)
+            except KeyError:
+                continue
+            if path:
+                return path
+    else:
+        path = _standalone_models_dir() / MODEL_FOLDERS[kind][0] / name
+        if path.is_file():
+            return str(path)
+    raise FileNotFoundError(
+        f"model file '{name}' was not found in models/{MODEL_FOLDERS[kind][0]}; "
+        "put it there and press 'r' to refresh the node's list")
+
+
+def output_directory() -> str:
+    if _folder_paths is not None:
+        return _folder_paths.get_output_directory()
+    path = Path(os.environ.get("WANCORE_OUTPUT_DIR", "output"))
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def torch_device():
+    """The device ComfyUI runs models on (CPU when stand-alone and no GPU)."""
+    import torch
+
+    if _model_management is not None:
+        return _model_management.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def offload_device():
+    import torch
+
+    if _model_management is not None:
+        return _model_management.unet_offload_device()
+    return torch.device("cpu")
+
+
+def throw_if_interrupted() -> None:
+    """Raise ComfyUI's interruption exception when the user pressed Cancel."""
+    if _model_management is not None:
+        _model_management.throw_exception_if_processing_interrupted()
+
+
+class ProgressBar:
+    """ComfyUI's progress bar (with an optional preview image), or a no-op stand-alone."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self._bar = _comfy_utils.ProgressBar(total) if _comfy_utils is not None else None
+
+    def update(self, step: int, preview=None) -> None:
+        if self._bar is not None:
+            self._bar.update_absolute(step, self.total, preview)

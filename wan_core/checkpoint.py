@@ -1,0 +1,293 @@
+"""Reading checkpoint files into state dicts, and telling what kind of model a file holds.
+
+Everything the loaders share lives here: safetensors (memory-mapped), pickled ``.pth`` files
+(always ``weights_only=True``), folders of sharded safetensors with an index json, prefix
+stripping, and the clear errors a user sees for a truncated file, a wrong file type, or a file
+that holds a different model than the loader expects.
+
+No function here keeps a second copy of the weights: safetensors are read lazily from a memory
+map and pickles are loaded with ``mmap=True``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+from typing import Iterable, Mapping, Union
+
+import torch
+
+StateDict = dict  # dict[str, torch.Tensor]
+Source = Union[str, os.PathLike, Mapping]
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used; the message says why and what to do instead."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+
+def load_state_dict(source: Source) -> StateDict:
+    """Return the tensors of ``source`` as a flat ``{name: tensor}`` dict.
+
+    ``source`` may be a state dict (returned as a shallow copy), a ``.safetensors`` file, a
+    pickled ``.pth``/``.pt``/``.ckpt``/``.bin`` file, a ``*.safetensors.index.json`` file, or a
+    folder holding one safetensors file or a sharded set with its index json.
+    """
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"file not found: {path}")
+    if path.is_dir():
+        return _load_folder(path)
+    name = path.name.lower()
+    if name.endswith(".index.json"):
+        return _load_sharded(path)
+    if name.endswith(".gguf"):
+        raise CheckpointError(
+            f"{path.name} is a GGUF file; GGUF quantised weights are not supported yet. "
+            "Use a .safetensors file (bf16, fp16, fp8 or fp8_scaled) instead.")
+    if name.endswith(SAFETENSORS_SUFFIXES):
+        return _load_safetensors(path)
+    if name.endswith(PICKLE_SUFFIXES):
+        return _load_pickle(path)
+    # Unknown suffix: sniff the content.
+    if _looks_like_safetensors(path):
+        return _load_safetensors(path)
+    if _looks_like_zip_or_pickle(path):
+        return _load_pickle(path)
+    raise CheckpointError(
+        f"{path.name} is neither a safetensors file nor a PyTorch checkpoint; "
+        "expected a .safetensors or .pth file")
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        return len(head) == 9 and head[8:9] == b"{"
+    except OSError:
+        return False
+
+
+def _looks_like_zip_or_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and validate a safetensors header; raises CheckpointError for truncated files.
+
+    Returns the header dict (tensor name -> {dtype, shape, data_offsets}, plus ``__metadata__``).
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path.name} is empty or truncated ({size} bytes); "
+                                  "download it again")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > 100_000_000 or 8 + header_len > size:
+            if header_len > 100_000_000:
+                raise CheckpointError(f"{path.name} is not a safetensors file "
+                                      "(its first bytes are not a safetensors header)")
+            raise CheckpointError(
+                f"{path.name} is truncated: its header alone needs {8 + header_len} bytes but "
+                f"the file has {size}; download it again")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path.name} is not a safetensors file (unreadable header)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    expected = 8 + header_len + end
+    if size < expected:
+        raise CheckpointError(
+            f"{path.name} is truncated: expected {expected:,} bytes, found {size:,} "
+            f"({100 * size / max(expected, 1):.1f}%); the download did not finish, fetch it again")
+    return header
+
+
+def _load_safetensors(path: Path) -> StateDict:
+    from safetensors import safe_open
+
+    read_safetensors_header(path)
+    out = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            out[key] = f.get_tensor(key)
+    return out
+
+
+def _load_pickle(path: Path) -> StateDict:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path.name} contains Python objects other than tensors, so it was not loaded "
+            f"(pickles are only read with weights_only=True for safety). Convert it to "
+            f".safetensors, or use the official file. Details: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:
+        msg = str(e)
+        if "zip" in msg.lower() or "central directory" in msg.lower() or "eof" in msg.lower():
+            raise CheckpointError(f"{path.name} is truncated or corrupt ({msg.splitlines()[0]}); "
+                                  "download it again") from None
+        raise
+    except EOFError:
+        raise CheckpointError(f"{path.name} is truncated; download it again") from None
+    return _unwrap_pickled(obj, path)
+
+
+def _unwrap_pickled(obj, path: Path) -> StateDict:
+    for _ in range(3):
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        if isinstance(obj, Mapping):
+            for key in ("state_dict", "model", "module", "model_state_dict"):
+                if key in obj and isinstance(obj[key], Mapping):
+                    obj = obj[key]
+                    break
+            else:
+                tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+                if tensors:
+                    return tensors
+                break
+        else:
+            break
+    raise CheckpointError(f"{path.name} holds no tensors that look like model weights")
+
+
+def _load_sharded(index_path: Path) -> StateDict:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{index_path.name} is not a sharded-checkpoint index "
+                              "(no 'weight_map')") from None
+    out: StateDict = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if not shard_path.exists():
+            raise CheckpointError(f"shard {shard} named in {index_path.name} is missing from "
+                                  f"{index_path.parent}; download every shard")
+        out.update(load_state_dict(shard_path))
+    return out
+
+
+def _load_folder(folder: Path) -> StateDict:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        return _load_sharded(indexes[0])
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1:
+        return _load_safetensors(files[0])
+    if not files:
+        raise CheckpointError(f"{folder} holds no .safetensors files")
+    raise CheckpointError(f"{folder} holds several .safetensors files but no index json; "
+                          "point at one file")
+
+
+# --------------------------------------------------------------------------------------------
+# Key layouts
+# --------------------------------------------------------------------------------------------
+
+def strip_prefix(sd: StateDict, prefixes: Iterable[str]) -> StateDict:
+    """Remove the first of ``prefixes`` that every weight key starts with (markers excepted)."""
+    keys = [k for k in sd if k not in MARKER_KEYS]
+    for prefix in prefixes:
+        if keys and all(k.startswith(prefix) for k in keys):
+            return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+    return sd
+
+
+def select_prefix(sd: StateDict, prefix: str) -> StateDict:
+    """The tensors under ``prefix`` (with it removed), e.g. one model out of a combined file."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+# Keys that mark a file's storage format rather than hold weights.
+MARKER_KEYS = frozenset({"scaled_fp8", "spiece_model"})
+
+# --------------------------------------------------------------------------------------------
+# What kind of model is this?
+# --------------------------------------------------------------------------------------------
+
+KIND_NAMES = {
+    "dit": "a Wan diffusion model (DiT)",
+    "vae": "a Wan VAE",
+    "text_encoder": "a umT5 text encoder",
+    "clip_vision": "a CLIP vision encoder",
+    "lora": "a LoRA",
+    "unknown": "not a model this pack recognises",
+}
+KIND_LOADERS = {
+    "dit": "load_dit / the 'WanCore Load Diffusion Model' node (models/diffusion_models)",
+    "vae": "load_vae / the 'WanCore Load VAE' node (models/vae)",
+    "text_encoder": "load_text_encoder / the 'WanCore Load Text Encoder' node (models/text_encoders)",
+    "clip_vision": "load_clip_vision / the 'WanCore Load CLIP Vision' node (models/clip_vision)",
+    "lora": "a LoRA loader (models/loras)",
+}
+
+_DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+
+
+def identify(sd: Mapping) -> str:
+    """Guess which kind of model a state dict holds, from its key names only.
+
+    Returns one of ``dit``, ``vae``, ``text_encoder``, ``clip_vision``, ``lora``, ``unknown``.
+    """
+    keys = list(sd.keys())
+    if any(".lora_A." in k or ".lora_down." in k or ".lora_up." in k or ".lora_B." in k
+           for k in keys[:2000]):
+        return "lora"
+    ks = set(keys)
+    for p in ("",) + _DIT_PREFIXES:
+        if {p + "patch_embedding.weight", p + "head.head.weight"} <= ks or \
+                p + "condition_embedder.time_embedder.linear_1.weight" in ks:
+            return "dit"
+    if any(k.startswith(("encoder.block.0.layer.0.SelfAttention", "blocks.0.attn.q."))
+           for k in keys) or "shared.weight" in ks or "token_embedding.weight" in ks:
+        if not any(k.startswith("visual.") for k in keys):
+            return "text_encoder"
+    if any(k.startswith(("vision_model.embeddings.", "visual.", "embeddings.patch_embedding"))
+           for k in keys):
+        return "clip_vision"
+    if any(k.startswith("encoder.") for k in keys) and any(k.startswith("decoder.") for k in keys):
+        return "vae"
+    return "unknown"
+
+
+def require_kind(sd: Mapping, wanted: str, source: Source | None = None) -> None:
+    """Raise a CheckpointError naming what the file is when it is not a ``wanted`` model."""
+    kind = identify(sd)
+    if kind == wanted:
+        return
+    name = _source_name(source)
+    if kind == "unknown":
+        sample = ", ".join(list(sd.keys())[:6])
+        raise CheckpointError(
+            f"{name} does not look like {KIND_NAMES[wanted]}: unknown key layout "
+            f"({len(sd)} tensors; first keys: {sample})")
+    raise CheckpointError(
+        f"{name} is {KIND_NAMES[kind]}, not {KIND_NAMES[wanted]}; "
+        f"load it with {KIND_LOADERS[kind]}")
+
+
+def _source_name(source) -> str:
+    if source is None or isinstance(source, Mapping):
+        return "this state dict"
+    return f"'{Path(source).name}'"
+
+
+def source_name(source) -> str:
+    """A short human name for a checkpoint source, for error messages."""
+    return _source_name(source)
