@@ -121,3 +121,39 @@ class ProgressBar:
     def update(self, step: int, preview=None) -> None:
         if self._bar is not None:
             self._bar.update_absolute(step, self.total, preview)
+
+
+def _patcher(module):
+    """The ComfyUI ModelPatcher wrapping ``module`` (created once and kept on the module)."""
+    import comfy.model_patcher  # pragma: no cover - only inside ComfyUI
+
+    patcher = getattr(module, "_wancore_patcher", None)
+    if patcher is None:
+        patcher = comfy.model_patcher.ModelPatcher(
+            module, load_device=torch_device(), offload_device=offload_device())
+        object.__setattr__(module, "_wancore_patcher", patcher)
+    return patcher
+
+
+def load_for_compute(module):
+    """Make ``module`` resident on the compute device before a heavy call.
+
+    Inside ComfyUI the module is registered with its model management, which frees other
+    models when memory is needed and may offload ours later when another model needs the room.
+    Stand-alone it is simply moved to the compute device. Returns the device.
+    """
+    if _model_management is not None:
+        _model_management.load_models_gpu([_patcher(module)], force_full_load=True)
+        return torch_device()
+    device = torch_device()
+    module.to(device)
+    return device
+
+
+def release(module) -> None:
+    """Move ``module`` off the compute device (the idle Wan 2.2 expert, the text encoder)."""
+    if _model_management is not None and getattr(module, "_wancore_patcher", None) is not None:
+        patcher = module._wancore_patcher
+        patcher.detach()
+        return
+    module.to(offload_device())

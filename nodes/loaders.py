@@ -1,0 +1,177 @@
+"""Loader nodes: diffusion model, VAE, text encoder, CLIP vision.
+
+Loaded models are cached per (file, modification time, options), so re-queuing a workflow, or
+two loader nodes pointing at the same file, reuse one copy; ComfyUI's own output cache keeps
+the node from re-running at all when nothing changed.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from . import host
+
+WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn"]
+ATTENTION_BACKENDS = ["sdpa", "flash_attn", "sage"]
+
+
+class _ModelCache:
+    """A tiny LRU of loaded models keyed by file identity and load options."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, path: str, options: tuple, load):
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, options)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = load()
+        self._items[key] = value
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+
+CACHE = _ModelCache()
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+            "fp32": torch.float32, "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None)}[name]
+
+
+def _describe(model, kind: str) -> dict:
+    config = getattr(model, "config", None)
+    params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
+    dtype = next(model.parameters()).dtype if params else None
+    return {"variant": getattr(config, "variant", kind), "params": params,
+            "dtype": str(dtype).replace("torch.", "") if dtype else ""}
+
+
+class WanCoreModelLoader:
+    CATEGORY = "WanCore/loaders"
+    DESCRIPTION = ("Loads a Wan 2.1 / 2.2 diffusion model (T2V, I2V, FLF2V, TI2V-5B, or one "
+                   "Wan 2.2 expert). The variant is detected from the weights.")
+    RETURN_TYPES = ("WANCORE_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The diffusion model, ready for WanCore Sampler or WanCore MoE.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (host.list_models("diffusion_models"), {
+                "tooltip": "A Wan diffusion model file from models/diffusion_models (official, "
+                           "ComfyUI repackaged, diffusers, fp8 or fp8_scaled)."}),
+            "weight_dtype": (WEIGHT_DTYPES, {
+                "default": "default",
+                "tooltip": "Dtype the weights are kept in. 'default' keeps the file's dtype "
+                           "(fp8 files stay fp8 and compute in bf16)."}),
+            "attention": (ATTENTION_BACKENDS, {
+                "default": "sdpa",
+                "tooltip": "Attention kernel. sdpa (PyTorch) always works; flash_attn and "
+                           "sage need their packages installed."}),
+        }}
+
+    def load(self, model_name, weight_dtype="default", attention="sdpa"):
+        from wan_core import load_dit
+
+        path = host.model_path("diffusion_models", model_name)
+        model = CACHE.get(path, ("dit", weight_dtype, attention),
+                          lambda: load_dit(path, dtype=_dtype(weight_dtype), device="cpu",
+                                           attention=attention))
+        return {"ui": {"wancore_variant": [_describe(model, "diffusion model")]},
+                "result": (model,)}
+
+
+class WanCoreVAELoader:
+    CATEGORY = "WanCore/loaders"
+    DESCRIPTION = "Loads a Wan 2.1 (z16) or Wan 2.2 (z48) video VAE; the version is detected."
+    RETURN_TYPES = ("WANCORE_VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The video VAE for encode/decode and image conditioning.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": (host.list_models("vae"), {
+            "tooltip": "wan_2.1_vae.safetensors for Wan 2.1 and the Wan 2.2 14B models; "
+                       "wan2.2_vae.safetensors for TI2V-5B. Official .pth files work too."})}}
+
+    def load(self, vae_name):
+        from wan_core import load_vae
+
+        path = host.model_path("vae", vae_name)
+        vae = CACHE.get(path, ("vae",), lambda: load_vae(path))
+        info = {"variant": f"wan{vae.config.version}-vae z{vae.config.z_dim}"}
+        return {"ui": {"wancore_variant": [info]}, "result": (vae,)}
+
+
+class WanCoreTextEncoderLoader:
+    CATEGORY = "WanCore/loaders"
+    DESCRIPTION = ("Loads the umT5-XXL text encoder (official .pth, or ComfyUI's safetensors "
+                   "incl. fp8_scaled with the tokenizer embedded).")
+    RETURN_TYPES = ("WANCORE_TEXT_ENCODER",)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("The text encoder for WanCore Text Encode.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder_name": (host.list_models("text_encoders"), {
+                "tooltip": "umt5_xxl_fp8_e4m3fn_scaled.safetensors or umt5_xxl_fp16.safetensors "
+                           "from models/text_encoders."}),
+            "device": (["default", "cpu"], {
+                "default": "default",
+                "tooltip": "'cpu' keeps the encoder off the GPU (saves ~6-11 GB of VRAM; "
+                           "prompts are encoded once and cached)."}),
+        }}
+
+    def load(self, text_encoder_name, device="default"):
+        from wan_core import load_text_encoder
+
+        path = host.model_path("text_encoders", text_encoder_name)
+        te = CACHE.get(path, ("te",), lambda: load_text_encoder(path))
+        te.run_on_cpu = device == "cpu"
+        return (te,)
+
+
+class WanCoreCLIPVisionLoader:
+    CATEGORY = "WanCore/loaders"
+    DESCRIPTION = "Loads the CLIP ViT-H/14 image encoder used by Wan 2.1 I2V and FLF2V."
+    RETURN_TYPES = ("WANCORE_CLIP_VISION",)
+    RETURN_NAMES = ("clip_vision",)
+    OUTPUT_TOOLTIPS = ("The image encoder for WanCore Image To Video (Wan 2.1 I2V / FLF2V).",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (host.list_models("clip_vision"), {
+            "tooltip": "clip_vision_h.safetensors from models/clip_vision (only needed for "
+                       "Wan 2.1 I2V / FLF2V; Wan 2.2 models use none)."})}}
+
+    def load(self, clip_name):
+        from wan_core import load_clip_vision
+
+        path = host.model_path("clip_vision", clip_name)
+        return (CACHE.get(path, ("clip",), lambda: load_clip_vision(path)),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "WanCoreModelLoader": WanCoreModelLoader,
+    "WanCoreVAELoader": WanCoreVAELoader,
+    "WanCoreTextEncoderLoader": WanCoreTextEncoderLoader,
+    "WanCoreCLIPVisionLoader": WanCoreCLIPVisionLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WanCoreModelLoader": "WanCore Load Diffusion Model",
+    "WanCoreVAELoader": "WanCore Load VAE",
+    "WanCoreTextEncoderLoader": "WanCore Load Text Encoder",
+    "WanCoreCLIPVisionLoader": "WanCore Load CLIP Vision",
+}
