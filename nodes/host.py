@@ -157,3 +157,23 @@ def release(module) -> None:
         patcher.detach()
         return
     module.to(offload_device())
+
+
+def next_output_path(prefix: str, extension: str) -> tuple[str, str, str]:
+    """A fresh ``(full_path, filename, subfolder)`` in the output folder for ``prefix``
+    (which may contain a subfolder, e.g. ``"videos/WanCore"``), numbered like ComfyUI's."""
+    out_dir = output_directory()
+    if _folder_paths is not None:
+        folder, name, counter, subfolder, _ = _folder_paths.get_save_image_path(prefix, out_dir)
+    else:
+        sub, _, name = prefix.replace("\\", "/").rpartition("/")
+        folder = os.path.join(out_dir, sub)
+        subfolder = sub
+        os.makedirs(folder, exist_ok=True)
+        counter = 1
+        for existing in os.listdir(folder):
+            stem = existing.rsplit(".", 1)[0]
+            if stem.startswith(name + "_") and stem[len(name) + 1:].rstrip("_").isdigit():
+                counter = max(counter, int(stem[len(name) + 1:].rstrip("_")) + 1)
+    filename = f"{name}_{counter:05}_.{extension}"
+    return os.path.join(folder, filename), filename, subfolder
