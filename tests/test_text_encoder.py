@@ -42,7 +42,7 @@ def hf_model():
     model = UMT5EncoderModel(cfg).eval()
     with torch.no_grad():  # weights large enough that every part of the network matters
         for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.5 if "relative_attention_bias" in name else 0.2)
+            p.copy_(torch.randn_like(p) * (0.5 if "relative_attention_bias" in name else 0.1)
                     + (1.0 if "layer_norm" in name else 0.0))
     return model
 
