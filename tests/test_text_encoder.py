@@ -169,9 +169,10 @@ def test_half_precision_defaults_to_bf16(hf_sd):
 def test_fp8_weights_stay_fp8(hf_sd, scaled):
     fp8 = torch.float8_e4m3fn
     sd, dequant = {}, {}
-    for k, v in hf_sd.items():
+    for k, v in reversed(hf_sd.items()):  # the tied embed_tokens copy first: shared.* wins
         linear = k.endswith(".weight") and any(f".{n}." in k for n in ("q", "k", "v", "o", "wi_0",
                                                                         "wi_1", "wo"))
+        linear = linear or k == "shared.weight"  # an fp8 embedding is dequantised on load
         if not linear:
             sd[k] = dequant[k] = v
             continue
@@ -185,6 +186,7 @@ def test_fp8_weights_stay_fp8(hf_sd, scaled):
         sd["scaled_fp8"] = torch.empty(0, dtype=fp8)
     model = load_umt5(sd, dtype=torch.float32)
     assert model.blocks[0].attn.q.weight.dtype == fp8
+    assert model.token_embedding.weight.dtype == torch.float32
     ids = _ids_batch([11, 30])
     out = TextEncoder(model, None).encode_ids(ids)
     ref = _ours(dequant, dtype=torch.float32).encode_ids(ids)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .ops import Linear, assign_state_dict, is_fp8
+from .ops import Linear, assign_state_dict
 from .tokenizer import UMT5Tokenizer, find_tokenizer_near, missing_tokenizer_error
 
 # --------------------------------------------------------------------------------------------
@@ -211,12 +211,14 @@ def to_official_layout(sd: Mapping) -> dict:
     """
     sd = ckpt.strip_prefix(dict(sd), _PREFIXES)
     out = {}
-    embed = None
     for key, value in sd.items():
         if key == "spiece_model" or _UNUSED.match(key):
             continue
-        if key in ("shared.weight", "encoder.embed_tokens.weight"):
-            embed = value if embed is None else embed  # tied copies of the same table
+        if key.startswith(("shared.", "encoder.embed_tokens.")):
+            # HF files hold the embedding as shared.* and often a tied copy as embed_tokens.*
+            name = "token_embedding." + key.rsplit(".", 1)[1]
+            if key.startswith("shared.") or name not in out:
+                out[name] = value
             continue
         for pattern, repl in _HF_RENAMES:
             new, n = pattern.subn(repl, key)
@@ -226,8 +228,6 @@ def to_official_layout(sd: Mapping) -> dict:
         if key.startswith("encoder.") and not key.startswith("encoder.block"):
             key = key[len("encoder."):]  # official full-model files: encoder.blocks...
         out[key] = value
-    if embed is not None:
-        out.setdefault("token_embedding.weight", embed)
     return out
 
 
@@ -315,16 +315,9 @@ class TextEncoder:
     def dtype(self) -> torch.dtype:
         return self.model.token_embedding.weight.dtype
 
-    def to(self, device=None, dtype=None) -> "TextEncoder":
-        """Move the network (fp8 weights stay fp8); clears the cache when the dtype changes."""
-        if dtype is not None and dtype != self.dtype:
-            self._cache.clear()
-            for module in self.model.modules():
-                for name, p in module.named_parameters(recurse=False):
-                    if not is_fp8(p.dtype):
-                        setattr(module, name, nn.Parameter(p.to(dtype), requires_grad=False))
-        if device is not None:
-            self.model.to(device)
+    def to(self, device) -> "TextEncoder":
+        """Move the network to ``device`` (e.g. GPU for encoding, back to CPU to free VRAM)."""
+        self.model.to(device)
         return self
 
     def clear_cache(self) -> None:
@@ -336,8 +329,7 @@ class TextEncoder:
         if not ids:
             return []
         longest = max(len(x) for x in ids)
-        batch = torch.full((len(ids), longest), self.tokenizer.pad_id if self.tokenizer else 0,
-                           dtype=torch.long)
+        batch = torch.zeros(len(ids), longest, dtype=torch.long)  # padding ids are masked out
         mask = torch.zeros(len(ids), longest, dtype=torch.long)
         for i, x in enumerate(ids):
             batch[i, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
