@@ -89,8 +89,7 @@ def _ours(sd, **kw):
 def test_config_from_weights(hf_sd):
     cfg = config_from_state_dict(to_official_layout(hf_sd))
     assert (cfg.vocab_size, cfg.dim, cfg.attn_dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers,
-            cfg.num_buckets, cfg.per_layer_position_bias) == \
-        (VOCAB, DIM, HEADS * D_KV, FFN, HEADS, LAYERS, BUCKETS, True)
+            cfg.num_buckets) == (VOCAB, DIM, HEADS * D_KV, FFN, HEADS, LAYERS, BUCKETS)
 
 
 def test_parity_transformers_padded_batch(hf_model, hf_sd):
@@ -230,6 +229,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory, spiece_bytes):
+    pytest.importorskip("google.protobuf")  # transformers needs it to read a .model file
     from transformers import T5Tokenizer
 
     folder = tmp_path_factory.mktemp("hf_tok")
@@ -256,6 +256,8 @@ def test_tokenizer_json_matches_spiece(tmp_path, spiece_bytes, hf_tokenizer):
 
 
 def test_cleaning_matches_official():
+    pytest.importorskip("ftfy")
+    pytest.importorskip("regex")
     tok = official("modules.tokenizers")
     from wan_core import tokenizer as ours_mod
 
@@ -293,7 +295,7 @@ def test_missing_tokenizer_error(tmp_path, hf_sd):
         load_text_encoder(path)
 
 
-def test_wrong_model_errors():
+def test_wrong_model_errors(hf_sd, spiece_bytes):
     dit = {"patch_embedding.weight": torch.zeros(1), "head.head.weight": torch.zeros(1),
            "blocks.0.self_attn.q.weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match="diffusion model.*not a umT5 text encoder"):
@@ -302,6 +304,9 @@ def test_wrong_model_errors():
            "conv1.weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match="Wan VAE, not a umT5 text encoder"):
         load_text_encoder(vae)
+    t5 = {k: v for k, v in hf_sd.items() if "relative_attention_bias" not in k or "block.0." in k}
+    with pytest.raises(CheckpointError, match="T5 encoder.*not umT5-XXL"):
+        load_text_encoder(t5, tokenizer=spiece_bytes)
     clip = {"vision_model.embeddings.class_embedding": torch.zeros(4)}
     with pytest.raises(CheckpointError, match="CLIP vision encoder, not a umT5"):
         load_text_encoder(clip)

@@ -1,7 +1,7 @@
 """umT5 text encoder (the encoder half of umT5-XXL) and its loader.
 
 umT5 is a T5 encoder whose every layer owns a relative-position bias table (plain T5 has one
-table in layer 0, shared by all layers). Each layer:
+table in layer 0, shared by all layers; such files are refused with a clear error). Each layer:
     x = x + attn(rms_norm(x))      # no 1/sqrt(d) scaling; logits += position bias + key mask
     x = x + ffn(rms_norm(x))       # fc2(gelu_tanh(gate(x)) * fc1(x))
 followed by a final RMS norm. Module names follow the official Wan checkpoint
@@ -42,7 +42,6 @@ class UMT5Config:
     num_heads: int
     num_layers: int
     num_buckets: int
-    per_layer_position_bias: bool = True  # umT5: True; original T5: one table in layer 0
     max_distance: int = 128
     eps: float = 1e-6
 
@@ -136,18 +135,18 @@ def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, cfg: UMT5Config, has_position_bias: bool):
+    def __init__(self, cfg: UMT5Config):
         super().__init__()
         self.norm1 = RMSNorm(cfg.dim, cfg.eps)
         self.attn = Attention(cfg.dim, cfg.attn_dim, cfg.num_heads)
         self.norm2 = RMSNorm(cfg.dim, cfg.eps)
         self.ffn = GatedFeedForward(cfg.dim, cfg.ffn_dim)
-        self.pos_embedding = (RelativePositionBias(cfg.num_buckets, cfg.num_heads, cfg.max_distance)
-                              if has_position_bias else None)
+        self.pos_embedding = RelativePositionBias(cfg.num_buckets, cfg.num_heads, cfg.max_distance)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, shared_bias=None) -> torch.Tensor:
-        bias = self.pos_embedding(x.shape[1]) if self.pos_embedding is not None else shared_bias
-        x = _clamp_fp16(x + self.attn(self.norm1(x), bias.float() + key_mask))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim]; key_mask [B, 1, 1, L] (0 or -inf-like for padding) -> [B, L, dim]."""
+        bias = self.pos_embedding(x.shape[1]).float() + key_mask
+        x = _clamp_fp16(x + self.attn(self.norm1(x), bias))
         return _clamp_fp16(x + self.ffn(self.norm2(x)))
 
 
@@ -158,9 +157,7 @@ class UMT5Encoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(
-            EncoderBlock(cfg, has_position_bias=cfg.per_layer_position_bias or i == 0)
-            for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.eps)
 
     def forward(self, ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -172,11 +169,8 @@ class UMT5Encoder(nn.Module):
             key_mask = torch.zeros(mask.shape, dtype=torch.float32, device=x.device)
             key_mask = key_mask.masked_fill(mask.to(x.device) == 0, torch.finfo(x.dtype).min)
             key_mask = key_mask[:, None, None, :]
-        shared_bias = None
         for block in self.blocks:
-            x = block(x, key_mask, shared_bias)
-            if not self.config.per_layer_position_bias and shared_bias is None:
-                shared_bias = block.pos_embedding(x.shape[1])
+            x = block(x, key_mask)
         return self.norm(x)
 
 
@@ -244,13 +238,17 @@ def config_from_state_dict(sd: Mapping) -> UMT5Config:
             "(a truncated file, or another model's weights)") from None
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     num_layers = max(layers) + 1
-    per_layer = "blocks.1.pos_embedding.embedding.weight" in sd or num_layers == 1
+    if num_layers > 1 and "blocks.1.pos_embedding.embedding.weight" not in sd:
+        raise ckpt.CheckpointError(
+            f"this is a T5 encoder (position bias only in its first layer, vocabulary {vocab}), "
+            "such as t5xxl for Flux / SD3, not umT5-XXL. Wan needs the umT5-XXL encoder: "
+            "umt5_xxl_fp8_e4m3fn_scaled.safetensors / umt5_xxl_fp16.safetensors (ComfyUI) or "
+            "models_t5_umt5-xxl-enc-bf16.pth (official)")
     if attn_dim % num_heads:
         raise ckpt.CheckpointError(f"umT5 attention width {attn_dim} is not a multiple of the "
                                    f"{num_heads} heads read from the position-bias table")
     return UMT5Config(vocab_size=vocab, dim=dim, attn_dim=attn_dim, ffn_dim=ffn_dim,
-                      num_heads=num_heads, num_layers=num_layers, num_buckets=num_buckets,
-                      per_layer_position_bias=per_layer)
+                      num_heads=num_heads, num_layers=num_layers, num_buckets=num_buckets)
 
 
 def _default_dtype(sd: Mapping) -> torch.dtype:
