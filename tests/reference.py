@@ -81,10 +81,23 @@ def official(name: str):
     _register_namespace("wan", root)
     _register_namespace("wan.modules", root / "modules")
     _register_namespace("wan.utils", root / "utils")
-    module = importlib.import_module(f"wan.{name}")
+    module = _import_without_cuda(f"wan.{name}")
     if hasattr(module, "flash_attention"):
         module.flash_attention = sdpa_flash_attention
     return module
+
+
+def _import_without_cuda(module_name: str):
+    """Import a module whose top level calls ``torch.cuda.current_device()`` (t5.py uses it as a
+    default argument) on a machine without CUDA: that call returns ``"cpu"`` meanwhile."""
+    if torch.cuda.is_available() or module_name in sys.modules:
+        return importlib.import_module(module_name)
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        torch.cuda.current_device = original
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
