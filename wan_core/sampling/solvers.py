@@ -120,6 +120,7 @@ SOLVERS = {"euler": euler_step, "unipc": unipc_step, "dpm++": dpmpp_step}
 
 # --- the loop ----------------------------------------------------------------------------
 
+@torch.no_grad()
 def sample(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: Schedule | SigmaLike,
            solver: str = "unipc", *,
            callback: Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]] = None,
@@ -143,7 +144,8 @@ def sample(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: Schedule | Sigm
     after_step: ``x = after_step(x)`` after every step, e.g. to re-impose known latent frames
         (TI2V); solver history is kept as computed.
 
-    Returns the sample at sigmas[-1] (the clean latent when it is 0), in ``noise``'s dtype.
+    Returns the sample at sigmas[-1] (the clean latent when it is 0), in ``noise``'s dtype
+    (keep latents float32, as the official code does). Runs without autograd.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
