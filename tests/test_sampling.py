@@ -183,7 +183,8 @@ def test_solvers_match_official_on_tiny_wan(tiny_wan, solver, steps, shift):
 
 @pytest.mark.parametrize("solver", ["unipc", "dpm++"])
 def test_partial_schedule_matches_official_begin_index(tiny_wan, solver):
-    """vid2vid: start at step 4 of 12 from a noised latent (official: set_begin_index + add_noise)."""
+    """vid2vid: start at step 4 of 12 from a noised latent (official: set_begin_index and
+    add_noise on the full grid)."""
     steps, shift, begin = 12, 5.0, 4
     latent, noise = torch.randn(2, 1, 4, 3, 8, 8)
     sched = official_scheduler(solver, steps, shift)
@@ -334,6 +335,38 @@ def test_guidance_argument_checks():
         make_velocity_fn((model, model), {"context": torch.zeros(1, 1, 4)})
     with pytest.raises(ValueError, match="one per model"):
         make_velocity_fn(model, {"context": torch.zeros(1, 1, 4)}, guide_scale=(1.0, 2.0))
+
+
+def test_batched_cfg_with_official_list_inputs_and_per_token_t():
+    """Official Wan 2.2 I2V-style CFG (y shared by both halves, only the text differs) on a
+    tiny official i2v WanModel taking lists, with per-token timesteps (first latent frame at
+    t = 0, as TI2V does): one batched forward equals the official two-forward formula."""
+    mod = official("modules.model")
+    net = mod.WanModel(model_type="i2v", patch_size=(1, 2, 2), text_len=16, in_dim=8, dim=64,
+                       ffn_dim=96, freq_dim=32, text_dim=24, out_dim=4, num_heads=2,
+                       num_layers=2).eval()
+    with torch.no_grad():
+        net.head.head.weight.normal_(0.0, 0.1)
+    seq_len = 3 * 4 * 4
+
+    def model(x, t, context, y=None, seq_len=None):
+        return torch.stack(net(list(x.unbind(0)), t=t, context=context, seq_len=seq_len, y=y))
+
+    def per_token(t):  # [B] -> [B, L], first latent frame (16 tokens) at t = 0
+        return torch.cat([torch.zeros(t.shape[0], 16), t[:, None].expand(-1, seq_len - 16)], 1)
+
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    cond = {"context": [torch.randn(7, 24)], "y": [y], "seq_len": seq_len}
+    uncond = {"context": [torch.randn(5, 24)]}
+    t = torch.full((1,), 937.0)
+    with torch.no_grad():
+        ours = make_velocity_fn(model, cond, uncond, 3.5, timestep_fn=per_token)(x, t)
+        v_cond = net([x[0]], t=per_token(t), context=cond["context"], seq_len=seq_len, y=[y])[0]
+        v_uncond = net([x[0]], t=per_token(t), context=uncond["context"], seq_len=seq_len,
+                       y=[y])[0]
+    err = max_abs_err(ours[0], v_uncond + 3.5 * (v_cond - v_uncond))
+    report("batched CFG vs official two forwards (i2v lists, per-token t)", err, SOLVER_BOUND)
+    assert err < SOLVER_BOUND
 
 
 def diffusers_expert(seed):

@@ -31,7 +31,8 @@ class OffloadIdleExpert:
     ``idle_device`` first (so two are never resident), then the active one is brought in.
     Works with anything that has ``.to(device)`` (``torch.nn.Module``)."""
 
-    def __init__(self, device: Union[str, torch.device], idle_device: Union[str, torch.device] = "cpu"):
+    def __init__(self, device: Union[str, torch.device],
+                 idle_device: Union[str, torch.device] = "cpu"):
         self.device, self.idle_device = torch.device(device), torch.device(idle_device)
 
     def __call__(self, active: Model, idle: Optional[Model]) -> None:
@@ -109,7 +110,8 @@ def make_velocity_fn(models: Union[Model, Sequence[Model]], cond: Cond,
     """
     experts = tuple(models) if isinstance(models, (list, tuple)) else (models,)
     if len(experts) not in (1, 2):
-        raise ValueError(f"expected one model or a (high_noise, low_noise) pair, got {len(experts)}")
+        raise ValueError(f"expected one model or a (high_noise, low_noise) pair, "
+                         f"got {len(experts)}")
     if len(experts) == 2 and boundary is None:
         raise ValueError("two experts need a boundary (e.g. 0.875 for Wan 2.2 T2V-A14B)")
     if boundary is not None and not 0.0 <= boundary <= 1.0:
@@ -119,9 +121,11 @@ def make_velocity_fn(models: Union[Model, Sequence[Model]], cond: Cond,
     if "context" not in cond:
         raise ValueError("cond needs a 'context' (text embeddings)")
     cond = dict(cond)
+    paired = None
     if uncond is not None:
         uncond = {**cond, **uncond}
-        paired = _batch_conds(cond, uncond) if batch_cfg else None
+        if batch_cfg:
+            paired = _batch_conds(cond, uncond)
     switch_at = None if len(experts) == 1 else boundary * NUM_TRAIN_TIMESTEPS
     active = [None]  # index of the expert currently in use
 
