@@ -1,0 +1,19 @@
+"""Sampling for flow-matching Wan models: schedules, solvers in one loop, CFG and MoE.
+
+    from wan_core.sampling import flow_schedule, make_velocity_fn, sample
+    schedule = flow_schedule(steps=50, shift=5.0)              # official UniPC grid
+    velocity = make_velocity_fn(dit, {"context": pos}, {"context": neg}, guide_scale=5.0)
+    latent = sample(velocity, noise, schedule, solver="unipc", callback=progress)
+"""
+from .guidance import OffloadIdleExpert, guide, make_velocity_fn
+from .schedule import (NUM_TRAIN_TIMESTEPS, OFFICIAL_SIGMA_MAX, Schedule, flow_schedule,
+                       flow_sigmas, schedule_from_sigmas, shift_sigmas, solver_schedule,
+                       timesteps_for)
+from .solvers import SOLVERS, SamplingCancelled, noise_latent, sample
+
+__all__ = [
+    "NUM_TRAIN_TIMESTEPS", "OFFICIAL_SIGMA_MAX", "OffloadIdleExpert", "SOLVERS",
+    "SamplingCancelled", "Schedule", "flow_schedule", "flow_sigmas", "guide",
+    "make_velocity_fn", "noise_latent", "sample", "schedule_from_sigmas", "shift_sigmas",
+    "solver_schedule", "timesteps_for",
+]
