@@ -1,0 +1,167 @@
+"""Video generation: text (+ image) embeddings -> latent, as the official Wan code does it.
+
+One function, :func:`generate`, serves every task; the task is decided by the conditioning:
+
+- T2V: ``VideoConditioning`` with only a size;
+- 2.1 I2V / FLF2V: ``y`` (mask + image latent) and ``clip_fea`` (CLIP tokens);
+- 2.2 I2V-A14B: ``y`` only;
+- TI2V-5B: ``first_latent``, whose tokens get timestep 0 and which is re-imposed each step;
+- vid2vid: ``init_latent`` with ``denoise`` < 1.
+
+``model`` is one DiT or a :class:`MoEModel` (Wan 2.2 high-noise + low-noise experts). Noise is
+drawn on the CPU from ``seed``, so a seed gives the same video on every device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .conditioning import (VideoConditioning, check_video_size, latent_shape,
+                           per_token_timesteps)
+from .sampling import make_velocity_fn, noise_latent, sample, solver_schedule
+
+MOE_BOUNDARIES = {"t2v": 0.875, "i2v": 0.900}
+
+
+@dataclass
+class MoEModel:
+    """Wan 2.2 A14B: two experts switched at ``boundary`` (a fraction of 1000 timesteps).
+
+    ``guide_scales``: (high-noise, low-noise) CFG scales, or None to use the sampler's cfg for
+    both. ``offload``: ``offload(active, idle)`` called when the expert in use changes.
+    """
+    high_noise: torch.nn.Module
+    low_noise: torch.nn.Module
+    boundary: float
+    guide_scales: Optional[tuple] = None
+    offload: Optional[Callable] = None
+
+    @property
+    def config(self):
+        return self.high_noise.config
+
+    @property
+    def experts(self) -> tuple:
+        return (self.high_noise, self.low_noise)
+
+
+def default_boundary(model_type: str) -> float:
+    """The official switch point for a Wan 2.2 expert pair of ``model_type``."""
+    return MOE_BOUNDARIES["t2v" if model_type == "t2v" else "i2v"]
+
+
+def vae_stride_for(latent_channels: int) -> int:
+    """Spatial VAE stride implied by the DiT's latent channels (48: Wan 2.2 VAE, else 2.1)."""
+    return 16 if latent_channels == 48 else 8
+
+
+def draw_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """float32 Gaussian noise ``[1, *shape]`` drawn on the CPU (device-independent seeds).
+
+    Equal to the official ``torch.randn(*shape, generator=seeded CPU generator)``."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(*shape, generator=generator, dtype=torch.float32)[None]
+
+
+def denoise_start(steps: int, denoise: float) -> tuple[int, int]:
+    """``(total, start)``: run the last ``steps`` of a ``total``-step grid (ComfyUI's rule)."""
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1] (got {denoise})")
+    total = max(steps, int(steps / denoise))
+    return total, total - steps
+
+
+def _model_device(model) -> torch.device:
+    module = model.experts[0] if isinstance(model, MoEModel) else model
+    try:
+        return next(module.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _to(value, device):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [v.to(device) for v in value]
+    return value.to(device)
+
+
+def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
+             cond: VideoConditioning, *, steps: int = 50, guide_scale: float = 5.0,
+             shift: float = 5.0, solver: str = "unipc", seed: int = 0, denoise: float = 1.0,
+             init_latent: Optional[torch.Tensor] = None, callback=None, cancel=None,
+             batch_cfg: bool = True, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Sample a normalised latent ``[1, C, F_lat, h, w]`` (float32, on the CPU).
+
+    context / negative_context: text embeddings, a list with one ``[L, 4096]`` tensor (or a
+        ``[1, L, 4096]`` tensor); ``negative_context=None`` disables CFG.
+    cond: size and image conditioning (see the module docstring).
+    guide_scale: CFG scale; for a :class:`MoEModel` its own ``guide_scales`` win when set.
+    init_latent: normalised latent to start from when ``denoise`` < 1 (vid2vid).
+    callback: ``callback(step, total, x, x0)``; cancel: returns True to stop (raises
+        ``SamplingCancelled``).
+    """
+    config = model.config
+    channels = config.out_dim
+    stride = vae_stride_for(channels)
+    check_video_size(cond.width, cond.height, cond.frames, stride)
+    if config.model_type in ("i2v", "flf2v") and cond.y is None:
+        raise ValueError(
+            f"this is an image-to-video model ({getattr(config, 'variant', config.model_type)}): "
+            "it needs a start image; use WanCore Image To Video (or --image) instead of an empty "
+            "video")
+    if getattr(config, "has_image_branch", False) and cond.clip_fea is None:
+        raise ValueError("this Wan 2.1 I2V / FLF2V model needs CLIP vision image tokens: connect "
+                         "a CLIP vision model (clip_vision_h) to WanCore Image To Video")
+    if config.model_type == "t2v" and cond.y is not None:
+        raise ValueError("this is a text-to-video model; it cannot use a start image "
+                         "(load an I2V model, or use WanCore Empty Video)")
+
+    device = device or _model_device(model)
+    shape = latent_shape(channels, cond.frames, cond.height, cond.width, stride)
+    noise = draw_noise(shape, seed)
+
+    total, start = denoise_start(steps, denoise)
+    schedule = solver_schedule(solver, total, shift).from_step(start)
+    if start > 0:
+        if init_latent is None:
+            raise ValueError("denoise < 1 needs an input latent to start from")
+        if tuple(init_latent.shape[1:]) != tuple(shape):
+            raise ValueError(f"input latent has shape {tuple(init_latent.shape[1:])}, but the "
+                             f"video settings need {tuple(shape)}")
+        x = noise_latent(init_latent.float().cpu(), noise, float(schedule.sigmas[0]))
+    else:
+        x = noise
+
+    first = cond.first_latent
+    after_step = timestep_fn = None
+    if first is not None:
+        # TI2V: the given first latent frame is clean (timestep 0 for its tokens) and is put
+        # back after every step, as the official loop does.
+        first = first.to(device=device, dtype=torch.float32)
+        x[:, :, :1] = first.cpu()
+        f_lat, h, w = shape[1:]
+
+        def after_step(latent):
+            latent[:, :, :1] = first
+            return latent
+
+        def timestep_fn(t):
+            return per_token_timesteps(t, f_lat, h, w, first_frame_known=True)
+
+    extra = {"clip_fea": _to(cond.clip_fea, device), "y": _to(cond.y, device)}
+    cond_inputs = {"context": _to(context, device), **extra}
+    uncond_inputs = None if negative_context is None else {"context": _to(negative_context, device)}
+    if isinstance(model, MoEModel):
+        experts, boundary, offload = model.experts, model.boundary, model.offload
+        scales = model.guide_scales or (guide_scale, guide_scale)
+    else:
+        experts, boundary, offload, scales = model, None, None, guide_scale
+    velocity_fn = make_velocity_fn(experts, cond_inputs, uncond_inputs, scales, boundary,
+                                   batch_cfg=batch_cfg, offload=offload, timestep_fn=timestep_fn)
+    out = sample(velocity_fn, x.to(device), schedule, solver, callback=callback, cancel=cancel,
+                 after_step=after_step)
+    return out.float().cpu()
