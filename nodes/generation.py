@@ -1,0 +1,264 @@
+"""Text encode, video conditioning, MoE expert switcher and the sampler."""
+from __future__ import annotations
+
+from . import host
+from .latents import from_comfy_latent, to_comfy_latent
+
+# The official Wan negative prompt (wan/configs/shared_config.py, sample_neg_prompt).
+OFFICIAL_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+SOLVERS = ["unipc", "dpm++", "euler"]
+MAX_SIZE = 4096
+
+
+class WanCoreTextEncode:
+    CATEGORY = "WanCore"
+    DESCRIPTION = "Encodes the positive and negative prompts with umT5 (cached per prompt)."
+    RETURN_TYPES = ("WANCORE_TEXT_EMBEDS",)
+    RETURN_NAMES = ("text_embeds",)
+    OUTPUT_TOOLTIPS = ("Positive and negative text embeddings for WanCore Sampler.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": ("WANCORE_TEXT_ENCODER", {"tooltip": "From WanCore Load Text Encoder."}),
+            "positive": ("STRING", {"multiline": True, "default": "",
+                                    "tooltip": "What the video should show (English or Chinese)."}),
+            "negative": ("STRING", {"multiline": True, "default": OFFICIAL_NEGATIVE_PROMPT,
+                                    "tooltip": "What to avoid. The default is the official Wan "
+                                               "negative prompt. Ignored when cfg is 1."}),
+        }}
+
+    def encode(self, text_encoder, positive, negative):
+        device = "cpu" if getattr(text_encoder, "run_on_cpu", False) else host.torch_device()
+        if device != "cpu":
+            host.load_for_compute(text_encoder)
+        pos, neg = text_encoder.encode([positive, negative])
+        return ({"positive": [pos.cpu()], "negative": [neg.cpu()]},)
+
+
+class WanCoreEmptyVideo:
+    CATEGORY = "WanCore"
+    DESCRIPTION = "The size of a text-to-video generation (no image conditioning)."
+    RETURN_TYPES = ("WANCORE_VIDEO_COND",)
+    RETURN_NAMES = ("video_cond",)
+    OUTPUT_TOOLTIPS = ("Video size for WanCore Sampler.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": _size_inputs()}
+
+    def build(self, width, height, frames):
+        from wan_core.conditioning import VideoConditioning
+
+        return (VideoConditioning(width, height, frames),)
+
+
+def _size_inputs(width=832, height=480, frames=81):
+    return {
+        "width": ("INT", {"default": width, "min": 16, "max": MAX_SIZE, "step": 16,
+                          "tooltip": "Video width in pixels: a multiple of 16 (32 for TI2V-5B). "
+                                     "Official: 832x480 (480P), 1280x720 (720P), 1280x704 (5B)."}),
+        "height": ("INT", {"default": height, "min": 16, "max": MAX_SIZE, "step": 16,
+                           "tooltip": "Video height in pixels: a multiple of 16 (32 for TI2V-5B)."}),
+        "frames": ("INT", {"default": frames, "min": 1, "max": 1001, "step": 4,
+                           "tooltip": "Number of frames, 4n+1: 81 = 5 s at 16 fps (Wan 2.1 / "
+                                      "2.2 14B); 121 = 5 s at 24 fps (TI2V-5B)."}),
+    }
+
+
+class WanCoreImageToVideo:
+    CATEGORY = "WanCore"
+    DESCRIPTION = ("Image conditioning for I2V (Wan 2.1 I2V, Wan 2.2 I2V-A14B, TI2V-5B) and "
+                   "first-last-frame (FLF2V). Images are resized to cover the video size and "
+                   "centre-cropped.")
+    RETURN_TYPES = ("WANCORE_VIDEO_COND",)
+    RETURN_NAMES = ("video_cond",)
+    OUTPUT_TOOLTIPS = ("Mask + image latent (+ CLIP tokens) for WanCore Sampler.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("WANCORE_VAE", {"tooltip": "The VAE that matches the model "
+                                                   "(Wan 2.2 VAE for TI2V-5B, else Wan 2.1)."}),
+                "start_image": ("IMAGE", {"tooltip": "The first frame of the video."}),
+                **_size_inputs(),
+                "mode": (["i2v", "ti2v"], {
+                    "default": "i2v",
+                    "tooltip": "i2v: mask + image latent (Wan 2.1 I2V / FLF2V, Wan 2.2 "
+                               "I2V-A14B). ti2v: first latent frame given (Wan 2.2 TI2V-5B)."}),
+            },
+            "optional": {
+                "end_image": ("IMAGE", {"tooltip": "Optional last frame (FLF2V)."}),
+                "clip_vision": ("WANCORE_CLIP_VISION", {
+                    "tooltip": "CLIP vision (clip_vision_h) for Wan 2.1 I2V / FLF2V; leave "
+                               "empty for Wan 2.2 models."}),
+            },
+        }
+
+    def build(self, vae, start_image, width, height, frames, mode="i2v", end_image=None,
+              clip_vision=None):
+        from wan_core.conditioning import (build_i2v_conditioning, build_ti2v_conditioning,
+                                           check_video_size)
+
+        check_video_size(width, height, frames, vae.config.stride[1])
+        start = _image_to_pixels(start_image[0])
+        host.load_for_compute(vae)
+        if mode == "ti2v":
+            if end_image is not None:
+                raise ValueError("TI2V-5B takes only a start image; disconnect end_image")
+            return (build_ti2v_conditioning(vae, start.to(host.torch_device()), width, height,
+                                            frames),)
+        end = _image_to_pixels(end_image[-1]) if end_image is not None else None
+        if clip_vision is not None:
+            host.load_for_compute(clip_vision)
+        return (build_i2v_conditioning(vae, start, width, height, frames, end=end,
+                                       clip_vision=clip_vision),)
+
+
+def _image_to_pixels(image):
+    """ComfyUI IMAGE frame [H, W, C] in 0..1 -> [3, H, W] in [-1, 1]."""
+    return image[..., :3].permute(2, 0, 1).float() * 2 - 1
+
+
+class WanCoreMoE:
+    CATEGORY = "WanCore"
+    DESCRIPTION = ("Wan 2.2 A14B: combines the high-noise and low-noise experts into one model. "
+                   "The sampler switches expert by itself at the boundary and keeps only the "
+                   "active one on the GPU: no need to chain two samplers.")
+    RETURN_TYPES = ("WANCORE_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("An expert pair for WanCore Sampler.",)
+    FUNCTION = "combine"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "high_noise_model": ("WANCORE_MODEL", {"tooltip": "The *high_noise* expert file."}),
+            "low_noise_model": ("WANCORE_MODEL", {"tooltip": "The *low_noise* expert file."}),
+            "boundary": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.005,
+                                   "tooltip": "Switch to the low-noise expert when t < boundary "
+                                              "x 1000. 0 = official default for the detected "
+                                              "task: 0.875 (T2V), 0.900 (I2V)."}),
+            "cfg_high_noise": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 30.0, "step": 0.1,
+                                         "tooltip": "CFG scale while the high-noise expert runs "
+                                                    "(official: 4.0 T2V, 3.5 I2V)."}),
+            "cfg_low_noise": ("FLOAT", {"default": 3.0, "min": 1.0, "max": 30.0, "step": 0.1,
+                                        "tooltip": "CFG scale while the low-noise expert runs "
+                                                   "(official: 3.0 T2V, 3.5 I2V)."}),
+        }}
+
+    def combine(self, high_noise_model, low_noise_model, boundary, cfg_high_noise, cfg_low_noise):
+        from wan_core.pipeline import MoEModel, default_boundary
+
+        hi, lo = high_noise_model.config, low_noise_model.config
+        if (hi.in_dim, hi.out_dim, hi.model_type) != (lo.in_dim, lo.out_dim, lo.model_type):
+            raise ValueError(f"the two experts do not belong together: high-noise is "
+                             f"{hi.variant} ({hi.model_type}, {hi.in_dim} ch), low-noise is "
+                             f"{lo.variant} ({lo.model_type}, {lo.in_dim} ch)")
+        boundary = boundary or default_boundary(hi.model_type)
+        return (MoEModel(high_noise_model, low_noise_model, boundary,
+                         (cfg_high_noise, cfg_low_noise), offload=_swap_experts),)
+
+
+def _swap_experts(active, idle):
+    if idle is not None:
+        host.release(idle)
+    host.load_for_compute(active)
+
+
+class WanCoreSampler:
+    CATEGORY = "WanCore"
+    DESCRIPTION = ("Generates a video latent with the official flow-matching solvers. Works with "
+                   "one model or a WanCore MoE pair; cancellable, with a live preview.")
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Raw video latent (ComfyUI's convention; native VAE Decode reads it).",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("WANCORE_MODEL", {"tooltip": "A diffusion model or a WanCore MoE pair."}),
+                "text_embeds": ("WANCORE_TEXT_EMBEDS", {"tooltip": "From WanCore Text Encode."}),
+                "video_cond": ("WANCORE_VIDEO_COND", {
+                    "tooltip": "From WanCore Empty Video (T2V) or WanCore Image To Video."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "control_after_generate": True,
+                                 "tooltip": "Noise seed; the same seed gives the same video on "
+                                            "any device."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 200,
+                                  "tooltip": "Official: 50 (2.1 T2V, FLF2V, 5B), 40 (2.1 I2V, "
+                                             "2.2 A14B)."}),
+                "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale (official 5.0); 1 "
+                                             "skips the negative prompt (faster). A WanCore MoE "
+                                             "pair uses its own per-expert cfg instead."}),
+                "shift": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                    "tooltip": "Sigma shift: official 5.0 (T2V 480P/720P, 5B, "
+                                               "2.2 I2V), 3.0 (2.1 I2V 480P), 12.0 (2.2 T2V), "
+                                               "16.0 (FLF2V)."}),
+                "solver": (SOLVERS, {"default": "unipc",
+                                     "tooltip": "unipc (official default), dpm++ or euler."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Below 1: video-to-video from the input latent."}),
+            },
+            "optional": {
+                "latent": ("LATENT", {"tooltip": "Start latent for denoise < 1 (vid2vid)."}),
+            },
+        }
+
+    def sample(self, model, text_embeds, video_cond, seed, steps, cfg, shift, solver, denoise,
+               latent=None):
+        from wan_core.pipeline import MoEModel, generate
+        from .preview import latent_preview
+
+        channels = model.config.out_dim
+        init = None
+        if denoise < 1.0:
+            if latent is None:
+                raise ValueError("denoise < 1 needs a latent input (encode a video with "
+                                 "WanCore VAE Encode)")
+            init = from_comfy_latent(latent, channels)
+        if isinstance(model, MoEModel):
+            host.load_for_compute(model.high_noise)
+        else:
+            host.load_for_compute(model)
+        device = host.torch_device()
+        bar = host.ProgressBar(steps)
+
+        def callback(step, total, x, x0):
+            bar.update(step, latent_preview(x0, channels))
+
+        def cancel():
+            host.throw_if_interrupted()
+            return False
+
+        negative = text_embeds["negative"] if cfg != 1.0 or isinstance(model, MoEModel) else None
+        out = generate(model, text_embeds["positive"], negative, video_cond, steps=steps,
+                       guide_scale=cfg, shift=shift, solver=solver, seed=seed, denoise=denoise,
+                       init_latent=init, callback=callback, cancel=cancel, device=device)
+        return (to_comfy_latent(out, channels),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "WanCoreTextEncode": WanCoreTextEncode,
+    "WanCoreEmptyVideo": WanCoreEmptyVideo,
+    "WanCoreImageToVideo": WanCoreImageToVideo,
+    "WanCoreMoE": WanCoreMoE,
+    "WanCoreSampler": WanCoreSampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WanCoreTextEncode": "WanCore Text Encode",
+    "WanCoreEmptyVideo": "WanCore Empty Video",
+    "WanCoreImageToVideo": "WanCore Image To Video",
+    "WanCoreMoE": "WanCore MoE (Wan 2.2 experts)",
+    "WanCoreSampler": "WanCore Sampler",
+}
