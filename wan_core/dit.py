@@ -102,11 +102,22 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float 
     return torch.cos(angles).float(), torch.sin(angles).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x [B, L, heads, head_dim]; math in float32."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    even, odd = xf[..., 0], xf[..., 1]
-    out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+def rms_norm_rope(x: torch.Tensor, norm: "RMSNorm", heads: int, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+    """RMSNorm (float32) then RoPE on channel pairs (2i, 2i+1) of every head:
+    x [B, L, dim] -> [B, L, heads, head_dim] in x.dtype.
+
+    The per-token RMS factor commutes with the rotation, so it is folded into the small
+    cos/sin tables ([B, L, 1, head_dim/2]) instead of being applied to the whole tensor.
+    """
+    xf = x.float()
+    inv_rms = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm.eps)   # [B, L, 1]
+    xf = xf * norm.weight.float()
+    pairs = xf.unflatten(-1, (heads, -1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    inv_rms = inv_rms[..., None]
+    c, s = cos * inv_rms, sin * inv_rms
+    out = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)
     return out.flatten(-2).to(x.dtype)
 
 
@@ -127,8 +138,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope, backend: str) -> torch.Tensor:
         """x [B, L, dim] (compute dtype) -> [B, L, dim]."""
         heads = self.num_heads
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (heads, -1)), *rope)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (heads, -1)), *rope)
+        q = rms_norm_rope(self.q(x), self.norm_q, heads, *rope)
+        k = rms_norm_rope(self.k(x), self.norm_k, heads, *rope)
         v = self.v(x).unflatten(-1, (heads, -1))
         out = attention(q, k, v, backend)
         del q, k, v
