@@ -38,9 +38,7 @@ def random_inputs(cfg: DiTConfig, batch: int = 2, frames: int = 3, height: int =
                   width: int = 12, text_tokens=(20, 7), seed: int = 1) -> dict:
     """x, t, context (list of [L_i, text_dim]) and, for image models, y / clip_fea."""
     gen = torch.Generator().manual_seed(seed)
-    out_ch = cfg.out_dim
-    x = torch.randn(batch, out_ch if cfg.in_dim != 48 else 48, frames, height, width,
-                    generator=gen)
+    x = torch.randn(batch, cfg.out_dim, frames, height, width, generator=gen)
     inputs = dict(
         x=x,
         t=torch.tensor([900.0, 250.0, 500.0, 10.0][:batch]),

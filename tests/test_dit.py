@@ -161,3 +161,18 @@ def test_meta_build_allocates_nothing():
     with torch.device("meta"):
         model = WanDiT(tiny_config("flf2v"))
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_ffn_token_chunks_do_not_change_results(monkeypatch):
+    import wan_core.dit as dit_module
+
+    cfg = tiny_config("ti2v")
+    model = load_dit(random_state_dict(cfg), num_heads=cfg.num_heads)
+    inp = random_inputs(cfg)
+    t = inp["t"][:, None].expand(2, 72).clone()
+    t[:, :24] = 0.0
+    with torch.no_grad():
+        whole = model(inp["x"], t, inp["context"])
+        monkeypatch.setattr(dit_module, "FFN_CHUNK_TOKENS", 16)
+        chunked = model(inp["x"], t, inp["context"])
+    assert max_abs_err(whole, chunked) < 1e-5
