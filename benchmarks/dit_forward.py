@@ -1,0 +1,195 @@
+"""DiT forward: wan_core vs official wan22 vs diffusers (vs ComfyUI native with COMFYUI_ROOT).
+
+    python -m benchmarks.dit_forward            # 1.3B block shapes, 2 layers, 1560 video tokens
+    python -m benchmarks.dit_forward --quick    # 192 video tokens, fewer runs
+
+Every candidate runs in a fresh process, loads the same random weights from the same
+safetensors file (assigned, no extra copy) and runs one forward on the same inputs: batch 1,
+latent 16 x 4 x 30 x 52 (4 * 15 * 26 = 1560 tokens after the 1x2x2 patch) and 512 text tokens.
+The official model runs with the SDPA stand-in for flash attention, in fp32 only: its bf16
+path relies on CUDA autocast (fp32 time embedding asserted), so it cannot run bf16 on CPU.
+CPU timings on a shared machine are noisy; compare ratios from one run only.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import bench, print_table  # noqa: E402
+
+CONFIG = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=2, in_dim=16, out_dim=16,
+              text_dim=4096, freq_dim=256)
+FULL_LATENT = (16, 4, 30, 52)
+QUICK_LATENT = (16, 2, 16, 24)
+TEXT_TOKENS = 512
+
+
+def make_weights(folder: Path) -> None:
+    """Random official-layout weights saved as dit_fp32 / dit_bf16 .safetensors in folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    from wan_core.configs import DiTConfig
+    from wan_core.dit import WanDiT
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in WanDiT(DiTConfig(**CONFIG)).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    sd = {}
+    for key, shape in shapes.items():
+        noise = torch.randn(shape, generator=gen)
+        fan_in = shape[1] if len(shape) == 2 else 1
+        sd[key] = 1.0 + 0.05 * noise if "norm" in key else noise / max(fan_in, 64) ** 0.5
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        save_file({k: v.to(dtype).contiguous() for k, v in sd.items()},
+                  str(folder / f"dit_{name}.safetensors"))
+
+
+def make_inputs(latent, dtype):
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, *latent, generator=gen).to(dtype)
+    context = torch.randn(1, TEXT_TOKENS, CONFIG["text_dim"], generator=gen).to(dtype)
+    t = torch.tensor([750.0])
+    return x, t, context
+
+
+def _dtype(name):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates (module-level so that the harness can spawn them)
+# --------------------------------------------------------------------------------------------
+
+def setup_ours(path, dtype_name, latent):
+    from wan_core.dit import load_dit
+
+    model = load_dit(path)
+    x, t, context = make_inputs(latent, _dtype(dtype_name))
+    return lambda: model(x, t, context)
+
+
+def setup_official(path, dtype_name, latent):
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.reference import official
+
+    if dtype_name != "fp32":
+        raise RuntimeError("official wan22 runs bf16 only under CUDA autocast; fp32 only on CPU")
+
+    mod = official("modules.model")
+    with torch.device("meta"):
+        model = mod.WanModel(model_type="t2v", **CONFIG)
+    model.load_state_dict(load_file(path), assign=True)
+    d = CONFIG["dim"] // CONFIG["num_heads"]
+    model.freqs = torch.cat([mod.rope_params(1024, d - 4 * (d // 6)),
+                             mod.rope_params(1024, 2 * (d // 6)),
+                             mod.rope_params(1024, 2 * (d // 6))], dim=1)
+    model.eval()
+    x, t, context = make_inputs(latent, torch.float32)
+    seq_len = latent[1] * (latent[2] // 2) * (latent[3] // 2)
+    return lambda: model([x[0]], t, [context[0]], seq_len=seq_len)
+
+
+def setup_diffusers(path, dtype_name, latent):
+    import torch
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors.torch import load_file
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(
+            num_attention_heads=CONFIG["num_heads"],
+            attention_head_dim=CONFIG["dim"] // CONFIG["num_heads"],
+            in_channels=CONFIG["in_dim"], out_channels=CONFIG["out_dim"],
+            text_dim=CONFIG["text_dim"], freq_dim=CONFIG["freq_dim"],
+            ffn_dim=CONFIG["ffn_dim"], num_layers=CONFIG["num_layers"])
+    model.load_state_dict(convert_wan_transformer_to_diffusers(load_file(path)), assign=True)
+    model.rope = type(model.rope)(CONFIG["dim"] // CONFIG["num_heads"], (1, 2, 2), 1024)
+    model.eval()
+    x, t, context = make_inputs(latent, _dtype(dtype_name))
+    return lambda: model(x, t, context, return_dict=False)[0]
+
+
+def setup_comfy(path, dtype_name, latent, comfy_root):
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, comfy_root)
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.ldm.wan.model as wan_model
+    import comfy.ops
+
+    dtype = _dtype(dtype_name)
+    with torch.device("meta"):
+        model = wan_model.WanModel(model_type="t2v", operations=comfy.ops.disable_weight_init,
+                                   dtype=dtype, **CONFIG)
+    sd = load_file(path)
+    sd["patch_embedding.weight"] = sd["patch_embedding.weight"].float()   # ComfyUI keeps it fp32
+    sd["patch_embedding.bias"] = sd["patch_embedding.bias"].float()
+    model.load_state_dict(sd, assign=True)
+    model.eval()
+    x, t, context = make_inputs(latent, dtype)
+    return lambda: model(x, t, context)
+
+
+# --------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small latent, 2 timed runs")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per candidate")
+    args = parser.parse_args(argv)
+    latent = QUICK_LATENT if args.quick else FULL_LATENT
+    runs = args.runs or (2 if args.quick else 3)
+    comfy_root = os.environ.get("COMFYUI_ROOT")
+    tokens = latent[1] * (latent[2] // 2) * (latent[3] // 2)
+    print(f"DiT forward on CPU: dim {CONFIG['dim']}, {CONFIG['num_heads']} heads, ffn "
+          f"{CONFIG['ffn_dim']}, {CONFIG['num_layers']} layers, {tokens} video tokens + "
+          f"{TEXT_TOKENS} text tokens, batch 1, median of {runs}")
+    if not comfy_root:
+        print("COMFYUI_ROOT not set: ComfyUI native skipped")
+
+    with tempfile.TemporaryDirectory(prefix="wancore_bench_") as tmp:
+        # Generate the weights in a child process: Linux carries a process's peak RSS over
+        # into the children it spawns, so the parent must stay small.
+        import multiprocessing as mp
+
+        maker = mp.get_context("spawn").Process(target=make_weights, args=(Path(tmp),))
+        maker.start()
+        maker.join()
+        paths = {name: str(Path(tmp) / f"dit_{name}.safetensors") for name in ("fp32", "bf16")}
+        for dtype_name in args.dtypes.split(","):
+            path = paths[dtype_name]
+            print(f"\n[{dtype_name}]", flush=True)
+            kw = dict(runs=runs, threads=args.threads)
+            results = [
+                bench("wan_core", setup_ours, path, dtype_name, latent, **kw),
+                bench("official wan22", setup_official, path, dtype_name, latent, **kw),
+                bench("diffusers", setup_diffusers, path, dtype_name, latent, **kw),
+            ]
+            if comfy_root:
+                results.append(bench("comfyui native", setup_comfy, path, dtype_name, latent,
+                                     comfy_root, **kw))
+            print_table(f"DiT forward, {dtype_name}, {tokens} video tokens", results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""One attention entry point for every model in the pack.
+
+``attention(q, k, v, backend)`` takes q [B, Lq, heads, head_dim] and k/v [B, Lk, heads, head_dim]
+and returns [B, Lq, heads, head_dim] in q's dtype. No masks: Wan attends every key (the text is
+zero-padded to a fixed length and the pad tokens are attended, as in the official model).
+
+Backends:
+  ``sdpa``        PyTorch ``scaled_dot_product_attention`` (default; CPU and GPU)
+  ``flash_attn``  the ``flash_attn`` package (CUDA, fp16/bf16), only when installed
+  ``sage``        the ``sageattention`` package (CUDA), only when installed
+Asking for a backend that is not installed raises ``AttentionBackendError`` with the fix.
+"""
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flash_attn", "sage")
+
+_PACKAGES = {"flash_attn": "flash_attn", "sage": "sageattention"}
+_INSTALL_HINTS = {
+    "flash_attn": "pip install flash-attn --no-build-isolation (needs a CUDA GPU)",
+    "sage": "pip install sageattention (needs a CUDA GPU and triton)",
+}
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention backend is unknown or not installed."""
+
+
+def available_backends() -> list[str]:
+    """The backends usable in this Python environment (``sdpa`` is always there)."""
+    return ["sdpa"] + [b for b, pkg in _PACKAGES.items() if importlib.util.find_spec(pkg)]
+
+
+def _sdpa(q, k, v):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _flash_attn(q, k, v):
+    from flash_attn import flash_attn_func
+
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        dtype = q.dtype
+        return flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16()).to(dtype)
+    return flash_attn_func(q, k, v)
+
+
+def _sage(q, k, v):
+    from sageattention import sageattn
+
+    dtype = q.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    return sageattn(q, k, v, tensor_layout="NHD", is_causal=False).to(dtype)
+
+
+_IMPLS = {"sdpa": _sdpa, "flash_attn": _flash_attn, "sage": _sage}
+
+
+@lru_cache(maxsize=None)
+def resolve_backend(backend: str) -> Callable:
+    """Check ``backend`` once and return its implementation; clear errors otherwise."""
+    if backend not in _IMPLS:
+        raise AttentionBackendError(
+            f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    pkg = _PACKAGES.get(backend)
+    if pkg and importlib.util.find_spec(pkg) is None:
+        raise AttentionBackendError(
+            f"attention backend {backend!r} was requested but the '{pkg}' package is not "
+            f"installed. Install it ({_INSTALL_HINTS[backend]}) or use attention='sdpa'.")
+    return _IMPLS[backend]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              backend: str = "sdpa") -> torch.Tensor:
+    """Softmax attention without a mask.
+
+    q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] (q's dtype). flash-attn and Sage run
+    on CUDA tensors only; on CPU they fall back to SDPA.
+    """
+    impl = resolve_backend(backend)
+    if impl is not _sdpa and not q.is_cuda:
+        impl = _sdpa
+    return impl(q, k, v)

@@ -1,0 +1,582 @@
+"""The Wan 2.1 / 2.2 diffusion transformer (DiT) and its loader.
+
+Parameter names follow the official checkpoints (``blocks.N.self_attn.q.weight``,
+``head.head.weight``, ``img_emb.proj.0.weight`` ...), so official state dicts load as they are;
+other layouts are renamed by ``wan_core.dit_layouts`` first.
+
+Numerics follow the official model: the sinusoidal time embedding and the RoPE angles are built
+in float64, time embedding / modulation / norms / residual stream are float32, and the large
+linears and attention run in the compute dtype (``dit.compute_dtype``: fp32, bf16 or fp16).
+Differences from the official code that do not change results:
+  * no padding of the video tokens to a fixed ``seq_len`` (the official pad keys are masked);
+  * scalar timesteps are embedded once per sample instead of once per token, and per-token
+    timesteps once per distinct value, then gathered;
+  * RoPE is applied with real cos/sin tables instead of complex float64 multiplication;
+  * the patch embedding is the equivalent matmul over flattened patches.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention, resolve_backend
+from .configs import DiTConfig
+from .ops import Linear
+
+Context = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+FFN_CHUNK_TOKENS = 4096   # tokens per FFN call; bounds the [B, L, ffn_dim] intermediate
+
+
+# --------------------------------------------------------------------------------------------
+# Small building blocks
+# --------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim with a learned scale; computed in float32, returns x.dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return out.to(x.dtype)
+
+
+class AffineLayerNorm(nn.Module):
+    """LayerNorm with weight and bias, computed in float32 (``norm3`` and ``img_emb`` norms)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(),
+                            self.eps)
+
+
+def plain_layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine parameters (``norm1``, ``norm2``, ``head.norm``), in float32."""
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t [N] -> [N, dim] float64: cos of t * 10000^(-i/half) then sin, as the official model."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embedding
+# --------------------------------------------------------------------------------------------
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Channels of each head given to the (time, height, width) axes."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float = 10000.0):
+    """cos and sin tables [L, 1, head_dim // 2] (float32) for a (F, H, W) token grid.
+
+    Angles are built in float64 from per-axis frequencies theta^(-2i/d_axis).
+    """
+    f, h, w = grid
+    parts = []
+    for n, d in zip(grid, rope_axis_dims(head_dim)):
+        inv = 1.0 / torch.pow(theta, torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+        parts.append(torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv[None])
+    angles = torch.cat([
+        parts[0][:, None, None, :].expand(f, h, w, -1),
+        parts[1][None, :, None, :].expand(f, h, w, -1),
+        parts[2][None, None, :, :].expand(f, h, w, -1),
+    ], dim=-1).reshape(f * h * w, 1, -1)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def rms_norm_rope(x: torch.Tensor, norm: "RMSNorm", heads: int, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+    """RMSNorm (float32) then RoPE on channel pairs (2i, 2i+1) of every head:
+    x [B, L, dim] -> [B, L, heads, head_dim] in x.dtype.
+
+    The per-token RMS factor commutes with the rotation, so it is folded into the small
+    cos/sin tables ([B, L, 1, head_dim/2]) instead of being applied to the whole tensor.
+    """
+    xf = x.float()
+    inv_rms = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm.eps)   # [B, L, 1]
+    xf = xf * norm.weight.float()
+    pairs = xf.unflatten(-1, (heads, -1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    inv_rms = inv_rms[..., None]
+    c, s = cos * inv_rms, sin * inv_rms
+    out = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention layers
+# --------------------------------------------------------------------------------------------
+
+class SelfAttention(nn.Module):
+    """Self-attention with q/k RMSNorm over the full dim and 3-axis RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, rope, backend: str) -> torch.Tensor:
+        """x [B, L, dim] (compute dtype) -> [B, L, dim]."""
+        heads = self.num_heads
+        q = rms_norm_rope(self.q(x), self.norm_q, heads, *rope)
+        k = rms_norm_rope(self.k(x), self.norm_k, heads, *rope)
+        v = self.v(x).unflatten(-1, (heads, -1))
+        out = attention(q, k, v, backend)
+        del q, k, v
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention to the text tokens; with ``image_branch`` (2.1 I2V / FLF2V) a second,
+    decoupled attention to the CLIP image tokens is added before the output projection."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, image_branch: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        if image_branch:
+            self.k_img = Linear(dim, dim)
+            self.v_img = Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                context_img: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+        """x [B, L, dim]; context [B, L_txt, dim]; context_img [B, L_img, dim] or None."""
+        heads = self.num_heads
+        q = self.norm_q(self.q(x)).unflatten(-1, (heads, -1))
+        k = self.norm_k(self.k(context)).unflatten(-1, (heads, -1))
+        v = self.v(context).unflatten(-1, (heads, -1))
+        out = attention(q, k, v, backend)
+        if context_img is not None and hasattr(self, "k_img"):
+            k = self.norm_k_img(self.k_img(context_img)).unflatten(-1, (heads, -1))
+            v = self.v_img(context_img).unflatten(-1, (heads, -1))
+            out = out + attention(q, k, v, backend)
+        return self.o(out.flatten(2))
+
+
+# --------------------------------------------------------------------------------------------
+# Timestep modulation
+# --------------------------------------------------------------------------------------------
+
+class TimeModulation:
+    """The shared time projection ``e0`` [N, 6, dim] for N distinct timesteps, and for every
+    token (or every sample) the row it uses.
+
+    ``index`` is [B, 1] for one timestep per sample or [B, L] for per-token timesteps; a block
+    asks for one of its six shift/scale/gate vectors at a time, gathered to [B, 1 or L, dim].
+    """
+
+    def __init__(self, e0: torch.Tensor, index: torch.Tensor):
+        self.e0 = e0
+        self.index = index
+
+    def for_block(self, modulation: torch.Tensor) -> "BlockModulation":
+        return BlockModulation(modulation.float() + self.e0, self.index)
+
+
+class BlockModulation:
+    def __init__(self, table: torch.Tensor, index: torch.Tensor):
+        self.table = table      # [N, 6, dim] float32
+        self.index = index      # [B, 1] or [B, L]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.table[:, i][self.index]   # [B, 1 or L, dim]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
+    """LayerNorm(x) * (1 + scale) + shift, in float32."""
+    return torch.addcmul(shift, plain_layer_norm(x, eps), scale + 1)
+
+
+def _add_gated(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor] = None):
+    """x + y * gate (x float32), in place when no gradients are being tracked."""
+    if torch.is_grad_enabled():
+        return x + y * gate if gate is not None else x + y
+    if gate is None:
+        return x.add_(y)
+    return x.addcmul_(y, gate)
+
+
+# --------------------------------------------------------------------------------------------
+# Block, head, image embedding
+# --------------------------------------------------------------------------------------------
+
+class WanBlock(nn.Module):
+    """One transformer block: modulated self-attention, cross-attention, modulated FFN."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.eps = cfg.eps
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
+        self.norm3 = AffineLayerNorm(d, cfg.eps)
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps, cfg.has_image_branch)
+        self.ffn = nn.Sequential(Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, d))
+
+    def forward(self, x, time: TimeModulation, rope, context, context_img, backend: str):
+        """x [B, L, dim] float32 residual stream -> updated x."""
+        cdt = context.dtype
+        mod = time.for_block(self.modulation[0])
+        h = modulate(x, mod[0], mod[1], self.eps).to(cdt)
+        y = self.self_attn(h, rope, backend)
+        del h
+        x = _add_gated(x, y, mod[2])
+        y = self.cross_attn(self.norm3(x).to(cdt), context, context_img, backend)
+        x = _add_gated(x, y)
+        h = modulate(x, mod[3], mod[4], self.eps).to(cdt)
+        gate = mod[5]
+        if torch.is_grad_enabled() or h.shape[1] <= FFN_CHUNK_TOKENS:
+            return _add_gated(x, self.ffn(h), gate)
+        # Token chunks bound the [B, L, ffn_dim] intermediate (1.2 GB in fp32 for 1.3B at
+        # 480P / 81 frames) without changing results: the FFN acts on each token alone.
+        for start in range(0, h.shape[1], FFN_CHUNK_TOKENS):
+            part = slice(start, start + FFN_CHUNK_TOKENS)
+            g = gate[:, part] if gate.shape[1] > 1 else gate
+            x[:, part].addcmul_(self.ffn(h[:, part]), g)
+        return x
+
+
+class Head(nn.Module):
+    """Final modulated LayerNorm and projection to patch pixels (float32)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim]; e [N, dim] time embedding; index [B, 1 or L] -> [B, L, out*patch]."""
+        table = self.modulation[0].float() + e[:, None]          # [N, 2, dim]
+        shift, scale = table[:, 0][index], table[:, 1][index]
+        return self.head(modulate(x, shift, scale, self.eps))
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP tokens [B, L_img, 1280] -> [B, L_img, dim]: LayerNorm, Linear, GELU, Linear,
+    LayerNorm. FLF2V adds the learned ``emb_pos`` [1, 514, 1280] first."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        c, d = cfg.image_dim, cfg.dim
+        self.proj = nn.Sequential(AffineLayerNorm(c, 1e-5), Linear(c, c), nn.GELU(),
+                                  Linear(c, d), AffineLayerNorm(d, 1e-5))
+        if cfg.image_pos_tokens:
+            self.emb_pos = nn.Parameter(torch.zeros(1, cfg.image_pos_tokens, c))
+
+    def forward(self, clip_fea: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = clip_fea.float()
+        if hasattr(self, "emb_pos"):
+            n = self.emb_pos.shape[1]
+            if x.shape[0] * x.shape[1] % n:
+                raise ValueError(f"FLF2V expects {n} CLIP tokens per sample (start and end "
+                                 f"frame), got clip_fea of shape {tuple(clip_fea.shape)}")
+            x = x.reshape(-1, n, x.shape[-1]) + self.emb_pos.float()
+        norm_in, fc1, act, fc2, norm_out = self.proj
+        x = act(fc1(norm_in(x).to(dtype)))
+        return norm_out(fc2(x)).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+class WanDiT(nn.Module):
+    """Wan diffusion transformer for every 2.1 / 2.2 variant (see ``DiTConfig``).
+
+    ``dit(x, t, context, clip_fea=None, y=None)`` returns the velocity [B, out_dim, F, H, W]
+    in float32.
+    """
+
+    def __init__(self, cfg: DiTConfig, compute_dtype: torch.dtype = torch.float32,
+                 attention_backend: str = "sdpa"):
+        super().__init__()
+        self.config = cfg
+        self.compute_dtype = compute_dtype
+        self.attention_backend = attention_backend
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, cfg.patch_size, cfg.patch_size)
+        self.text_embedding = nn.Sequential(Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"),
+                                            Linear(d, d))
+        self.time_embedding = nn.Sequential(Linear(cfg.freq_dim, d), nn.SiLU(), Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.has_image_branch:
+            self.img_emb = ImageEmbedding(cfg)
+        self._rope_cache: dict = {}
+
+    def set_attention_backend(self, backend: str) -> None:
+        resolve_backend(backend)
+        self.attention_backend = backend
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """x [B, C, F, H, W] -> tokens [B, L, dim] float32 and the token grid (f, h, w)."""
+        b, c, f, h, w = x.shape
+        pt, ph, pw = self.config.patch_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent size (F={f}, H={h}, W={w}) must be divisible by the patch "
+                             f"size {self.config.patch_size}")
+        grid = (f // pt, h // ph, w // pw)
+        patches = x.reshape(b, c, grid[0], pt, grid[1], ph, grid[2], pw)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, math.prod(grid), -1)
+        weight = self.patch_embedding.weight.float().flatten(1)
+        bias = self.patch_embedding.bias.float()
+        return F.linear(patches.float(), weight, bias), grid
+
+    def embed_time(self, t: torch.Tensor, batch: int, tokens: int):
+        """t [B] or [B, L] -> (e [N, dim], e0 [N, 6, dim], index [B, 1 or L]) in float32."""
+        t = torch.as_tensor(t, device=self.patch_embedding.weight.device)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.dim() == 1:
+            if t.shape[0] != batch:
+                raise ValueError(f"t has {t.shape[0]} timesteps for a batch of {batch}")
+            values, index = t, torch.arange(batch, device=t.device)[:, None]
+        elif t.dim() == 2:
+            if tuple(t.shape) != (batch, tokens):
+                raise ValueError(f"per-token t must be [B, L] = [{batch}, {tokens}], "
+                                 f"got {list(t.shape)}")
+            values, index = torch.unique(t, return_inverse=True)
+        else:
+            raise ValueError(f"t must be [B] or [B, L], got shape {list(t.shape)}")
+        sin = sinusoidal_embedding(values.reshape(-1), self.config.freq_dim).float()
+        e = self.time_embedding(sin)
+        e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
+        return e, e0, index
+
+    def embed_text(self, context: Context, batch: int) -> torch.Tensor:
+        """Zero-pad each prompt to ``text_len`` tokens, then project: [B, text_len, dim]."""
+        n = self.config.text_len
+        if isinstance(context, torch.Tensor):
+            if context.dim() == 2:
+                context = context[None]
+            items = list(context)
+        else:
+            items = list(context)
+        if len(items) != batch:
+            raise ValueError(f"got {len(items)} text contexts for a batch of {batch}")
+        dev = self.patch_embedding.weight.device
+        padded = torch.zeros(batch, n, self.config.text_dim, device=dev, dtype=self.compute_dtype)
+        for i, u in enumerate(items):
+            if u.shape[-1] != self.config.text_dim:
+                raise ValueError(f"text embeddings must have {self.config.text_dim} channels "
+                                 f"(umT5-XXL), got {u.shape[-1]}")
+            if u.shape[0] > n:
+                raise ValueError(f"text has {u.shape[0]} tokens; at most {n} are supported")
+            padded[i, : u.shape[0]] = u
+        return self.text_embedding(padded)
+
+    def rope(self, grid: tuple[int, int, int], device):
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            if max(grid) > self.config.rope_max_len:
+                raise ValueError(f"token grid {grid} exceeds {self.config.rope_max_len} "
+                                 "positions per axis")
+            self._rope_cache = {key: rope_tables(grid, self.config.head_dim, device)}
+        return self._rope_cache[key]
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: Context,
+                clip_fea: Optional[torch.Tensor] = None,
+                y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Velocity prediction.
+
+        x [B, C, F, H, W] latent; t [B] (0..1000) or per-token [B, L]; context
+        [B, L_txt, text_dim] or a list of [L_i, text_dim] (L_txt <= text_len); clip_fea
+        [B, 257, 1280] (I2V) or [B, 514, 1280] (FLF2V); y [B, C_y, F, H, W] concatenated to x
+        on channels (I2V mask + image latent). Returns [B, out_dim, F, H, W] float32.
+        """
+        cfg = self.config
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        if x.shape[1] != cfg.in_dim:
+            hint = " (I2V models need y: 4 mask + 16 latent channels)" if cfg.in_dim > x.shape[1] else ""
+            raise ValueError(f"the model takes {cfg.in_dim} input channels, got {x.shape[1]}{hint}")
+        b = x.shape[0]
+        tokens, grid = self.embed_patches(x)
+        del x
+        e, e0, index = self.embed_time(t, b, tokens.shape[1])
+        context = self.embed_text(context, b)
+        context_img = None
+        if clip_fea is not None and cfg.has_image_branch:
+            context_img = self.img_emb(clip_fea.to(tokens.device), self.compute_dtype)
+            if context_img.shape[0] != b:
+                raise ValueError(f"clip_fea gives {context_img.shape[0]} images for a batch "
+                                 f"of {b}")
+        rope = self.rope(grid, tokens.device)
+        time = TimeModulation(e0, index)
+        for block in self.blocks:
+            tokens = block(tokens, time, rope, context, context_img, self.attention_backend)
+        out = self.head(tokens, e, index)
+        del tokens
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, out_dim * pt*ph*pw] -> [B, out_dim, F, H, W] float32."""
+        b = x.shape[0]
+        pt, ph, pw = self.config.patch_size
+        f, h, w = grid
+        x = x.float().reshape(b, f, h, w, pt, ph, pw, self.config.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, -1, f * pt, h * ph, w * pw)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+_DTYPE_NAMES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    """None, a torch float dtype, or one of 'fp32', 'bf16', 'fp16' (and long names)."""
+    if dtype is None or dtype == "auto" or dtype == "default":
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute dtype must be float32, bfloat16 or float16, not {dtype}")
+        return dtype
+    try:
+        return _DTYPE_NAMES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use 'fp32', 'bf16' or 'fp16'") from None
+
+
+def stored_dtype(sd) -> torch.dtype:
+    """The dtype most of the matrix weights are stored in."""
+    counts: dict = {}
+    for key, value in sd.items():
+        if key.endswith(".weight") and value.dim() >= 2:
+            counts[value.dtype] = counts.get(value.dtype, 0) + value.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def default_compute_dtype(stored: torch.dtype) -> torch.dtype:
+    """fp32 / bf16 / fp16 files compute in their own dtype; fp8 (and others) in bf16."""
+    return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def _read_metadata(source) -> dict:
+    """Extra config for the head count: safetensors ``__metadata__`` or a config.json next to
+    a sharded checkpoint / inside a model folder."""
+    import json
+    from pathlib import Path
+
+    from .checkpoint import read_safetensors_header
+
+    if not isinstance(source, (str, bytes)) and not hasattr(source, "__fspath__"):
+        return {}
+    path = Path(source)
+    meta: dict = {}
+    if path.is_file() and path.suffix in (".safetensors", ".sft"):
+        meta.update(read_safetensors_header(path).get("__metadata__") or {})
+    folder = path if path.is_dir() else path.parent if path.name.endswith(".index.json") else None
+    if folder is not None and (folder / "config.json").is_file():
+        try:
+            meta.update(json.loads((folder / "config.json").read_text()))
+        except (ValueError, OSError):
+            pass
+    return meta
+
+
+def _convert_tensors(sd: dict, model: nn.Module, dtype: torch.dtype, device) -> None:
+    """Cast every tensor of ``sd`` (in place, one at a time, so the old one can be freed):
+    fp8 weights of ``ops.Linear`` layers stay fp8 (their ``scale_weight`` kept), any other fp8
+    tensor is dequantised with its scale, everything else goes to ``dtype``."""
+    from .ops import is_fp8
+
+    linears = {n for n, m in model.named_modules() if isinstance(m, Linear)}
+    for key in list(sd):
+        if key.endswith(".scale_input") or key == "scaled_fp8":
+            del sd[key]
+    for key in list(sd):
+        value = sd[key]
+        if key.endswith(".scale_weight"):
+            continue
+        layer = key.rsplit(".", 1)[0]
+        if is_fp8(value.dtype):
+            if layer in linears and key.endswith(".weight"):
+                sd[key] = value.to(device)
+                continue
+            value = value.to(device=device, dtype=torch.float32)
+            scale = sd.pop(layer + ".scale_weight", None)
+            if scale is not None:
+                value = value * scale.to(device=device, dtype=torch.float32)
+        sd[key] = value.to(device=device, dtype=dtype)
+    for key in [k for k in sd if k.endswith(".scale_weight")]:
+        if not is_fp8(sd.get(key[: -len("scale_weight")] + "weight", torch.empty(0)).dtype):
+            del sd[key]          # weight was upcast already; its scale would apply twice
+
+
+def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
+             num_heads: Optional[int] = None) -> WanDiT:
+    """Load a Wan DiT from a file, folder, index json or state dict.
+
+    dtype: compute dtype ('fp32', 'bf16', 'fp16' or a torch dtype); None keeps the file's
+    dtype for fp32/bf16/fp16 files and computes fp8 files in bf16. fp8 matrix weights stay
+    fp8 in memory and are cast one layer at a time. num_heads: only needed for custom models
+    whose dim is not a multiple of 128 and whose file carries no ``num_heads`` metadata.
+    The model is built on the meta device and the loaded tensors are assigned to it.
+    """
+    from .checkpoint import CheckpointError, load_state_dict, require_kind, source_name
+    from .configs import ConfigError, detect_dit_config
+    from .dit_layouts import LayoutError, to_official_layout
+
+    resolve_backend(attention)
+    compute = parse_dtype(dtype)
+    metadata = _read_metadata(source)
+    sd = load_state_dict(source)
+    require_kind(sd, "dit", source)
+    try:
+        sd = to_official_layout(sd)
+        cfg = detect_dit_config(sd, num_heads=num_heads, metadata=metadata)
+    except (ConfigError, LayoutError) as e:
+        raise CheckpointError(f"{source_name(source)}: {e}") from None
+    compute = compute or default_compute_dtype(stored_dtype(sd))
+    with torch.device("meta"):
+        model = WanDiT(cfg, compute, attention)
+    _convert_tensors(sd, model, compute, device)
+    try:
+        from .ops import assign_state_dict
+
+        assign_state_dict(model, sd, dtype=None, device=device)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise CheckpointError(f"{source_name(source)} does not match the detected "
+                              f"{cfg.variant} ({cfg.model_type}) architecture: "
+                              f"{' '.join(lines[:4])[:600]}") from None
+    del sd
+    return model.eval().requires_grad_(False)
