@@ -12,7 +12,7 @@ inputs and returns a zero-argument callable; only that callable is timed (warm-u
 then ``runs`` timed runs, median reported).
 
 Memory: on CPU, ``peak_mb`` is the process's peak resident set size over its whole life
-(weights included) and ``call_peak_mb`` the peak RSS above the level just before the timed
+(weights included; VmHWM, so nothing is inherited from the parent) and ``call_peak_mb`` the peak RSS above the level just before the timed
 calls, sampled every 2 ms; on CUDA both come from ``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
@@ -42,6 +42,16 @@ def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _hwm_mb() -> float:
+    """This process's peak RSS (VmHWM). Unlike ``ru_maxrss``, which Linux carries over from
+    the parent through fork and exec, VmHWM belongs to this process's own address space."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _RssSampler:
@@ -98,7 +108,7 @@ def _measure(setup: Callable, args: tuple, runs: int, warmup: int, device: str,
         peak = torch.cuda.max_memory_allocated() / 2**20
         call_peak = peak
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _hwm_mb()
         call_peak = sampler.peak - base
     return dict(times=times, peak_mb=peak, call_peak_mb=call_peak)
 
