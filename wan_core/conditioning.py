@@ -133,10 +133,12 @@ def build_i2v_conditioning(vae, start: torch.Tensor, width: int, height: int, fr
 
     ``start``/``end``: ``[3, H, W]`` in [-1, 1], any size (resized and cropped to fit).
     ``vae``: a Wan VAE (``encode`` takes ``[B, 3, T, H, W]`` in [-1, 1]).
-    ``clip_vision``: an encoder whose ``encode_pixels`` takes ``[B, 3, H, W]`` in [-1, 1].
+    ``clip_vision``: a CLIP vision encoder (``wan_core.load_clip_vision``); as in the official
+    code it sees the images as given (it resizes them to 224 px itself).
     """
     stride = vae.config.stride[1]
     check_video_size(width, height, frames, stride)
+    clip_images = [start] if end is None else [start, end]
     start = prepare_image(start, width, height)
     end = prepare_image(end, width, height) if end is not None else None
     lat_h, lat_w = height // stride, width // stride
@@ -148,9 +150,9 @@ def build_i2v_conditioning(vae, start: torch.Tensor, width: int, height: int, fr
     y = torch.cat([mask, latent], dim=0)[None]
     clip_fea = None
     if clip_vision is not None:
-        images = torch.stack([start] if end is None else [start, end])
-        with torch.no_grad():
-            tokens = clip_vision.encode_pixels(images)  # [n, 257, 1280]
+        with torch.no_grad():  # one image at a time: start and end may differ in size
+            tokens = torch.cat([clip_vision.encode(img[None], value_range=(-1.0, 1.0))
+                                for img in clip_images])  # [n, 257, 1280]
         clip_fea = tokens.reshape(1, -1, tokens.shape[-1]).float().cpu()
     return VideoConditioning(width, height, frames, y=y, clip_fea=clip_fea)
 
