@@ -4,11 +4,8 @@ from __future__ import annotations
 from . import host
 from .latents import from_comfy_latent, to_comfy_latent
 
-# The official Wan negative prompt (wan/configs/shared_config.py, sample_neg_prompt).
-OFFICIAL_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
-    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+from wan_core.prompts import OFFICIAL_NEGATIVE_PROMPT
+
 SOLVERS = ["unipc", "dpm++", "euler"]
 MAX_SIZE = 4096
 

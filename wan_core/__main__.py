@@ -1,8 +1,28 @@
-"""Command line: ``python -m wan_core <command>`` (also installed as ``wan-core``)."""
+"""Command line: ``python -m wan_core <command>`` (also installed as ``wan-core``).
+
+    python -m wan_core generate --task t2v --dit wan2.1_t2v_1.3B_bf16.safetensors \\
+        --vae wan_2.1_vae.safetensors --text-encoder umt5_xxl_fp16.safetensors \\
+        --prompt "a cat surfing a wave" --size 832x480 --frames 81 --out cat.mp4
+    python -m wan_core demo --prompt "a green square moving up on a black background"
+
+Options left out take the official defaults of the detected model (steps, shift, cfg, frames,
+fps, size, MoE boundary).
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+
+TASKS = ("t2v", "i2v", "flf2v", "ti2v")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 832x480 (got {text!r})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -10,6 +30,56 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m wan_core",
         description="Wan 2.1 / 2.2 video generation from the command line.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser(
+        "generate", help="generate a video from model files",
+        description="Generate a video. Options left out take the official defaults of the "
+                    "detected model.")
+    gen.add_argument("--task", choices=TASKS, default="t2v",
+                     help="t2v: text only; i2v: start image (Wan 2.1 I2V, Wan 2.2 I2V-A14B); "
+                          "flf2v: start and end image; ti2v: Wan 2.2 TI2V-5B with a start image "
+                          "(without --image it runs text-to-video)")
+    gen.add_argument("--dit", required=True, metavar="FILE",
+                     help="diffusion model file or folder (for Wan 2.2 A14B: the high-noise expert)")
+    gen.add_argument("--dit-low-noise", metavar="FILE",
+                     help="Wan 2.2 A14B low-noise expert; enables expert switching (MoE)")
+    gen.add_argument("--vae", required=True, metavar="FILE", help="Wan 2.1 or 2.2 VAE file")
+    gen.add_argument("--text-encoder", required=True, metavar="FILE",
+                     help="umT5-XXL file (tokenizer embedded, or in a folder beside it)")
+    gen.add_argument("--clip-vision", metavar="FILE",
+                     help="CLIP vision file (needed by Wan 2.1 I2V and FLF2V)")
+    gen.add_argument("--prompt", required=True, help="what the video shows")
+    gen.add_argument("--negative-prompt", default=None,
+                     help="what to avoid (default: the official Wan negative prompt)")
+    gen.add_argument("--image", metavar="FILE", help="start image (i2v, flf2v, ti2v)")
+    gen.add_argument("--end-image", metavar="FILE", help="end image (flf2v)")
+    gen.add_argument("--size", type=_size, metavar="WxH",
+                     help="video size, multiples of 16 (32 for TI2V-5B); default: the model's")
+    gen.add_argument("--frames", type=int, help="frame count, 4n+1 (default: the model's, 81 or 121)")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: the model's, 40 or 50)")
+    gen.add_argument("--shift", type=float, help="sigma shift (default: the model's)")
+    gen.add_argument("--cfg", type=float,
+                     help="guidance scale (default: the model's); for MoE the high-noise expert's")
+    gen.add_argument("--cfg-low-noise", type=float,
+                     help="MoE: guidance scale of the low-noise expert (default: the model's)")
+    gen.add_argument("--boundary", type=float,
+                     help="MoE: switch experts at t = boundary x 1000 (default 0.875 T2V, 0.900 I2V)")
+    gen.add_argument("--solver", choices=("unipc", "dpm++", "euler"), default="unipc",
+                     help="sampling solver (default: unipc, the official one)")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    gen.add_argument("--fps", type=float, help="frames per second of the file (default: the model's)")
+    gen.add_argument("--out", default="video.mp4", help="output file: .mp4, .webm or .webp")
+    gen.add_argument("--save-latents", metavar="FILE",
+                     help="also save the raw latents (safetensors, key 'latent')")
+    gen.add_argument("--device", default=None,
+                     help="compute device, e.g. cuda or cpu (default: cuda when available)")
+    gen.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                     help="DiT compute dtype (default: the file's; fp8 files compute in bf16)")
+    gen.add_argument("--text-encoder-cpu", action="store_true",
+                     help="run the text encoder on the CPU (saves GPU memory)")
+    gen.add_argument("--tile", default="auto",
+                     help="VAE decode tiling: auto (by memory), off, or a tile size in pixels")
+
     demo = sub.add_parser("demo", help="generate a video with the embedded tiny demo model")
     demo.add_argument("--prompt", default="a green square moving up on a black background",
                       help="what the video shows (the demo model knows simple shapes, colours "
@@ -17,6 +87,109 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo.mp4", help="output video file")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     return parser
+
+
+def _load_image(path: str):
+    """An image file -> ``[3, H, W]`` in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as img:
+        data = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(data).permute(2, 0, 1) * 2 - 1
+
+
+def _tile_option(text: str):
+    if text == "auto":
+        return None
+    if text == "off":
+        return False
+    size = int(text)
+    return (size, size)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from wan_core import load_clip_vision, load_dit, load_text_encoder, load_vae
+    from wan_core.conditioning import (VideoConditioning, build_i2v_conditioning,
+                                       build_ti2v_conditioning)
+    from wan_core.configs import DEFAULTS
+    from wan_core.pipeline import MoEModel, default_boundary, generate
+    from wan_core.sampling import OffloadIdleExpert
+    from wan_core.video_io import video_to_frames, write_video
+
+    if args.task in ("i2v", "flf2v") and not args.image:
+        raise SystemExit(f"--task {args.task} needs --image (the start frame)")
+    if args.task == "flf2v" and not args.end_image:
+        raise SystemExit("--task flf2v needs --end-image (the last frame)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    started = time.perf_counter()
+
+    dit = load_dit(args.dit, dtype=args.dtype, device="cpu" if args.dit_low_noise else device)
+    config = dit.config
+    moe = args.dit_low_noise is not None
+    variant = config.variant
+    if moe and variant == "wan2.1-t2v-14B":
+        variant = "wan2.2-t2v-A14B"  # the experts have exactly the 2.1 T2V-14B shapes
+    defaults = DEFAULTS.get(variant, DEFAULTS["custom"])
+    width, height = args.size or defaults.size
+    frames = args.frames or defaults.frames
+    steps = args.steps or defaults.steps
+    shift = args.shift if args.shift is not None else defaults.shift
+    cfg = args.cfg if args.cfg is not None else defaults.guide
+    fps = args.fps or defaults.fps
+    print(f"model: {variant} ({config.model_type}), {width}x{height}, {frames} frames, "
+          f"{steps} steps, shift {shift}, cfg {cfg}, solver {args.solver}, seed {args.seed}")
+
+    model = dit
+    if moe:
+        low = load_dit(args.dit_low_noise, dtype=args.dtype, device="cpu")
+        cfg_low = args.cfg_low_noise if args.cfg_low_noise is not None else (
+            defaults.guide_low if defaults.guide_low is not None else cfg)
+        boundary = args.boundary or defaults.boundary or default_boundary(config.model_type)
+        model = MoEModel(dit, low, boundary, (cfg, cfg_low), offload=OffloadIdleExpert(device))
+
+    vae = load_vae(args.vae, device=device)
+    te = load_text_encoder(args.text_encoder,
+                           device="cpu" if args.text_encoder_cpu else device)
+    negative = args.negative_prompt
+    if negative is None:
+        from wan_core.prompts import OFFICIAL_NEGATIVE_PROMPT
+        negative = OFFICIAL_NEGATIVE_PROMPT
+    context, negative_context = te.encode([args.prompt, negative], device=device)
+    del te
+
+    if args.task == "t2v" or (args.task == "ti2v" and not args.image):
+        cond = VideoConditioning(width, height, frames)
+    elif args.task == "ti2v":
+        cond = build_ti2v_conditioning(vae, _load_image(args.image).to(device), width, height,
+                                       frames)
+    else:
+        clip = load_clip_vision(args.clip_vision, device=device) if args.clip_vision else None
+        end = _load_image(args.end_image) if args.task == "flf2v" else None
+        cond = build_i2v_conditioning(vae, _load_image(args.image).to(device), width, height,
+                                      frames, end=end, clip_vision=clip)
+        del clip
+
+    bar = tqdm(total=steps, desc="sampling", unit="step")
+    latent = generate(model, [context], [negative_context] if cfg != 1 or moe else None, cond,
+                      steps=steps, guide_scale=cfg, shift=shift, solver=args.solver,
+                      seed=args.seed, callback=lambda step, total, x, x0: bar.update(1),
+                      device=device)
+    bar.close()
+    del model, dit
+    with torch.no_grad():
+        video = vae.decode(latent.to(device), tile=_tile_option(args.tile))
+    write_video(args.out, video_to_frames(video[0].cpu()), fps=fps)
+    if args.save_latents:
+        from safetensors.torch import save_file
+        save_file({"latent": vae.denormalize(latent).contiguous()}, args.save_latents)
+    print(f"wrote {args.out} ({frames} frames, {width}x{height}, {fps:g} fps) in "
+          f"{time.perf_counter() - started:.1f} s")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -27,6 +200,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return cmd_generate(args)
     if args.command == "demo":
         return cmd_demo(args)
     raise AssertionError(args.command)
