@@ -242,7 +242,7 @@ class WanCoreSampler:
         out = generate(model, text_embeds["positive"], negative, video_cond, steps=steps,
                        guide_scale=cfg, shift=shift, solver=solver, seed=seed, denoise=denoise,
                        init_latent=init, callback=callback, cancel=cancel, device=device)
-        return (to_comfy_latent(out, channels),)
+        return (to_comfy_latent(out),)
 
 
 NODE_CLASS_MAPPINGS = {

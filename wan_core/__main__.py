@@ -115,9 +115,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from wan_core import load_clip_vision, load_dit, load_text_encoder, load_vae
     from wan_core.conditioning import (VideoConditioning, build_i2v_conditioning,
-                                       build_ti2v_conditioning)
+                                       build_ti2v_conditioning, check_video_size)
     from wan_core.configs import DEFAULTS
-    from wan_core.pipeline import MoEModel, default_boundary, generate
+    from wan_core.pipeline import MoEModel, default_boundary, generate, vae_stride_for
     from wan_core.sampling import OffloadIdleExpert
     from wan_core.video_io import video_to_frames, write_video
 
@@ -141,6 +141,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     shift = args.shift if args.shift is not None else defaults.shift
     cfg = args.cfg if args.cfg is not None else defaults.guide
     fps = args.fps or defaults.fps
+    check_video_size(width, height, frames, vae_stride_for(config.out_dim))
+    if config.model_type in ("i2v", "flf2v") and not args.image:
+        raise ValueError(f"{args.dit} is an image-to-video model ({config.model_type}); give "
+                         "--task i2v --image FILE (or flf2v with --end-image)")
+    if config.has_image_branch and not args.clip_vision:
+        raise ValueError("this Wan 2.1 I2V / FLF2V model needs --clip-vision "
+                         "(clip_vision_h.safetensors)")
     print(f"model: {variant} ({config.model_type}), {width}x{height}, {frames} frames, "
           f"{steps} steps, shift {shift}, cfg {cfg}, solver {args.solver}, seed {args.seed}")
 
@@ -201,7 +208,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
-        return cmd_generate(args)
+        try:
+            return cmd_generate(args)
+        except (ValueError, FileNotFoundError) as e:  # CheckpointError, VideoSizeError, ...
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.command == "demo":
         return cmd_demo(args)
     raise AssertionError(args.command)

@@ -10,3 +10,16 @@ from .loading import diffusers_to_official, infer_config, load_vae
 from .model import VAEConfig, WanVAE
 
 __all__ = ["load_vae", "WanVAE", "VAEConfig", "infer_config", "diffusers_to_official"]
+
+
+def latent_stats(z_dim: int):
+    """``(mean, std)`` float32 ``[z_dim]`` of the official latent normalisation for a latent
+    with ``z_dim`` channels (16: Wan 2.1 VAE, 48: Wan 2.2 VAE; any other: identity), the same
+    statistics a loaded VAE of that size uses. Lets the sampler hand out raw (ComfyUI) latents
+    without a VAE."""
+    from .model import VERSIONS, _latent_stats
+
+    return _latent_stats(VERSIONS["2.2" if z_dim == 48 else "2.1"], z_dim)
+
+
+__all__.append("latent_stats")
