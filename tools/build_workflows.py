@@ -1,0 +1,285 @@
+"""Write example_workflows/*.json (ComfyUI UI format) from compact specs.
+
+    python tools/build_workflows.py          # rewrites example_workflows/
+
+Each workflow is a list of nodes (type, widget values, inputs by link) laid out in columns, with
+groups around the loaders, the conditioning, the sampling and the output, and a note that lists
+the model files and where they go. Parameters are the official ones for each model.
+Workflows are a public contract once released (see tests/test_workflows.py): change a released
+file only with a migration.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "example_workflows"
+sys.path.insert(0, str(ROOT))
+
+from wan_core.prompts import OFFICIAL_NEGATIVE_PROMPT as NEGATIVE  # noqa: E402
+
+UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+VAE21 = "wan_2.1_vae.safetensors"
+VAE22 = "wan2.2_vae.safetensors"
+CLIP = "clip_vision_h.safetensors"
+
+# (output names, output types) of each node type used here.
+OUTPUTS = {
+    "WanCoreModelLoader": [("model", "WANCORE_MODEL")],
+    "WanCoreVAELoader": [("vae", "WANCORE_VAE")],
+    "WanCoreTextEncoderLoader": [("text_encoder", "WANCORE_TEXT_ENCODER")],
+    "WanCoreCLIPVisionLoader": [("clip_vision", "WANCORE_CLIP_VISION")],
+    "WanCoreTextEncode": [("text_embeds", "WANCORE_TEXT_EMBEDS")],
+    "WanCoreEmptyVideo": [("video_cond", "WANCORE_VIDEO_COND")],
+    "WanCoreImageToVideo": [("video_cond", "WANCORE_VIDEO_COND")],
+    "WanCoreMoE": [("model", "WANCORE_MODEL")],
+    "WanCoreSampler": [("latent", "LATENT")],
+    "WanCoreVAEDecode": [("images", "IMAGE")],
+    "WanCoreSaveVideo": [],
+    "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    "MarkdownNote": [],
+}
+SIZES = {"WanCoreTextEncode": (420, 300), "WanCoreSampler": (320, 300),
+         "WanCoreImageToVideo": (320, 260), "LoadImage": (300, 330), "MarkdownNote": (420, 300),
+         "WanCoreSaveVideo": (360, 420), "WanCoreMoE": (320, 170)}
+
+
+@dataclass
+class Node:
+    key: str
+    type: str
+    widgets: list
+    inputs: dict = field(default_factory=dict)   # input name -> (node key, output slot, type)
+    column: int = 0
+    group: str = ""
+    title: str = ""
+
+
+def _pack_nodes() -> dict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "comfyui_wancore_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.NODE_CLASS_MAPPINGS
+
+
+def sockets_and_widgets(node_type: str) -> tuple[list, list]:
+    if node_type not in PACK:
+        return [], []
+    from comfyui_wancore_pack.nodes.schema import sockets_and_widgets as layout
+
+    return layout(PACK[node_type])
+
+
+def build(name: str, title: str, nodes: list[Node], note: str) -> dict:
+    ids = {n.key: i + 1 for i, n in enumerate(nodes)}
+    links, out_links, socket_lists = [], {}, {}
+    for n in nodes:
+        sockets, widgets = sockets_and_widgets(n.type)
+        if n.type in PACK and len(widgets) != len(n.widgets):
+            raise ValueError(f"{name}: {n.type} takes widgets {widgets}, got {n.widgets}")
+        socket_lists[n.key] = sockets
+        names = [s for s, _ in sockets]
+        for input_name, (src, slot, typ) in n.inputs.items():
+            link_id = len(links) + 1
+            links.append([link_id, ids[src], slot, ids[n.key], names.index(input_name), typ])
+            out_links.setdefault((src, slot), []).append(link_id)
+    column_y: dict[int, int] = {}
+    ui_nodes = []
+    for order, n in enumerate(nodes):
+        w, h = SIZES.get(n.type, (320, 130))
+        x = n.column * 460
+        y = column_y.get(n.column, 80)
+        column_y[n.column] = y + h + 60
+        node = {
+            "id": ids[n.key], "type": n.type, "pos": [x, y], "size": [w, h], "flags": {},
+            "order": order, "mode": 0,
+            "inputs": [{"name": k, "type": t, "link": next(
+                (l[0] for l in links if l[3] == ids[n.key] and l[4] == i), None)}
+                for i, (k, t) in enumerate(socket_lists[n.key])],
+            "outputs": [{"name": on, "type": ot, "slot_index": s,
+                         "links": out_links.get((n.key, s), [])}
+                        for s, (on, ot) in enumerate(OUTPUTS[n.type])],
+            "properties": {"Node name for S&R": n.type},
+            "widgets_values": n.widgets,
+        }
+        if n.title:
+            node["title"] = n.title
+        ui_nodes.append(node)
+    note_node = {"id": len(nodes) + 1, "type": "MarkdownNote", "pos": [-480, 80],
+                 "size": [420, 420], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [],
+                 "outputs": [], "title": "Read me", "properties": {},
+                 "widgets_values": [note]}
+    ui_nodes.append(note_node)
+    groups = []
+    for gi, group in enumerate(dict.fromkeys(n.group for n in nodes if n.group)):
+        members = [u for u, n in zip(ui_nodes, nodes) if n.group == group]
+        x0 = min(m["pos"][0] for m in members) - 20
+        y0 = min(m["pos"][1] for m in members) - 60
+        x1 = max(m["pos"][0] + m["size"][0] for m in members) + 20
+        y1 = max(m["pos"][1] + m["size"][1] for m in members) + 20
+        groups.append({"id": gi + 1, "title": group, "bounding": [x0, y0, x1 - x0, y1 - y0],
+                       "color": ["#3f789e", "#8A8", "#b06634", "#a1309b"][gi % 4],
+                       "font_size": 22, "flags": {}})
+    return {"last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes,
+            "links": links, "groups": groups, "config": {},
+            "extra": {"ds": {"scale": 0.75, "offset": [560, 60]}, "wancore_title": title},
+            "version": 0.4}
+
+
+def loaders(dit_files, vae, clip=False):
+    nodes = []
+    for i, (key, file) in enumerate(dit_files):
+        nodes.append(Node(key, "WanCoreModelLoader", [file, "default", "sdpa"], group="1. Models",
+                          title={"high": "High-noise expert", "low": "Low-noise expert"}.get(key, "")))
+    nodes.append(Node("vae", "WanCoreVAELoader", [vae], group="1. Models"))
+    nodes.append(Node("te", "WanCoreTextEncoderLoader", [UMT5, "default"], group="1. Models"))
+    if clip:
+        nodes.append(Node("clip", "WanCoreCLIPVisionLoader", [CLIP], group="1. Models"))
+    return nodes
+
+
+def tail(model_key, cond_key, sampler_widgets, fps, prefix):
+    return [
+        Node("sampler", "WanCoreSampler", sampler_widgets,
+             {"model": (model_key, 0, "WANCORE_MODEL"), "text_embeds": ("text", 0, "WANCORE_TEXT_EMBEDS"),
+              "video_cond": (cond_key, 0, "WANCORE_VIDEO_COND")}, column=2, group="3. Sample"),
+        Node("decode", "WanCoreVAEDecode", ["auto", 256],
+             {"vae": ("vae", 0, "WANCORE_VAE"), "latent": ("sampler", 0, "LATENT")},
+             column=3, group="4. Output"),
+        Node("save", "WanCoreSaveVideo", [float(fps), "mp4", prefix, 19],
+             {"images": ("decode", 0, "IMAGE")}, column=3, group="4. Output"),
+    ]
+
+
+def text(prompt):
+    return Node("text", "WanCoreTextEncode", [prompt, NEGATIVE],
+                {"text_encoder": ("te", 0, "WANCORE_TEXT_ENCODER")}, column=1, group="2. Prompt & video")
+
+
+def note(title, files, tips):
+    lines = [f"## {title}", "", "**Model files** (put them in ComfyUI/models/...):", ""]
+    lines += [f"- `{folder}/{file}`" for folder, file in files]
+    lines += ["", "**Tips**", ""] + [f"- {t}" for t in tips]
+    return "\n".join(lines)
+
+
+def sampler(steps, cfg, shift, seed=42):
+    return [seed, "fixed", steps, cfg, shift, "unipc", 1.0]
+
+
+def workflows() -> dict:
+    out = {}
+    f = "wan2.1_t2v_1.3B_bf16.safetensors"
+    out["wan21_t2v_1.3B"] = build("wan21_t2v_1.3B", "Wan 2.1 text to video 1.3B", [
+        *loaders([("dit", f)], VAE21),
+        text("A cat walks on the grass, realistic style, close-up, soft morning light."),
+        Node("video", "WanCoreEmptyVideo", [832, 480, 81], column=1, group="2. Prompt & video"),
+        *tail("dit", "video", sampler(50, 5.0, 5.0), 16, "WanCore/wan21_t2v"),
+    ], note("Wan 2.1 T2V 1.3B (480P)", [("diffusion_models", f), ("vae", VAE21),
+                                        ("text_encoders", UMT5)],
+            ["Official settings: 832x480, 81 frames, 50 steps, cfg 5, shift 5 (the README "
+             "suggests shift 8-12 and cfg 6 for the 1.3B model).",
+             "Set the text encoder device to cpu to save VRAM; prompts are cached."]))
+
+    f = "wan2.1_i2v_480p_14B_bf16.safetensors"
+    out["wan21_i2v_14B_480p"] = build("wan21_i2v_14B_480p", "Wan 2.1 image to video 14B 480P", [
+        *loaders([("dit", f)], VAE21, clip=True),
+        Node("image", "LoadImage", ["example.png", "image"], column=1, group="2. Prompt & video"),
+        text("The cat in the picture turns its head and looks at the camera."),
+        Node("i2v", "WanCoreImageToVideo", [832, 480, 81, "i2v"],
+             {"vae": ("vae", 0, "WANCORE_VAE"), "start_image": ("image", 0, "IMAGE"),
+              "clip_vision": ("clip", 0, "WANCORE_CLIP_VISION")}, column=1, group="2. Prompt & video"),
+        *tail("dit", "i2v", sampler(40, 5.0, 3.0), 16, "WanCore/wan21_i2v"),
+    ], note("Wan 2.1 I2V 14B 480P", [("diffusion_models", f), ("vae", VAE21),
+                                     ("text_encoders", UMT5), ("clip_vision", CLIP)],
+            ["Official settings: 40 steps, cfg 5, shift 3.0 for 480P (5.0 for the 720P model).",
+             "The image is resized to cover 832x480 and centre-cropped."]))
+
+    f = "wan2.1_flf2v_720p_14B_fp16.safetensors"
+    out["wan21_flf2v_14B"] = build("wan21_flf2v_14B", "Wan 2.1 first-last frame to video 14B", [
+        *loaders([("dit", f)], VAE21, clip=True),
+        Node("image", "LoadImage", ["start.png", "image"], column=1, group="2. Prompt & video",
+             title="Start frame"),
+        Node("end", "LoadImage", ["end.png", "image"], column=1, group="2. Prompt & video",
+             title="End frame"),
+        text("A small bird takes off from a branch and flies towards the camera."),
+        Node("i2v", "WanCoreImageToVideo", [1280, 720, 81, "i2v"],
+             {"vae": ("vae", 0, "WANCORE_VAE"), "start_image": ("image", 0, "IMAGE"),
+              "end_image": ("end", 0, "IMAGE"), "clip_vision": ("clip", 0, "WANCORE_CLIP_VISION")},
+             column=1, group="2. Prompt & video"),
+        *tail("dit", "i2v", sampler(50, 5.0, 16.0), 16, "WanCore/wan21_flf2v"),
+    ], note("Wan 2.1 FLF2V 14B (720P)", [("diffusion_models", f), ("vae", VAE21),
+                                         ("text_encoders", UMT5), ("clip_vision", CLIP)],
+            ["Official settings: 1280x720, 81 frames, 50 steps, cfg 5, shift 16."]))
+
+    hi, lo = ("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+              "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors")
+    out["wan22_t2v_A14B"] = build("wan22_t2v_A14B", "Wan 2.2 text to video A14B (MoE)", [
+        *loaders([("high", hi), ("low", lo)], VAE21),
+        Node("moe", "WanCoreMoE", [0.875, 4.0, 3.0],
+             {"high_noise_model": ("high", 0, "WANCORE_MODEL"),
+              "low_noise_model": ("low", 0, "WANCORE_MODEL")}, column=1, group="1. Models"),
+        text("A red fox runs through fresh snow in a birch forest, slow motion, golden hour."),
+        Node("video", "WanCoreEmptyVideo", [1280, 720, 81], column=1, group="2. Prompt & video"),
+        *tail("moe", "video", sampler(40, 4.0, 12.0), 16, "WanCore/wan22_t2v"),
+    ], note("Wan 2.2 T2V A14B", [("diffusion_models", hi), ("diffusion_models", lo),
+                                 ("vae", VAE21), ("text_encoders", UMT5)],
+            ["One sampler runs both experts: high-noise while t >= 875, then low-noise; only "
+             "the active expert stays on the GPU.",
+             "Official settings: 40 steps, shift 12, cfg 4.0 (high) / 3.0 (low).",
+             "The MoE node's cfg values are used; the sampler's cfg is ignored for MoE."]))
+
+    hi, lo = ("wan2.2_i2v_high_noise_14B_fp16.safetensors",
+              "wan2.2_i2v_low_noise_14B_fp16.safetensors")
+    out["wan22_i2v_A14B"] = build("wan22_i2v_A14B", "Wan 2.2 image to video A14B (MoE)", [
+        *loaders([("high", hi), ("low", lo)], VAE21),
+        Node("moe", "WanCoreMoE", [0.9, 3.5, 3.5],
+             {"high_noise_model": ("high", 0, "WANCORE_MODEL"),
+              "low_noise_model": ("low", 0, "WANCORE_MODEL")}, column=1, group="1. Models"),
+        Node("image", "LoadImage", ["example.png", "image"], column=1, group="2. Prompt & video"),
+        text("The woman in the picture smiles and waves at the camera."),
+        Node("i2v", "WanCoreImageToVideo", [1280, 720, 81, "i2v"],
+             {"vae": ("vae", 0, "WANCORE_VAE"), "start_image": ("image", 0, "IMAGE")},
+             column=1, group="2. Prompt & video"),
+        *tail("moe", "i2v", sampler(40, 3.5, 5.0), 16, "WanCore/wan22_i2v"),
+    ], note("Wan 2.2 I2V A14B", [("diffusion_models", hi), ("diffusion_models", lo),
+                                 ("vae", VAE21), ("text_encoders", UMT5)],
+            ["No CLIP vision needed for Wan 2.2.",
+             "Official settings: 40 steps, shift 5, cfg 3.5 / 3.5, boundary 0.900."]))
+
+    f = "wan2.2_ti2v_5B_fp16.safetensors"
+    out["wan22_ti2v_5B"] = build("wan22_ti2v_5B", "Wan 2.2 text-image to video 5B", [
+        *loaders([("dit", f)], VAE22),
+        Node("image", "LoadImage", ["example.png", "image"], column=1, group="2. Prompt & video"),
+        text("A paper boat drifts down a rain-soaked street, reflections of neon lights."),
+        Node("i2v", "WanCoreImageToVideo", [1280, 704, 121, "ti2v"],
+             {"vae": ("vae", 0, "WANCORE_VAE"), "start_image": ("image", 0, "IMAGE")},
+             column=1, group="2. Prompt & video"),
+        *tail("dit", "i2v", sampler(50, 5.0, 5.0), 24, "WanCore/wan22_ti2v"),
+    ], note("Wan 2.2 TI2V 5B (720P, 24 fps)", [("diffusion_models", f), ("vae", VAE22),
+                                               ("text_encoders", UMT5)],
+            ["Uses the Wan 2.2 VAE (wan2.2_vae.safetensors): sizes are multiples of 32.",
+             "Official settings: 1280x704, 121 frames at 24 fps, 50 steps, cfg 5, shift 5.",
+             "For text-only generation replace WanCore Image To Video with WanCore Empty Video."]))
+    return out
+
+
+PACK = _pack_nodes()
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    for name, workflow in workflows().items():
+        (OUT / f"{name}.json").write_text(json.dumps(workflow, indent=1, ensure_ascii=False) + "\n")
+        print("wrote", OUT / f"{name}.json")
+
+
+if __name__ == "__main__":
+    main()
