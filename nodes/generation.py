@@ -32,7 +32,7 @@ class WanCoreTextEncode:
     def encode(self, text_encoder, positive, negative):
         device = "cpu" if getattr(text_encoder, "run_on_cpu", False) else host.torch_device()
         if device != "cpu":
-            host.load_for_compute(text_encoder)
+            host.load_for_compute(text_encoder.model)
         pos, neg = text_encoder.encode([positive, negative])
         return ({"positive": [pos.cpu()], "negative": [neg.cpu()]},)
 

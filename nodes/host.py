@@ -124,13 +124,20 @@ class ProgressBar:
 
 
 def _patcher(module):
-    """The ComfyUI ModelPatcher wrapping ``module`` (created once and kept on the module)."""
+    """The ComfyUI ModelPatcher managing ``module`` (created once and kept on the module).
+
+    The patcher writes bookkeeping attributes (``device``, loaded-memory counters) onto the
+    model it manages, so it manages a plain container holding our module rather than the
+    module itself."""
+    import torch
     import comfy.model_patcher  # pragma: no cover - only inside ComfyUI
 
     patcher = getattr(module, "_wancore_patcher", None)
     if patcher is None:
+        holder = torch.nn.Module()
+        holder.add_module("wancore", module)
         patcher = comfy.model_patcher.ModelPatcher(
-            module, load_device=torch_device(), offload_device=offload_device())
+            holder, load_device=torch_device(), offload_device=offload_device())
         object.__setattr__(module, "_wancore_patcher", patcher)
     return patcher
 

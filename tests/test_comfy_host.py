@@ -1,0 +1,154 @@
+"""Optional real-host test: a real ComfyUI (CPU, 127.0.0.1) with this pack in custom_nodes.
+
+Skipped unless COMFYUI_ROOT points at a ComfyUI checkout. The Python that runs ComfyUI is
+COMFYUI_PYTHON, else ``$COMFYUI_ROOT/../venv/bin/python`` when it exists, else this one.
+Tiny checkpoints are written under the advertised file names into a temporary models folder
+(given to ComfyUI with --extra-model-paths-config); each example workflow is converted to the
+API format by the same widget mapping ComfyUI uses, queued through /prompt, and its history
+must show the saved video.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, load_pack
+
+COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
+pytestmark = pytest.mark.skipif(not COMFYUI_ROOT, reason="set COMFYUI_ROOT to a ComfyUI checkout")
+SMALL = {"width": 64, "height": 64, "frames": 9, "steps": 2}
+EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
+
+
+def _python() -> str:
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    venv = Path(COMFYUI_ROOT).parent / "venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, payload: dict):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def to_api_format(workflow: dict, overrides: dict) -> dict:
+    """UI-format workflow -> the /prompt API format, mapping widgets by position."""
+    pack = load_pack()
+    from comfyui_wancore_pack.nodes.schema import widget_kwargs
+
+    links = {link[0]: (link[1], link[2]) for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in ("Note", "MarkdownNote"):
+            continue
+        if node["type"] == "LoadImage":
+            inputs = {"image": node["widgets_values"][0]}
+        else:
+            cls = pack.NODE_CLASS_MAPPINGS[node["type"]]
+            inputs = widget_kwargs(cls, node["widgets_values"])
+            inputs.update({k: v for k, v in overrides.items() if k in inputs})
+        for sock in node.get("inputs", []):
+            if sock.get("link") is not None:
+                origin, slot = links[sock["link"]]
+                inputs[sock["name"]] = [str(origin), slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from PIL import Image
+
+    from tests.tiny_models import write_models
+
+    root = tmp_path_factory.mktemp("host")
+    models = write_models(root / "models")
+    (root / "input").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("example.png", "start.png", "end.png"):
+        Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(root / "input" / name)
+    (root / "paths.yaml").write_text(
+        "wancore_test:\n"
+        f"  base_path: {models}\n"
+        "  diffusion_models: diffusion_models\n  vae: vae\n"
+        "  text_encoders: text_encoders\n  clip_vision: clip_vision\n")
+    link = Path(COMFYUI_ROOT) / "custom_nodes" / "ComfyUI-WanCore"
+    if not link.exists():
+        link.symlink_to(ROOT)
+    port = _free_port()
+    log = open(root / "comfy.log", "w")
+    proc = subprocess.Popen(
+        [_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+         "--extra-model-paths-config", str(root / "paths.yaml"),
+         "--input-directory", str(root / "input"), "--output-directory", str(root / "output"),
+         "--disable-auto-launch"],
+        cwd=COMFYUI_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            _get(url + "/system_stats")
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((root / "comfy.log").read_text()[-3000:])
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise RuntimeError("ComfyUI did not start within 180 s")
+    yield url, root
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_object_info_lists_every_node(server):
+    url, root = server
+    info = _get(url + "/object_info")
+    pack = load_pack()
+    missing = set(pack.NODE_CLASS_MAPPINGS) - set(info)
+    assert not missing, (root / "comfy.log").read_text()[-3000:]
+    # The dropdowns list the tiny files under the advertised names.
+    loader = info["WanCoreModelLoader"]["input"]["required"]["model_name"][0]
+    assert "wan2.1_t2v_1.3B_bf16.safetensors" in loader
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_workflow_through_prompt_api(server, path):
+    url, root = server
+    prompt = to_api_format(json.loads(path.read_text()), SMALL)
+    prompt_id = _post(url + "/prompt", {"prompt": prompt})["prompt_id"]
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        history = _get(f"{url}/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed"):
+            break
+        if prompt_id in history and history[prompt_id].get("status", {}).get("status_str") == "error":
+            raise AssertionError(json.dumps(history[prompt_id]["status"])[-3000:])
+        time.sleep(1)
+    else:
+        raise AssertionError("workflow did not finish in 300 s")
+    outputs = history[prompt_id]["outputs"]
+    videos = [v for out in outputs.values() for v in out.get("wancore_video", [])]
+    assert videos, outputs
+    assert (root / "output" / videos[0]["subfolder"] / videos[0]["filename"]).stat().st_size > 0
