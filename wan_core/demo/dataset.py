@@ -194,7 +194,7 @@ def iter_specs(split: str = "train", seed: int = 0) -> Iterator[ClipSpec]:
 # Rendering
 # --------------------------------------------------------------------------------------------
 
-def _coverage(shape: str, cx: float, cy: float, half: float, size: int) -> np.ndarray:
+def coverage(shape: str, cx: float, cy: float, half: float, size: int) -> np.ndarray:
     """Anti-aliased coverage [size, size] in 0..1 of a shape centred at (cx, cy) (fractions)."""
     n = size * SUPERSAMPLE
     coords = (np.arange(n, dtype=np.float32) + 0.5) / n
@@ -220,7 +220,7 @@ def render(spec: ClipSpec, frames: int = 17, size: int = 64) -> np.ndarray:
     out = np.empty((frames, size, size, 3), np.float32)
     for t in range(frames):
         p = t / max(frames - 1, 1) * TRAVEL
-        a = _coverage(combo.shape, spec.x0 + dx * p, spec.y0 + dy * p, spec.half, size)
+        a = coverage(combo.shape, spec.x0 + dx * p, spec.y0 + dy * p, spec.half, size)
         out[t] = bg + a[..., None] * (fg - bg)
     return out
 
