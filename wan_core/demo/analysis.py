@@ -14,7 +14,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .dataset import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, ClipSpec, Combo, coverage, parse_caption
+from .dataset import (BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, ClipSpec, Combo, coverage,
+                      parse_caption)
 
 MIN_CONTRAST = 0.15     # an object must differ from the background by this much (RGB, 0..1)
 BORDER = 2              # pixels of the frame edge used to estimate the background
@@ -92,9 +93,8 @@ def analyse(frames) -> Analysis:
     """Estimate background, object colour, direction and shape of a clip ``[T, H, W, 3]``."""
     x = as_frames(frames)
     t_len, h, w, _ = x.shape
-    border = np.concatenate([x[:, :BORDER].reshape(t_len, -1, 3), x[:, -BORDER:].reshape(t_len, -1, 3),
-                             x[:, :, :BORDER].reshape(t_len, -1, 3), x[:, :, -BORDER:].reshape(t_len, -1, 3)],
-                            axis=1)
+    edges = (x[:, :BORDER], x[:, -BORDER:], x[:, :, :BORDER], x[:, :, -BORDER:])
+    border = np.concatenate([e.reshape(t_len, -1, 3) for e in edges], axis=1)   # [T, N, 3]
     bg_per_frame = np.median(border, axis=1)                          # [T, 3]
     bg_rgb = np.median(bg_per_frame, axis=0)
     background = _nearest(bg_rgb, BACKGROUNDS)
