@@ -51,12 +51,19 @@ class CausalConv3d(nn.Conv3d):
                          padding=(0, pad[1], pad[2]))
         self.past_frames = 2 * pad[0]
 
-    def forward(self, x: torch.Tensor, stream: Stream | None = None, prologue=None) -> torch.Tensor:
-        """``prologue(x, out)``, when given, writes the layer's real input (e.g. norm + SiLU of
-        ``x``) straight into the time-padded input buffer, saving a copy of the chunk."""
+    def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        if self.past_frames == 0:
+            return super().forward(x)
+        buf, real = self.begin(x, stream)
+        buf[:, :, self.past_frames:].copy_(x)
+        return self.finish(buf, real, stream)
+
+    def begin(self, x: torch.Tensor, stream: Stream | None) -> tuple[torch.Tensor, int]:
+        """Allocate this layer's time-padded input ``[B, C_in, past + T, H, W]`` for chunk
+        ``x`` with the past frames (or zeros) in front; the caller writes the chunk's real
+        input into ``buf[:, :, past:]`` (e.g. norm + SiLU of ``x`` directly, saving a copy).
+        Returns the buffer and its number of real (non-padding) frames."""
         n = self.past_frames
-        if n == 0:
-            return super().forward(x if prologue is None else _apply(prologue, x))
         past = stream.history.get(self) if stream is not None else None
         have = 0 if past is None else past.shape[2]
         b, _, t, h, w = x.shape
@@ -66,21 +73,14 @@ class CausalConv3d(nn.Conv3d):
             buf[:, :, :n - have].zero_()
         if past is not None:
             buf[:, :, n - have:n].copy_(past)
-        del past
-        if prologue is None:
-            buf[:, :, n:].copy_(x)
-        else:
-            prologue(x, buf[:, :, n:])
+        return buf, have + t
+
+    def finish(self, buf: torch.Tensor, real: int, stream: Stream | None) -> torch.Tensor:
+        """Keep the last real frames for the next chunk and convolve the buffer."""
         if stream is not None:
-            keep = min(n, have + t)  # real frames only, never the zero padding
-            stream.history[self] = buf[:, :, n + t - keep:].clone()
+            keep = min(self.past_frames, real)
+            stream.history[self] = buf[:, :, buf.shape[2] - keep:].clone()
         return super().forward(buf)
-
-
-def _apply(prologue, x: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(x)
-    prologue(x, out)
-    return out
 
 
 class RMSNorm(nn.Module):
@@ -107,6 +107,17 @@ class RMSNorm(nn.Module):
         F.silu(out, inplace=True)
 
 
+def norm_silu_conv(x: list, norm: RMSNorm, conv: CausalConv3d, stream: Stream) -> torch.Tensor:
+    """conv(SiLU(norm(x))) with the activation written straight into the conv's padded input.
+
+    ``x`` is passed as a one-element list that is emptied once the activation is written, so
+    that a temporary input is freed before the convolution runs (one chunk-sized tensor less
+    at the peak); keep your own reference when the input is still needed."""
+    buf, real = conv.begin(x[0], stream)
+    norm.silu_into(x.pop(), buf[:, :, conv.past_frames:])
+    return conv.finish(buf, real, stream)
+
+
 class ResidualBlock(nn.Module):
     """norm, SiLU, causal conv, norm, SiLU, causal conv; plus a (1x1x1 conv) shortcut.
 
@@ -122,8 +133,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, stream: Stream) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        y = conv1(x, stream, prologue=norm1.silu_into)
-        y = conv2(y, stream, prologue=norm2.silu_into)
+        hidden = [norm_silu_conv([x], norm1, conv1, stream)]   # x itself is kept for the sum
+        y = norm_silu_conv(hidden, norm2, conv2, stream)
         return y.add_(self.shortcut(x))
 
 

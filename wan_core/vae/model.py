@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import wan21, wan22
-from .blocks import AttentionBlock, CausalConv3d, ResidualBlock, RMSNorm, Stream
+from .blocks import AttentionBlock, CausalConv3d, ResidualBlock, RMSNorm, Stream, norm_silu_conv
 
 VERSIONS = {"2.1": wan21, "2.2": wan22}
 CHANNELS_LAST = torch.channels_last_3d
@@ -67,7 +67,8 @@ class Encoder(nn.Module):
             x = layer(x, stream)
         for layer in self.middle:
             x = layer(x, stream)
-        return self.head[2](x, stream, prologue=self.head[0].silu_into)
+        x = [x]
+        return norm_silu_conv(x, self.head[0], self.head[2], stream)
 
 
 class Decoder(nn.Module):
@@ -91,7 +92,8 @@ class Decoder(nn.Module):
             x = layer(x, stream)
         for layer in self.upsamples:
             x = layer(x, stream)
-        return self.head[2](x, stream, prologue=self.head[0].silu_into)
+        x = [x]
+        return norm_silu_conv(x, self.head[0], self.head[2], stream)
 
 
 class WanVAE(nn.Module):
