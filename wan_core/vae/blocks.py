@@ -52,24 +52,35 @@ class CausalConv3d(nn.Conv3d):
         self.past_frames = 2 * pad[0]
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
-        n = self.past_frames
-        if n == 0:
+        if self.past_frames == 0:
             return super().forward(x)
+        buf, real = self.begin(x, stream)
+        buf[:, :, self.past_frames:].copy_(x)
+        return self.finish(buf, real, stream)
+
+    def begin(self, x: torch.Tensor, stream: Stream | None) -> tuple[torch.Tensor, int]:
+        """Allocate this layer's time-padded input ``[B, C_in, past + T, H, W]`` for chunk
+        ``x`` with the past frames (or zeros) in front; the caller writes the chunk's real
+        input into ``buf[:, :, past:]`` (e.g. norm + SiLU of ``x`` directly, saving a copy).
+        Returns the buffer and its number of real (non-padding) frames."""
+        n = self.past_frames
         past = stream.history.get(self) if stream is not None else None
         have = 0 if past is None else past.shape[2]
-        parts = []
+        b, _, t, h, w = x.shape
+        buf = torch.empty(b, self.in_channels, n + t, h, w, dtype=x.dtype, device=x.device,
+                          memory_format=memory_format_of(x))
         if have < n:
-            b, c, _, h, w = x.shape
-            parts.append(x.new_zeros(b, c, n - have, h, w))
+            buf[:, :, :n - have].zero_()
         if past is not None:
-            parts.append(past)
-        parts.append(x)
-        full = torch.cat(parts, dim=2)
-        del parts, past
+            buf[:, :, n - have:n].copy_(past)
+        return buf, have + t
+
+    def finish(self, buf: torch.Tensor, real: int, stream: Stream | None) -> torch.Tensor:
+        """Keep the last real frames for the next chunk and convolve the buffer."""
         if stream is not None:
-            keep = min(n, have + x.shape[2])  # real frames only, never the zero padding
-            stream.history[self] = full[:, :, -keep:].clone()
-        return super().forward(full)
+            keep = min(self.past_frames, real)
+            stream.history[self] = buf[:, :, buf.shape[2] - keep:].clone()
+        return super().forward(buf)
 
 
 class RMSNorm(nn.Module):
@@ -87,6 +98,25 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=1) * (self.gamma * self.root_dim).to(x.dtype)
 
+    def silu_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out = SiLU(norm(x)), written in place (``out`` has x's shape)."""
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
+        torch.div(x, norm, out=out)
+        del norm
+        out.mul_((self.gamma * self.root_dim).to(x.dtype))
+        F.silu(out, inplace=True)
+
+
+def norm_silu_conv(x: list, norm: RMSNorm, conv: CausalConv3d, stream: Stream) -> torch.Tensor:
+    """conv(SiLU(norm(x))) with the activation written straight into the conv's padded input.
+
+    ``x`` is passed as a one-element list that is emptied once the activation is written, so
+    that a temporary input is freed before the convolution runs (one chunk-sized tensor less
+    at the peak); keep your own reference when the input is still needed."""
+    buf, real = conv.begin(x[0], stream)
+    norm.silu_into(x.pop(), buf[:, :, conv.past_frames:])
+    return conv.finish(buf, real, stream)
+
 
 class ResidualBlock(nn.Module):
     """norm, SiLU, causal conv, norm, SiLU, causal conv; plus a (1x1x1 conv) shortcut.
@@ -103,10 +133,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, stream: Stream) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        y = F.silu(norm1(x), inplace=True)
-        y = conv1(y, stream)
-        y = F.silu(norm2(y), inplace=True)
-        y = conv2(y, stream)
+        hidden = [norm_silu_conv([x], norm1, conv1, stream)]   # x itself is kept for the sum
+        y = norm_silu_conv(hidden, norm2, conv2, stream)
         return y.add_(self.shortcut(x))
 
 
@@ -130,8 +158,15 @@ class AttentionBlock(nn.Module):
         return batch_as_frames(self.proj(y), b).add_(x)
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d for channels-last video tensors, else contiguous."""
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def frames_as_batch(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, T, H, W] -> [B*T, C, H, W]."""
+    """[B, C, T, H, W] -> [B*T, C, H, W] (a view for channels-last video)."""
     b, c, t, h, w = x.shape
     return x.transpose(1, 2).reshape(b * t, c, h, w)
 
@@ -172,14 +207,12 @@ class Resample(nn.Module):
         if self.mode == "upsample3d" and not stream.first:
             x = self.time_conv(x, stream)                              # [B, 2C, T, H, W]
             _, c2, t, h, w = x.shape
-            x = x.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+            x = x.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
         frames = frames_as_batch(x)
-        conv = self.resample[1]
         if self.mode.startswith("up"):
-            frames = F.interpolate(frames, scale_factor=2.0, mode="nearest")
+            x = batch_as_frames(self._upsample_conv(frames), b)
         else:
-            frames = F.pad(frames, (0, 1, 0, 1))
-        x = batch_as_frames(conv(frames), b)
+            x = batch_as_frames(self.resample[1](F.pad(frames, (0, 1, 0, 1))), b)
         del frames
         if self.mode == "downsample3d":
             last = x[:, :, -1:].clone()
@@ -187,6 +220,39 @@ class Resample(nn.Module):
                 x = self.time_conv(torch.cat([stream.history[self], x], dim=2))
             stream.history[self] = last
         return x
+
+
+    def _upsample_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """conv3x3(nearest_upsample_x2(x)) without building the upsampled image.
+
+        Each of the four output phases (even/odd row, even/odd column) of a 3x3 conv over a
+        nearest-upsampled image is a 2x2 conv over the original: 16 instead of 36
+        multiply-adds per output pixel. x [N, C, H, W] -> [N, C_out, 2H, 2W] (channels-last).
+        """
+        conv = self.resample[1]
+        n, _, h, w = x.shape
+        out = torch.empty(n, h, 2, w, 2, conv.out_channels, dtype=x.dtype, device=x.device)
+        for (a, b), kernel in self._phase_kernels(x.dtype).items():
+            y = F.conv2d(x, kernel, conv.bias.to(x.dtype), padding=1)   # [N, C_out, H+1, W+1]
+            out[:, :, a, :, b] = y[:, :, a:a + h, b:b + w].permute(0, 2, 3, 1)
+            del y
+        return out.view(n, 2 * h, 2 * w, conv.out_channels).permute(0, 3, 1, 2)
+
+    def _phase_kernels(self, dtype: torch.dtype) -> dict:
+        weight = self.resample[1].weight
+        key = (weight.data_ptr(), weight._version, dtype)
+        cached = getattr(self, "_phase_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        # Which of the 3 taps fall on source row i-1/i (even phase) or i/i+1 (odd phase).
+        fold = [weight.new_tensor([[1, 0, 0], [0, 1, 1]], dtype=torch.float32),
+                weight.new_tensor([[1, 1, 0], [0, 0, 1]], dtype=torch.float32)]
+        w32 = weight.float()
+        kernels = {(a, b): torch.einsum("pk,oikl,ql->oipq", fold[a], w32, fold[b])
+                   .to(dtype).contiguous(memory_format=torch.channels_last)
+                   for a in (0, 1) for b in (0, 1)}
+        self._phase_cache = (key, kernels)
+        return kernels
 
 
 class AvgDown3D(nn.Module):
@@ -205,7 +271,7 @@ class AvgDown3D(nn.Module):
         if pad_t:
             x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
         b, c, t, h, w = x.shape
-        x = x.view(b, c, t // ft, ft, h // fs, fs, w // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        x = x.reshape(b, c, t // ft, ft, h // fs, fs, w // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
         x = x.reshape(b, self.out_channels, self.group, t // ft, h // fs, w // fs)
         return x.mean(dim=2)
 
@@ -223,7 +289,7 @@ class DupUp3D(nn.Module):
     def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
         ft, fs, c = self.ft, self.fs, self.out_channels
         b, _, t, h, w = x.shape
-        x = x.repeat_interleave(self.repeats, dim=1).view(b, c, ft, fs, fs, t, h, w)
+        x = x.repeat_interleave(self.repeats, dim=1).reshape(b, c, ft, fs, fs, t, h, w)
         x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c, t * ft, h * fs, w * fs)
         return x[:, :, ft - 1:] if first_chunk else x
 

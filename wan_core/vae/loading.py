@@ -46,7 +46,7 @@ def load_vae(path_or_state_dict, dtype: torch.dtype | None = None, device="cpu")
                               f"VAE layout: {str(e).splitlines()[0]} ...") from None
     model.latent_mean = model.latent_mean.to(device)
     model.latent_inv_std = model.latent_inv_std.to(device)
-    return model.eval().requires_grad_(False)
+    return model.to_channels_last().eval().requires_grad_(False)
 
 
 # -------------------------------------------------------------------------------- layouts

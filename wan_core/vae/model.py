@@ -16,9 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import wan21, wan22
-from .blocks import AttentionBlock, CausalConv3d, ResidualBlock, RMSNorm, Stream
+from .blocks import AttentionBlock, CausalConv3d, ResidualBlock, RMSNorm, Stream, norm_silu_conv
 
 VERSIONS = {"2.1": wan21, "2.2": wan22}
+CHANNELS_LAST = torch.channels_last_3d
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ class Encoder(nn.Module):
             x = layer(x, stream)
         for layer in self.middle:
             x = layer(x, stream)
-        return self.head[2](F.silu(self.head[0](x), inplace=True), stream)
+        x = [x]
+        return norm_silu_conv(x, self.head[0], self.head[2], stream)
 
 
 class Decoder(nn.Module):
@@ -90,7 +92,8 @@ class Decoder(nn.Module):
             x = layer(x, stream)
         for layer in self.upsamples:
             x = layer(x, stream)
-        return self.head[2](F.silu(self.head[0](x), inplace=True), stream)
+        x = [x]
+        return norm_silu_conv(x, self.head[0], self.head[2], stream)
 
 
 class WanVAE(nn.Module):
@@ -111,6 +114,16 @@ class WanVAE(nn.Module):
         mean, std = _latent_stats(stats, cfg.z_dim)
         self.register_buffer("latent_mean", mean, persistent=False)
         self.register_buffer("latent_inv_std", 1.0 / std, persistent=False)
+
+    def to_channels_last(self) -> "WanVAE":
+        """Store conv weights channels-last (faster convolutions and channel norms, and
+        per-frame 2D ops become views); activations follow at the start of each chunk."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        return self
 
     # ---------------------------------------------------------------- latent spaces
     def _stat(self, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -169,7 +182,8 @@ class WanVAE(nn.Module):
         while start < t:
             n = 1 if start == 0 else st
             chunk = video[:, :, start:start + n].to(device=p.device, dtype=p.dtype)
-            feats = self.encoder(wan22.patchify(chunk, cfg.patch_size), stream)
+            chunk = wan22.patchify(chunk, cfg.patch_size).contiguous(memory_format=CHANNELS_LAST)
+            feats = self.encoder(chunk, stream)
             mu = self.conv1(feats)[:, :cfg.z_dim]
             out[:, :, pos:pos + mu.shape[2]] = mu
             pos += mu.shape[2]
@@ -200,7 +214,8 @@ class WanVAE(nn.Module):
         stream = Stream()
         pos = 0
         for i in range(t):
-            x = self.conv2(raw[:, :, i:i + 1].to(device=p.device, dtype=p.dtype))
+            x = raw[:, :, i:i + 1].to(device=p.device, dtype=p.dtype)
+            x = self.conv2(x.contiguous(memory_format=CHANNELS_LAST))
             frames = wan22.unpatchify(self.decoder(x, stream), cfg.patch_size)
             frames = frames.float().clamp_(-1.0, 1.0)
             sink(pos, frames)

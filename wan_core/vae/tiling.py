@@ -21,7 +21,7 @@ import torch
 # Share of the currently free memory the VAE may use when no budget is given.
 DEFAULT_BUDGET_SHARE = {"cpu": 0.5, "cuda": 0.7}
 # Peak working memory of one layer, in units of (frames + 2) x channels x pixels of its level.
-WORKING_TENSORS = 5
+WORKING_TENSORS = 4
 MIN_TILE_LATENT = 8       # smallest automatic tile side, in latent pixels
 OVERLAP_SHARE = 0.25      # overlap between neighbouring tiles, as a share of the tile side
 
