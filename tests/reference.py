@@ -43,7 +43,7 @@ def sdpa_flash_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softm
     masked; query rows at positions >= ``q_lens[b]`` are returned as zeros.
     """
     assert window_size == (-1, -1), "sliding-window attention is not used by Wan"
-    b, lq, lk = q.size(0), q.size(1), k.size(1)
+    lq, lk = q.size(1), k.size(1)
     if q_scale is not None:
         q = q * q_scale
     mask = None

@@ -3,7 +3,7 @@ wan/textimage2video.py, wan/utils/utils.py masks_like)."""
 import pytest
 import torch
 
-from tests.reference import official
+
 from wan_core.conditioning import (VideoSizeError, check_video_size, i2v_mask, i2v_pixel_video,
                                    per_token_timesteps, prepare_image)
 

@@ -6,7 +6,6 @@ every stored widget value must keep working for those files; a deliberate change
 migration (ComfyUI restores widget values by position).
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

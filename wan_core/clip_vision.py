@@ -19,14 +19,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .ops import Linear, assign_state_dict, is_fp8
+from .ops import Linear, build_from_state_dict, is_fp8
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -279,11 +279,6 @@ def load_clip_vision(path_or_state_dict, dtype: Optional[torch.dtype] = None, de
     if dtype is None:
         stored = sd["patch_embedding.weight"].dtype
         dtype = torch.bfloat16 if is_fp8(stored) else stored
-    with torch.device("meta"):
-        model = CLIPVisionEncoder(cfg)
-    try:
-        assign_state_dict(model, sd, dtype=dtype, device=device)
-    except RuntimeError as e:
-        raise ckpt.CheckpointError(f"{ckpt.source_name(source)} does not fit the CLIP vision "
-                                   f"encoder inferred from its shapes ({cfg}): {e}") from None
+    model = build_from_state_dict(lambda: CLIPVisionEncoder(cfg), sd, dtype=dtype, device=device,
+                                  source=source, what=f"the CLIP vision encoder ({cfg})")
     return model.eval().requires_grad_(False)

@@ -83,3 +83,22 @@ def assign_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], dtype: t
         module = model.get_submodule(layer)
         if isinstance(module, Linear):
             module.scale_weight = scale.to(device=device, dtype=torch.float32).reshape(())
+
+
+def build_from_state_dict(build, sd: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None,
+                          device, source, what: str) -> nn.Module:
+    """Build ``build()`` on the meta device and assign ``sd`` to it (no second weight copy).
+
+    A state dict that does not fit the architecture inferred from it raises a CheckpointError
+    naming the file, ``what`` was expected and the first mismatch PyTorch reported.
+    """
+    from .checkpoint import CheckpointError, source_name
+
+    with torch.device("meta"):
+        model = build()
+    try:
+        assign_state_dict(model, sd, dtype=dtype, device=device)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source_name(source)} does not fit {what} inferred from its "
+                              f"shapes: {str(e).splitlines()[0]} ...") from None
+    return model

@@ -137,8 +137,9 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
         x = noise
 
     first = cond.first_latent
-    after_step = timestep_fn = None
-    if first is not None:
+    if first is None:
+        after_step = timestep_fn = None
+    else:
         # TI2V: the given first latent frame is clean (timestep 0 for its tokens) and is put
         # back after every step, as the official loop does.
         first = first.to(device=device, dtype=torch.float32)

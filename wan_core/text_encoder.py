@@ -14,7 +14,6 @@ Public entry points: :func:`load_text_encoder` -> :class:`TextEncoder` with
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .ops import Linear, assign_state_dict
+from .ops import Linear, build_from_state_dict
 from .tokenizer import UMT5Tokenizer, find_tokenizer_near, missing_tokenizer_error
 
 # --------------------------------------------------------------------------------------------
@@ -270,13 +269,8 @@ def load_umt5(source, dtype: Optional[torch.dtype] = None, device="cpu") -> UMT5
     sd = to_official_layout(sd)
     cfg = config_from_state_dict(sd)
     dtype = dtype or _default_dtype(sd)
-    with torch.device("meta"):
-        model = UMT5Encoder(cfg)
-    try:
-        assign_state_dict(model, sd, dtype=dtype, device=device)
-    except RuntimeError as e:
-        raise ckpt.CheckpointError(f"{ckpt.source_name(source)} does not fit the umT5 encoder "
-                                   f"inferred from its shapes ({cfg}): {e}") from None
+    model = build_from_state_dict(lambda: UMT5Encoder(cfg), sd, dtype=dtype, device=device,
+                                  source=source, what=f"the umT5 encoder ({cfg})")
     return model.eval().requires_grad_(False)
 
 

@@ -7,7 +7,7 @@ from collections import defaultdict
 import torch
 
 from ..checkpoint import CheckpointError, load_state_dict, require_kind, source_name, strip_prefix
-from ..ops import assign_state_dict, is_fp8
+from ..ops import build_from_state_dict, is_fp8
 from .model import VAEConfig, WanVAE
 
 # Prefixes some repackaged files put in front of the official keys.
@@ -37,13 +37,8 @@ def load_vae(path_or_state_dict, dtype: torch.dtype | None = None, device="cpu")
         dtype = sd["conv2.weight"].dtype
         if is_fp8(dtype) or not dtype.is_floating_point:
             dtype = torch.bfloat16
-    with torch.device("meta"):
-        model = WanVAE(cfg)
-    try:
-        assign_state_dict(model, sd, dtype=dtype, device=device)
-    except RuntimeError as e:
-        raise CheckpointError(f"{source_name(path_or_state_dict)} does not match a Wan {cfg.version} "
-                              f"VAE layout: {str(e).splitlines()[0]} ...") from None
+    model = build_from_state_dict(lambda: WanVAE(cfg), sd, dtype=dtype, device=device,
+                                  source=path_or_state_dict, what=f"a Wan {cfg.version} VAE")
     model.latent_mean = model.latent_mean.to(device)
     model.latent_inv_std = model.latent_inv_std.to(device)
     return model.to_channels_last().eval().requires_grad_(False)
