@@ -3,7 +3,7 @@
 Nodes run in dependency order; widget values are mapped by position exactly as ComfyUI maps
 them (``nodes.schema``); links feed outputs to inputs. The few native nodes the example
 workflows use get minimal stand-ins (``LoadImage`` reads a PNG from ``input_dir``); notes are
-skipped. ``overrides`` replaces widget values by name on every node that has that widget (the
+skipped. Nodes run under ``torch.inference_mode`` as in ComfyUI. ``overrides`` replaces widget values by name on every node that has that widget (the
 tests shrink sizes, frames and steps for tiny models).
 """
 from __future__ import annotations
@@ -67,7 +67,8 @@ def run_workflow(path: Path, models_dir: Path, input_dir: Path, output_dir: Path
                     widget_values[name] = value
             kwargs = {**widget_values, **kwargs}
             instance = cls()
-            ret = getattr(instance, cls.FUNCTION)(**kwargs)
+            with torch.inference_mode():  # as ComfyUI's executor runs every node
+                ret = getattr(instance, cls.FUNCTION)(**kwargs)
             if isinstance(ret, dict):
                 out = tuple(ret.get("result", ()))
                 results[("ui", node_id)] = ret.get("ui")

@@ -240,7 +240,7 @@ class Resample(nn.Module):
 
     def _phase_kernels(self, dtype: torch.dtype) -> dict:
         weight = self.resample[1].weight
-        key = (weight.data_ptr(), weight._version, dtype)
+        key = (weight.data_ptr(), _version(weight), dtype)
         cached = getattr(self, "_phase_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -332,3 +332,9 @@ class UpResidualBlock(nn.Module):
         if self.avg_shortcut is not None:
             y = y.add_(self.avg_shortcut(x, stream.first))
         return y
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """In-place modification counter; 0 for inference tensors (e.g. weights loaded inside
+    ComfyUI, which runs nodes under ``torch.inference_mode``), which cannot be modified."""
+    return 0 if tensor.is_inference() else tensor._version
