@@ -45,8 +45,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
-        return out.to(x.dtype)
+        out = x * self.weight.float()                  # float32, a new tensor
+        return out.mul_(inverse_rms(x, self.eps)).to(x.dtype)
+
+
+def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim, float32 [..., 1], in one reduction pass."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
 
 
 class AffineLayerNorm(nn.Module):
@@ -87,7 +93,7 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float = 10000.0):
-    """cos and sin tables [L, 1, head_dim // 2] (float32) for a (F, H, W) token grid.
+    """Rotations cos + i sin [L, 1, head_dim // 2] (complex64) for a (F, H, W) token grid.
 
     Angles are built in float64 from per-axis frequencies theta^(-2i/d_axis).
     """
@@ -101,26 +107,22 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float 
         parts[1][None, :, None, :].expand(f, h, w, -1),
         parts[2][None, None, :, :].expand(f, h, w, -1),
     ], dim=-1).reshape(f * h * w, 1, -1)
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    return torch.complex(torch.cos(angles).float(), torch.sin(angles).float())
 
 
-def rms_norm_rope(x: torch.Tensor, norm: "RMSNorm", heads: int, cos: torch.Tensor,
-                  sin: torch.Tensor) -> torch.Tensor:
+def rms_norm_rope(x: torch.Tensor, norm: "RMSNorm", heads: int,
+                  rotations: torch.Tensor) -> torch.Tensor:
     """RMSNorm (float32) then RoPE on channel pairs (2i, 2i+1) of every head:
     x [B, L, dim] -> [B, L, heads, head_dim] in x.dtype.
 
-    The per-token RMS factor commutes with the rotation, so it is folded into the small
-    cos/sin tables ([B, L, 1, head_dim/2]) instead of being applied to the whole tensor.
+    A pair is rotated as the complex number x_2i + i x_2i+1 times cos + i sin. The per-token
+    RMS factor commutes with the rotation, so it is folded into the small rotation table
+    ([B, L, 1, head_dim/2]): three passes over the big tensor (norm, weight, rotation).
     """
-    xf = x.float()
-    inv_rms = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm.eps)   # [B, L, 1]
-    xf = xf * norm.weight.float()
-    pairs = xf.unflatten(-1, (heads, -1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    inv_rms = inv_rms[..., None]
-    c, s = cos * inv_rms, sin * inv_rms
-    out = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    out = x * norm.weight.float()                                  # float32, a new tensor
+    pairs = torch.view_as_complex(out.unflatten(-1, (heads, -1, 2)))
+    pairs.mul_(rotations * inverse_rms(x, norm.eps)[..., None])
+    return out.unflatten(-1, (heads, -1)).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,8 +142,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope, backend: str) -> torch.Tensor:
         """x [B, L, dim] (compute dtype) -> [B, L, dim]."""
         heads = self.num_heads
-        q = rms_norm_rope(self.q(x), self.norm_q, heads, *rope)
-        k = rms_norm_rope(self.k(x), self.norm_k, heads, *rope)
+        q = rms_norm_rope(self.q(x), self.norm_q, heads, rope)
+        k = rms_norm_rope(self.k(x), self.norm_k, heads, rope)
         v = self.v(x).unflatten(-1, (heads, -1))
         out = attention(q, k, v, backend)
         del q, k, v
@@ -187,7 +189,8 @@ class TimeModulation:
     token (or every sample) the row it uses.
 
     ``index`` is [B, 1] for one timestep per sample or [B, L] for per-token timesteps; a block
-    asks for one of its six shift/scale/gate vectors at a time, gathered to [B, 1 or L, dim].
+    asks for one of its six shift/scale/gate vectors at a time, gathered to [B, 1 or L, dim],
+    or [1, 1, dim] when there is a single distinct timestep (the usual CFG batch).
     """
 
     def __init__(self, e0: torch.Tensor, index: torch.Tensor):
@@ -204,12 +207,29 @@ class BlockModulation:
         self.index = index      # [B, 1] or [B, L]
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.table[:, i][self.index]   # [B, 1 or L, dim]
+        return gather_rows(self.table[:, i], self.index)
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table [N, dim] -> [B, 1 or L, dim] by index, or [1, 1, dim] when N == 1."""
+    return table[None] if table.shape[0] == 1 else table[index]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
     """LayerNorm(x) * (1 + scale) + shift, in float32."""
+    if shift.shape[:2] == (1, 1):      # one vector for all tokens: LayerNorm's own affine
+        d = x.shape[-1]
+        return F.layer_norm(x.float(), (d,), scale.reshape(d) + 1, shift.reshape(d), eps)
     return torch.addcmul(shift, plain_layer_norm(x, eps), scale + 1)
+
+
+def feed_forward(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Linear, GELU(tanh) in place, Linear: one [.., ffn_dim] intermediate instead of two."""
+    fc1, act, fc2 = ffn
+    h = fc1(x)
+    if torch.is_grad_enabled():
+        return fc2(act(h))
+    return fc2(torch.ops.aten.gelu_(h, approximate=act.approximate))
 
 
 def _add_gated(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor] = None):
@@ -252,13 +272,13 @@ class WanBlock(nn.Module):
         h = modulate(x, mod[3], mod[4], self.eps).to(cdt)
         gate = mod[5]
         if torch.is_grad_enabled() or h.shape[1] <= FFN_CHUNK_TOKENS:
-            return _add_gated(x, self.ffn(h), gate)
+            return _add_gated(x, feed_forward(self.ffn, h), gate)
         # Token chunks bound the [B, L, ffn_dim] intermediate (1.2 GB in fp32 for 1.3B at
         # 480P / 81 frames) without changing results: the FFN acts on each token alone.
         for start in range(0, h.shape[1], FFN_CHUNK_TOKENS):
             part = slice(start, start + FFN_CHUNK_TOKENS)
             g = gate[:, part] if gate.shape[1] > 1 else gate
-            x[:, part].addcmul_(self.ffn(h[:, part]), g)
+            x[:, part].addcmul_(feed_forward(self.ffn, h[:, part]), g)
         return x
 
 
@@ -274,7 +294,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x [B, L, dim]; e [N, dim] time embedding; index [B, 1 or L] -> [B, L, out*patch]."""
         table = self.modulation[0].float() + e[:, None]          # [N, 2, dim]
-        shift, scale = table[:, 0][index], table[:, 1][index]
+        shift, scale = gather_rows(table[:, 0], index), gather_rows(table[:, 1], index)
         return self.head(modulate(x, shift, scale, self.eps))
 
 
@@ -360,7 +380,8 @@ class WanDiT(nn.Module):
         if t.dim() == 1:
             if t.shape[0] != batch:
                 raise ValueError(f"t has {t.shape[0]} timesteps for a batch of {batch}")
-            values, index = t, torch.arange(batch, device=t.device)[:, None]
+            values, index = torch.unique(t, return_inverse=True)
+            index = index[:, None]
         elif t.dim() == 2:
             if tuple(t.shape) != (batch, tokens):
                 raise ValueError(f"per-token t must be [B, L] = [{batch}, {tokens}], "
