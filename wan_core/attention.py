@@ -3,7 +3,7 @@
 ``attention(q, k, v, backend)`` takes q [B, Lq, heads, head_dim] and k/v [B, Lk, heads, head_dim]
 and returns [B, Lq, heads, head_dim] in q's dtype. Wan attends every key (the text is zero-padded
 to a fixed length and the pad tokens are attended, as in the official model); the only mask is an
-optional additive float ``bias`` [B, 1, 1, Lk] on the logits, which the DiT uses to stand one key
+optional additive float ``bias`` [B, 1, 1, Lk] on the logits, which the DiT uses to let one key stand
 in for many identical pad keys (see ``supports_bias``).
 
 Backends:
@@ -80,33 +80,36 @@ def resolve_backend(backend: str) -> Callable:
     return _IMPLS[backend]
 
 
-def _impl_for(backend: str, q: torch.Tensor) -> Callable:
+def _impl_for(backend: str, device: torch.device) -> Callable:
     impl = resolve_backend(backend)
-    return impl if impl is _sdpa or q.is_cuda else _sdpa
+    return impl if impl is _sdpa or device.type == "cuda" else _sdpa
 
 
-def supports_bias(backend: str, q: torch.Tensor) -> bool:
-    """Whether ``attention(q, ..., backend, bias=...)`` takes a float32 logit bias for this q.
+def supports_bias(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``attention(..., backend, bias=...)`` takes a float32 logit bias for q of this
+    device and dtype.
 
     True where SDPA runs on the CPU (its kernel adds a float32 bias to any q dtype) or with
     float32 q; flash-attn / Sage take no bias, and SDPA's GPU kernels are not relied on to keep
     a float32 bias exact next to a bf16/fp16 q.
     """
-    return _impl_for(backend, q) is _sdpa and (not q.is_cuda or q.dtype == torch.float32)
+    device = torch.device(device)
+    return _impl_for(backend, device) is _sdpa and (device.type != "cuda" or
+                                                     dtype == torch.float32)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               backend: str = "sdpa", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Softmax attention; ``bias`` (float32, broadcastable to [B, H, Lq, Lk]) is added to the
-    scaled logits; only where ``supports_bias(backend, q)``.
+    scaled logits; only where ``supports_bias(backend, q.device, q.dtype)``.
 
     q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] (q's dtype). flash-attn and Sage run
     on CUDA tensors only; on CPU they fall back to SDPA.
     """
-    impl = _impl_for(backend, q)
+    impl = _impl_for(backend, q.device)
     if bias is None:
         return impl(q, k, v)
-    if not supports_bias(backend, q):
+    if not supports_bias(backend, q.device, q.dtype):
         raise ValueError(f"attention backend {backend!r} takes no logit bias for {q.dtype} "
                          f"on {q.device.type}")
     return impl(q, k, v, bias)

@@ -12,7 +12,10 @@ Differences from the official code that do not change results:
   * scalar timesteps are embedded once per sample instead of once per token, and per-token
     timesteps once per distinct value, then gathered;
   * RoPE is applied with real cos/sin tables instead of complex float64 multiplication;
-  * the patch embedding is the equivalent matmul over flattened patches.
+  * the patch embedding is the equivalent matmul over flattened patches;
+  * text padding is embedded and attended once per sample (``TextContext``): the zero pad rows
+    (and any all-zero text row) all become the same key and value, and softmax attention over
+    n copies of one key equals attention over one copy whose logit gets + log(n).
 """
 from __future__ import annotations
 
@@ -23,13 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, resolve_backend
+from .attention import attention, resolve_backend, supports_bias
 from .configs import DiTConfig
 from .ops import Linear
 
 Context = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 FFN_CHUNK_TOKENS = 4096   # tokens per FFN call; bounds the [B, L, ffn_dim] intermediate
+COLLAPSE_TEXT_PADDING = True   # one biased pad key instead of hundreds of identical ones
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,19 +169,63 @@ class CrossAttention(nn.Module):
             self.v_img = Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor,
+    def forward(self, x: torch.Tensor, text: "TextContext",
                 context_img: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-        """x [B, L, dim]; context [B, L_txt, dim]; context_img [B, L_img, dim] or None."""
+        """x [B, L, dim]; text tokens [B, M, dim]; context_img [B, L_img, dim] or None."""
         heads = self.num_heads
         q = self.norm_q(self.q(x)).unflatten(-1, (heads, -1))
-        k = self.norm_k(self.k(context)).unflatten(-1, (heads, -1))
-        v = self.v(context).unflatten(-1, (heads, -1))
-        out = attention(q, k, v, backend)
+        k = self.norm_k(self.k(text.tokens)).unflatten(-1, (heads, -1))
+        v = self.v(text.tokens).unflatten(-1, (heads, -1))
+        out = attention(q, k, v, backend, bias=text.bias)
         if context_img is not None and hasattr(self, "k_img"):
             k = self.norm_k_img(self.k_img(context_img)).unflatten(-1, (heads, -1))
             v = self.v_img(context_img).unflatten(-1, (heads, -1))
             out = out + attention(q, k, v, backend)
         return self.o(out.flatten(2))
+
+
+class TextContext:
+    """Embedded prompts for cross-attention, each pad token kept once.
+
+    ``tokens`` [B, M, dim] (compute dtype): row i holds sample i's real tokens, then, when the
+    sample is shorter than ``text_len``, one pad token (the embedding of a zero row) standing
+    for all its pad tokens, then filler up to M. ``bias`` [B, 1, 1, M] float32 adds
+    log(pad count) to the pad token's logit and -inf to the filler; None when every key is a
+    plain token (no padding, or padding expanded to full length).
+    """
+
+    def __init__(self, tokens: torch.Tensor, bias: Optional[torch.Tensor]):
+        self.tokens = tokens
+        self.bias = bias
+
+    @classmethod
+    def embed(cls, items: Sequence[torch.Tensor], text_len: int, embedding: nn.Module,
+              dtype: torch.dtype, collapse: bool) -> "TextContext":
+        """items: B tensors [L_i, text_dim] (all-zero rows count as padding). With
+        ``collapse`` False the pad token is repeated to ``text_len`` keys (no bias)."""
+        real = []
+        for u in items:
+            nonzero = u.ne(0).any(-1)
+            real.append(u if bool(nonzero.all()) else u[nonzero])
+        counts = [r.shape[0] for r in real]
+        m = max(n + (n < text_len) for n in counts)
+        batch, device = len(real), real[0].device
+        padded = torch.zeros(batch, m, real[0].shape[-1], device=device, dtype=dtype)
+        for row, r in zip(padded, real):
+            row[: r.shape[0]] = r
+        tokens = embedding(padded)
+        if all(n == text_len for n in counts):
+            return cls(tokens, None)
+        if not collapse:          # every pad key spelled out: gather the pad token again
+            index = torch.tensor([list(range(n)) + [n] * (text_len - n) for n in counts],
+                                 device=device)
+            return cls(tokens[torch.arange(batch, device=device)[:, None], index], None)
+        bias = torch.full((batch, 1, 1, m), float("-inf"), device=device)
+        for i, n in enumerate(counts):
+            bias[i, ..., :n] = 0.0
+            if n < text_len:
+                bias[i, ..., n] = math.log(text_len - n)
+        return cls(tokens, bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,15 +307,16 @@ class WanBlock(nn.Module):
                                  Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.zeros(1, 6, d))
 
-    def forward(self, x, time: TimeModulation, rope, context, context_img, backend: str):
+    def forward(self, x, time: TimeModulation, rope, text: TextContext, context_img,
+                backend: str):
         """x [B, L, dim] float32 residual stream -> updated x."""
-        cdt = context.dtype
+        cdt = text.tokens.dtype
         mod = time.for_block(self.modulation[0])
         h = modulate(x, mod[0], mod[1], self.eps).to(cdt)
         y = self.self_attn(h, rope, backend)
         del h
         x = _add_gated(x, y, mod[2])
-        y = self.cross_attn(self.norm3(x).to(cdt), context, context_img, backend)
+        y = self.cross_attn(self.norm3(x).to(cdt), text, context_img, backend)
         x = _add_gated(x, y)
         h = modulate(x, mod[3], mod[4], self.eps).to(cdt)
         gate = mod[5]
@@ -394,8 +443,8 @@ class WanDiT(nn.Module):
         e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
         return e, e0, index
 
-    def embed_text(self, context: Context, batch: int) -> torch.Tensor:
-        """Zero-pad each prompt to ``text_len`` tokens, then project: [B, text_len, dim]."""
+    def embed_text(self, context: Context, batch: int) -> TextContext:
+        """Project the prompts as if zero-padded to ``text_len`` tokens (``TextContext``)."""
         n = self.config.text_len
         if isinstance(context, torch.Tensor):
             if context.dim() == 2:
@@ -406,15 +455,16 @@ class WanDiT(nn.Module):
         if len(items) != batch:
             raise ValueError(f"got {len(items)} text contexts for a batch of {batch}")
         dev = self.patch_embedding.weight.device
-        padded = torch.zeros(batch, n, self.config.text_dim, device=dev, dtype=self.compute_dtype)
-        for i, u in enumerate(items):
+        for u in items:
             if u.shape[-1] != self.config.text_dim:
                 raise ValueError(f"text embeddings must have {self.config.text_dim} channels "
                                  f"(umT5-XXL), got {u.shape[-1]}")
             if u.shape[0] > n:
                 raise ValueError(f"text has {u.shape[0]} tokens; at most {n} are supported")
-            padded[i, : u.shape[0]] = u
-        return self.text_embedding(padded)
+        collapse = COLLAPSE_TEXT_PADDING and supports_bias(self.attention_backend, dev,
+                                                           self.compute_dtype)
+        return TextContext.embed([u.to(dev) for u in items], n, self.text_embedding,
+                                 self.compute_dtype, collapse)
 
     def rope(self, grid: tuple[int, int, int], device):
         key = (grid, str(device))
@@ -433,7 +483,9 @@ class WanDiT(nn.Module):
         """Velocity prediction.
 
         x [B, C, F, H, W] latent; t [B] (0..1000) or per-token [B, L]; context
-        [B, L_txt, text_dim] or a list of [L_i, text_dim] (L_txt <= text_len); clip_fea
+        [B, L_txt, text_dim] or a list of [L_i, text_dim] (L_txt <= text_len; zero-padded to
+        text_len as in the official model; all-zero rows count as padding, so a prompt given
+        unpadded or zero-padded gives the same result); clip_fea
         [B, 257, 1280] (I2V) or [B, 514, 1280] (FLF2V); y [B, C_y, F, H, W] concatenated to x
         on channels (I2V mask + image latent). Returns [B, out_dim, F, H, W] float32.
         """
@@ -447,7 +499,7 @@ class WanDiT(nn.Module):
         tokens, grid = self.embed_patches(x)
         del x
         e, e0, index = self.embed_time(t, b, tokens.shape[1])
-        context = self.embed_text(context, b)
+        text = self.embed_text(context, b)
         context_img = None
         if clip_fea is not None and cfg.has_image_branch:
             context_img = self.img_emb(clip_fea.to(tokens.device), self.compute_dtype)
@@ -457,7 +509,7 @@ class WanDiT(nn.Module):
         rope = self.rope(grid, tokens.device)
         time = TimeModulation(e0, index)
         for block in self.blocks:
-            tokens = block(tokens, time, rope, context, context_img, self.attention_backend)
+            tokens = block(tokens, time, rope, text, context_img, self.attention_backend)
         out = self.head(tokens, e, index)
         del tokens
         return self.unpatchify(out, grid)
