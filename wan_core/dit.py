@@ -117,16 +117,20 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float 
 def rms_norm_rope(x: torch.Tensor, norm: "RMSNorm", heads: int,
                   rotations: torch.Tensor) -> torch.Tensor:
     """RMSNorm (float32) then RoPE on channel pairs (2i, 2i+1) of every head:
-    x [B, L, dim] -> [B, L, heads, head_dim] in x.dtype.
+    x [B, L, dim] -> [B, L, heads, head_dim] in x.dtype, stored head-major ([B, heads, L, hd]
+    in memory, which SDPA's CPU kernel reads faster).
 
     A pair is rotated as the complex number x_2i + i x_2i+1 times cos + i sin. The per-token
     RMS factor commutes with the rotation, so it is folded into the small rotation table
-    ([B, L, 1, head_dim/2]): three passes over the big tensor (norm, weight, rotation).
+    ([B, 1, L, head_dim/2]): three passes over the big tensor (norm, weight, rotation).
     """
-    out = x * norm.weight.float()                                  # float32, a new tensor
-    pairs = torch.view_as_complex(out.unflatten(-1, (heads, -1, 2)))
-    pairs.mul_(rotations * inverse_rms(x, norm.eps)[..., None])
-    return out.unflatten(-1, (heads, -1)).to(x.dtype)
+    b, n, d = x.shape
+    out = torch.empty(b, heads, n, d // heads, device=x.device, dtype=torch.float32)
+    torch.mul(x.view(b, n, heads, -1).transpose(1, 2), norm.weight.float().view(heads, 1, -1),
+              out=out)
+    pairs = torch.view_as_complex(out.unflatten(-1, (-1, 2)))
+    pairs.mul_((rotations * inverse_rms(x, norm.eps)[..., None]).transpose(1, 2))
+    return out.to(x.dtype).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------
