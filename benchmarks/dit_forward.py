@@ -163,6 +163,18 @@ def setup_comfy(path, dtype_name, latent, real_tokens, comfy_root):
 
 # --------------------------------------------------------------------------------------------
 
+def print_cpu_times(results, ours="wan_core"):
+    """Process CPU time per call (with --threads 1, a steadier figure than wall time on a
+    machine shared with other jobs)."""
+    done = [r for r in results if not r.error]
+    base = next((r for r in done if r.name == ours), None)
+    if not base:
+        return
+    parts = [f"{r.name} {r.cpu_median_s:.2f} s ({r.cpu_median_s / base.cpu_median_s:.2f}x)"
+             for r in done]
+    print("CPU time per call (all threads): " + ", ".join(parts))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small latent, 2 timed runs")
@@ -212,6 +224,7 @@ def main(argv=None):
                                          **kw))
                 print_table(f"DiT forward, {dtype_name}, {tokens} video tokens, {label}",
                             results)
+                print_cpu_times(results)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ in float64, time embedding / modulation / norms / residual stream are float32, a
 linears and attention run in the compute dtype (``dit.compute_dtype``: fp32, bf16 or fp16).
 Differences from the official code that do not change results:
   * no padding of the video tokens to a fixed ``seq_len`` (the official pad keys are masked);
-  * scalar timesteps are embedded once per sample instead of once per token, and per-token
-    timesteps once per distinct value, then gathered;
-  * RoPE is applied with real cos/sin tables instead of complex float64 multiplication;
+  * timesteps are embedded once per distinct value instead of once per token, then gathered
+    (one shared value, the usual CFG batch, folds into LayerNorm's affine);
+  * RoPE multiplies by complex64 rotations (angles built in float64) instead of complex128;
   * the patch embedding is the equivalent matmul over flattened patches;
   * text padding is embedded and attended once per sample (``TextContext``): the zero pad rows
     (and any all-zero text row) all become the same key and value, and softmax attention over
