@@ -5,7 +5,13 @@
 
 Every candidate runs in a fresh process, loads the same random weights from the same
 safetensors file (assigned, no extra copy) and runs one forward on the same inputs: batch 1,
-latent 16 x 4 x 30 x 52 (4 * 15 * 26 = 1560 tokens after the 1x2x2 patch) and 512 text tokens.
+latent 16 x 4 x 30 x 52 (4 * 15 * 26 = 1560 tokens after the 1x2x2 patch) and two text
+contexts, each a table per dtype:
+  * worst case: 512 random text tokens, all real;
+  * realistic prompt: 60 real tokens zero-padded to 512, handed to each model the way its own
+    API takes it: the official model a list with the 60-token tensor (it zero-pads to 512
+    itself), diffusers and ComfyUI the zero-padded [1, 512, 4096] tensor (as their pipelines
+    pass it), wan_core the same padded tensor (all-zero rows count as padding).
 The official model runs with the SDPA stand-in for flash attention, in fp32 only: its bf16
 path relies on CUDA autocast (fp32 time embedding asserted), so it cannot run bf16 on CPU.
 CPU timings on a shared machine are noisy; compare ratios from one run only.
@@ -29,6 +35,7 @@ CONFIG = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=2, in_dim=16, out
 FULL_LATENT = (16, 4, 30, 52)
 QUICK_LATENT = (16, 2, 16, 24)
 TEXT_TOKENS = 512
+PROMPT_TOKENS = 60          # real tokens of the "realistic prompt" case
 
 
 def make_weights(folder: Path) -> None:
@@ -52,12 +59,14 @@ def make_weights(folder: Path) -> None:
                   str(folder / f"dit_{name}.safetensors"))
 
 
-def make_inputs(latent, dtype):
+def make_inputs(latent, dtype, real_tokens=TEXT_TOKENS):
+    """x [1, *latent], t [1], context [1, 512, text_dim] whose rows past real_tokens are 0."""
     import torch
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, *latent, generator=gen).to(dtype)
     context = torch.randn(1, TEXT_TOKENS, CONFIG["text_dim"], generator=gen).to(dtype)
+    context[:, real_tokens:] = 0
     t = torch.tensor([750.0])
     return x, t, context
 
@@ -72,15 +81,15 @@ def _dtype(name):
 # Candidates (module-level so that the harness can spawn them)
 # --------------------------------------------------------------------------------------------
 
-def setup_ours(path, dtype_name, latent):
+def setup_ours(path, dtype_name, latent, real_tokens):
     from wan_core.dit import load_dit
 
     model = load_dit(path)
-    x, t, context = make_inputs(latent, _dtype(dtype_name))
+    x, t, context = make_inputs(latent, _dtype(dtype_name), real_tokens)
     return lambda: model(x, t, context)
 
 
-def setup_official(path, dtype_name, latent):
+def setup_official(path, dtype_name, latent, real_tokens):
     import torch
     from safetensors.torch import load_file
 
@@ -88,6 +97,9 @@ def setup_official(path, dtype_name, latent):
 
     if dtype_name != "fp32":
         raise RuntimeError("official wan22 runs bf16 only under CUDA autocast; fp32 only on CPU")
+    import warnings
+
+    warnings.filterwarnings("ignore", message="CUDA is not available")   # its autocast blocks
 
     mod = official("modules.model")
     with torch.device("meta"):
@@ -98,12 +110,13 @@ def setup_official(path, dtype_name, latent):
                              mod.rope_params(1024, 2 * (d // 6)),
                              mod.rope_params(1024, 2 * (d // 6))], dim=1)
     model.eval()
-    x, t, context = make_inputs(latent, torch.float32)
+    x, t, context = make_inputs(latent, torch.float32, real_tokens)
     seq_len = latent[1] * (latent[2] // 2) * (latent[3] // 2)
-    return lambda: model([x[0]], t, [context[0]], seq_len=seq_len)
+    prompt = context[0, :real_tokens]           # the official pipeline passes trimmed prompts
+    return lambda: model([x[0]], t, [prompt], seq_len=seq_len)
 
 
-def setup_diffusers(path, dtype_name, latent):
+def setup_diffusers(path, dtype_name, latent, real_tokens):
     import torch
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
@@ -119,11 +132,11 @@ def setup_diffusers(path, dtype_name, latent):
     model.load_state_dict(convert_wan_transformer_to_diffusers(load_file(path)), assign=True)
     model.rope = type(model.rope)(CONFIG["dim"] // CONFIG["num_heads"], (1, 2, 2), 1024)
     model.eval()
-    x, t, context = make_inputs(latent, _dtype(dtype_name))
+    x, t, context = make_inputs(latent, _dtype(dtype_name), real_tokens)
     return lambda: model(x, t, context, return_dict=False)[0]
 
 
-def setup_comfy(path, dtype_name, latent, comfy_root):
+def setup_comfy(path, dtype_name, latent, real_tokens, comfy_root):
     import torch
     from safetensors.torch import load_file
 
@@ -144,16 +157,30 @@ def setup_comfy(path, dtype_name, latent, comfy_root):
     sd["patch_embedding.bias"] = sd["patch_embedding.bias"].float()
     model.load_state_dict(sd, assign=True)
     model.eval()
-    x, t, context = make_inputs(latent, dtype)
+    x, t, context = make_inputs(latent, dtype, real_tokens)
     return lambda: model(x, t, context)
 
 
 # --------------------------------------------------------------------------------------------
 
+def print_cpu_times(results, ours="wan_core"):
+    """Process CPU time per call (with --threads 1, a steadier figure than wall time on a
+    machine shared with other jobs)."""
+    done = [r for r in results if not r.error]
+    base = next((r for r in done if r.name == ours), None)
+    if not base:
+        return
+    parts = [f"{r.name} {r.cpu_median_s:.2f} s ({r.cpu_median_s / base.cpu_median_s:.2f}x)"
+             for r in done]
+    print("CPU time per call (all threads): " + ", ".join(parts))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small latent, 2 timed runs")
     parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--cases", default="all,prompt",
+                        help="text contexts: all (512 real tokens), prompt (60 real + padding)")
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per candidate")
     args = parser.parse_args(argv)
@@ -163,7 +190,8 @@ def main(argv=None):
     tokens = latent[1] * (latent[2] // 2) * (latent[3] // 2)
     print(f"DiT forward on CPU: dim {CONFIG['dim']}, {CONFIG['num_heads']} heads, ffn "
           f"{CONFIG['ffn_dim']}, {CONFIG['num_layers']} layers, {tokens} video tokens + "
-          f"{TEXT_TOKENS} text tokens, batch 1, median of {runs}")
+          f"{TEXT_TOKENS} text tokens (all real, or {PROMPT_TOKENS} real + zero padding), "
+          f"batch 1, median of {runs}")
     if not comfy_root:
         print("COMFYUI_ROOT not set: ComfyUI native skipped")
 
@@ -176,19 +204,27 @@ def main(argv=None):
         maker.start()
         maker.join()
         paths = {name: str(Path(tmp) / f"dit_{name}.safetensors") for name in ("fp32", "bf16")}
+        cases = {"all": (TEXT_TOKENS, f"{TEXT_TOKENS} real text tokens (worst case)"),
+                 "prompt": (PROMPT_TOKENS, f"{PROMPT_TOKENS} real text tokens + zero padding "
+                                           f"to {TEXT_TOKENS} (realistic prompt)")}
         for dtype_name in args.dtypes.split(","):
             path = paths[dtype_name]
-            print(f"\n[{dtype_name}]", flush=True)
-            kw = dict(runs=runs, threads=args.threads)
-            results = [
-                bench("wan_core", setup_ours, path, dtype_name, latent, **kw),
-                bench("official wan22", setup_official, path, dtype_name, latent, **kw),
-                bench("diffusers", setup_diffusers, path, dtype_name, latent, **kw),
-            ]
-            if comfy_root:
-                results.append(bench("comfyui native", setup_comfy, path, dtype_name, latent,
-                                     comfy_root, **kw))
-            print_table(f"DiT forward, {dtype_name}, {tokens} video tokens", results)
+            for case in args.cases.split(","):
+                real, label = cases[case]
+                print(f"\n[{dtype_name}, {label}]", flush=True)
+                kw = dict(runs=runs, threads=args.threads)
+                common = (path, dtype_name, latent, real)
+                results = [
+                    bench("wan_core", setup_ours, *common, **kw),
+                    bench("official wan22", setup_official, *common, **kw),
+                    bench("diffusers", setup_diffusers, *common, **kw),
+                ]
+                if comfy_root:
+                    results.append(bench("comfyui native", setup_comfy, *common, comfy_root,
+                                         **kw))
+                print_table(f"DiT forward, {dtype_name}, {tokens} video tokens, {label}",
+                            results)
+                print_cpu_times(results)
 
 
 if __name__ == "__main__":

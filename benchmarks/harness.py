@@ -36,6 +36,8 @@ class Result:
     call_peak_mb: float = 0.0
     device: str = "cpu"
     error: str = ""
+    cpu_median_s: float = 0.0   # median process CPU time per call (all threads; less noisy
+                                # than wall time on a shared machine when threads=1)
 
 
 def _rss_mb() -> float:
@@ -97,20 +99,21 @@ def _measure(setup: Callable, args: tuple, runs: int, warmup: int, device: str,
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         base = _rss_mb()
-        times = []
+        times, cpu_times = [], []
         with _RssSampler() as sampler:
             for _ in range(runs):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 call()
                 sync()
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
         call_peak = peak
     else:
         peak = _hwm_mb()
         call_peak = sampler.peak - base
-    return dict(times=times, peak_mb=peak, call_peak_mb=call_peak)
+    return dict(times=times, peak_mb=peak, call_peak_mb=call_peak, cpu_times=cpu_times)
 
 
 def _child(queue, setup, args, runs, warmup, device, threads):
@@ -141,7 +144,8 @@ def bench(name: str, setup: Callable[..., Callable[[], Any]], *args, runs: int =
         return Result(name, float("nan"), device=device, error=payload)
     times = payload["times"]
     result = Result(name, statistics.median(times), times, payload["peak_mb"],
-                    payload["call_peak_mb"], device)
+                    payload["call_peak_mb"], device,
+                    cpu_median_s=statistics.median(payload.get("cpu_times") or [0.0]))
     print(f"  {name}: median {result.median_s:.4f} s over {len(times)} runs, "
           f"peak {result.peak_mb:.0f} MB (call +{result.call_peak_mb:.0f} MB)", flush=True)
     return result

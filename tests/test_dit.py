@@ -176,3 +176,37 @@ def test_ffn_token_chunks_do_not_change_results(monkeypatch):
         monkeypatch.setattr(dit_module, "FFN_CHUNK_TOKENS", 16)
         chunked = model(inp["x"], t, inp["context"])
     assert max_abs_err(whole, chunked) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["t2v", "i2v"])
+def test_text_padding_collapse_is_exact(monkeypatch, model_type):
+    """One pad key with a log(count) logit bias == all the identical zero-pad keys."""
+    import wan_core.dit as dit_module
+
+    cfg = tiny_config(model_type)
+    model = load_dit(random_state_dict(cfg), num_heads=cfg.num_heads)
+    inp = random_inputs(cfg, batch=3, text_tokens=(20, cfg.text_len, 7))
+    short = inp["context"][2]
+    gappy = torch.zeros(100, cfg.text_dim)          # a zero row inside the prompt, then padding
+    gappy[:3], gappy[4:8] = short[:3], short[3:]
+    contexts = [inp["context"][0], inp["context"][1], gappy]
+    with torch.no_grad():
+        collapsed = model(**{**inp, "context": contexts})
+        monkeypatch.setattr(dit_module, "COLLAPSE_TEXT_PADDING", False)
+        expanded = model(**{**inp, "context": contexts})
+        padded = torch.stack([F.pad(c, (0, 0, 0, cfg.text_len - c.shape[0])) for c in contexts])
+        expanded_padded = model(**{**inp, "context": padded})
+    err = max_abs_err(collapsed, expanded)
+    report(f"dit {model_type} text padding collapsed vs expanded", err, 1e-5)
+    assert err < 1e-5
+    assert max_abs_err(expanded, expanded_padded) < 1e-5
+
+
+def test_all_zero_context_attends_the_pad_token_only():
+    cfg = tiny_config("t2v")
+    model = load_dit(random_state_dict(cfg), num_heads=cfg.num_heads)
+    inp = random_inputs(cfg, batch=1)
+    with torch.no_grad():
+        a = model(inp["x"], inp["t"], [torch.zeros(0, cfg.text_dim)])
+        b = model(inp["x"], inp["t"], torch.zeros(1, 30, cfg.text_dim))
+    assert torch.isfinite(a).all() and max_abs_err(a, b) < 1e-6

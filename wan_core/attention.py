@@ -1,8 +1,10 @@
 """One attention entry point for every model in the pack.
 
 ``attention(q, k, v, backend)`` takes q [B, Lq, heads, head_dim] and k/v [B, Lk, heads, head_dim]
-and returns [B, Lq, heads, head_dim] in q's dtype. No masks: Wan attends every key (the text is
-zero-padded to a fixed length and the pad tokens are attended, as in the official model).
+and returns [B, Lq, heads, head_dim] in q's dtype. Wan attends every key (the text is zero-padded
+to a fixed length and the pad tokens are attended, as in the official model); the only mask is an
+optional additive float ``bias`` [B, 1, 1, Lk] on the logits, which the DiT uses to let one key stand
+in for many identical pad keys (see ``supports_bias``).
 
 Backends:
   ``sdpa``        PyTorch ``scaled_dot_product_attention`` (default; CPU and GPU)
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +39,9 @@ def available_backends() -> list[str]:
     return ["sdpa"] + [b for b, pkg in _PACKAGES.items() if importlib.util.find_spec(pkg)]
 
 
-def _sdpa(q, k, v):
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+def _sdpa(q, k, v, bias=None):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=bias)
     return out.transpose(1, 2)
 
 
@@ -77,14 +80,36 @@ def resolve_backend(backend: str) -> Callable:
     return _IMPLS[backend]
 
 
+def _impl_for(backend: str, device: torch.device) -> Callable:
+    impl = resolve_backend(backend)
+    return impl if impl is _sdpa or device.type == "cuda" else _sdpa
+
+
+def supports_bias(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``attention(..., backend, bias=...)`` takes a float32 logit bias for q of this
+    device and dtype.
+
+    True where SDPA runs on the CPU (its kernel adds a float32 bias to any q dtype) or with
+    float32 q; flash-attn / Sage take no bias, and SDPA's GPU kernels are not relied on to keep
+    a float32 bias exact next to a bf16/fp16 q.
+    """
+    device = torch.device(device)
+    return _impl_for(backend, device) is _sdpa and (device.type != "cuda" or
+                                                     dtype == torch.float32)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              backend: str = "sdpa") -> torch.Tensor:
-    """Softmax attention without a mask.
+              backend: str = "sdpa", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax attention; ``bias`` (float32, broadcastable to [B, H, Lq, Lk]) is added to the
+    scaled logits; only where ``supports_bias(backend, q.device, q.dtype)``.
 
     q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] (q's dtype). flash-attn and Sage run
     on CUDA tensors only; on CPU they fall back to SDPA.
     """
-    impl = resolve_backend(backend)
-    if impl is not _sdpa and not q.is_cuda:
-        impl = _sdpa
-    return impl(q, k, v)
+    impl = _impl_for(backend, q.device)
+    if bias is None:
+        return impl(q, k, v)
+    if not supports_bias(backend, q.device, q.dtype):
+        raise ValueError(f"attention backend {backend!r} takes no logit bias for {q.dtype} "
+                         f"on {q.device.type}")
+    return impl(q, k, v, bias)

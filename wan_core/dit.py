@@ -9,10 +9,13 @@ in float64, time embedding / modulation / norms / residual stream are float32, a
 linears and attention run in the compute dtype (``dit.compute_dtype``: fp32, bf16 or fp16).
 Differences from the official code that do not change results:
   * no padding of the video tokens to a fixed ``seq_len`` (the official pad keys are masked);
-  * scalar timesteps are embedded once per sample instead of once per token, and per-token
-    timesteps once per distinct value, then gathered;
-  * RoPE is applied with real cos/sin tables instead of complex float64 multiplication;
-  * the patch embedding is the equivalent matmul over flattened patches.
+  * timesteps are embedded once per distinct value instead of once per token, then gathered
+    (one shared value, the usual CFG batch, folds into LayerNorm's affine);
+  * RoPE multiplies by complex64 rotations (angles built in float64) instead of complex128;
+  * the patch embedding is the equivalent matmul over flattened patches;
+  * text padding is embedded and attended once per sample (``TextContext``): the zero pad rows
+    (and any all-zero text row) all become the same key and value, and softmax attention over
+    n copies of one key equals attention over one copy whose logit gets + log(n).
 """
 from __future__ import annotations
 
@@ -23,13 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, resolve_backend
+from .attention import attention, resolve_backend, supports_bias
 from .configs import DiTConfig
 from .ops import Linear
 
 Context = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 FFN_CHUNK_TOKENS = 4096   # tokens per FFN call; bounds the [B, L, ffn_dim] intermediate
+COLLAPSE_TEXT_PADDING = True   # one biased pad key instead of hundreds of identical ones
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,8 +49,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
-        return out.to(x.dtype)
+        out = x * self.weight.float()                  # float32, a new tensor
+        return out.mul_(inverse_rms(x, self.eps)).to(x.dtype)
+
+
+def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim, float32 [..., 1], in one reduction pass."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
 
 
 class AffineLayerNorm(nn.Module):
@@ -87,7 +97,7 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float = 10000.0):
-    """cos and sin tables [L, 1, head_dim // 2] (float32) for a (F, H, W) token grid.
+    """Rotations cos + i sin [L, 1, head_dim // 2] (complex64) for a (F, H, W) token grid.
 
     Angles are built in float64 from per-axis frequencies theta^(-2i/d_axis).
     """
@@ -101,26 +111,26 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float 
         parts[1][None, :, None, :].expand(f, h, w, -1),
         parts[2][None, None, :, :].expand(f, h, w, -1),
     ], dim=-1).reshape(f * h * w, 1, -1)
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    return torch.complex(torch.cos(angles).float(), torch.sin(angles).float())
 
 
-def rms_norm_rope(x: torch.Tensor, norm: "RMSNorm", heads: int, cos: torch.Tensor,
-                  sin: torch.Tensor) -> torch.Tensor:
+def rms_norm_rope(x: torch.Tensor, norm: "RMSNorm", heads: int,
+                  rotations: torch.Tensor) -> torch.Tensor:
     """RMSNorm (float32) then RoPE on channel pairs (2i, 2i+1) of every head:
-    x [B, L, dim] -> [B, L, heads, head_dim] in x.dtype.
+    x [B, L, dim] -> [B, L, heads, head_dim] in x.dtype, stored head-major ([B, heads, L, hd]
+    in memory, which SDPA's CPU kernel reads faster).
 
-    The per-token RMS factor commutes with the rotation, so it is folded into the small
-    cos/sin tables ([B, L, 1, head_dim/2]) instead of being applied to the whole tensor.
+    A pair is rotated as the complex number x_2i + i x_2i+1 times cos + i sin. The per-token
+    RMS factor commutes with the rotation, so it is folded into the small rotation table
+    ([B, 1, L, head_dim/2]): three passes over the big tensor (norm, weight, rotation).
     """
-    xf = x.float()
-    inv_rms = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm.eps)   # [B, L, 1]
-    xf = xf * norm.weight.float()
-    pairs = xf.unflatten(-1, (heads, -1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    inv_rms = inv_rms[..., None]
-    c, s = cos * inv_rms, sin * inv_rms
-    out = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    b, n, d = x.shape
+    out = torch.empty(b, heads, n, d // heads, device=x.device, dtype=torch.float32)
+    torch.mul(x.view(b, n, heads, -1).transpose(1, 2), norm.weight.float().view(heads, 1, -1),
+              out=out)
+    pairs = torch.view_as_complex(out.unflatten(-1, (-1, 2)))
+    pairs.mul_((rotations * inverse_rms(x, norm.eps)[..., None]).transpose(1, 2))
+    return out.to(x.dtype).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,8 +150,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope, backend: str) -> torch.Tensor:
         """x [B, L, dim] (compute dtype) -> [B, L, dim]."""
         heads = self.num_heads
-        q = rms_norm_rope(self.q(x), self.norm_q, heads, *rope)
-        k = rms_norm_rope(self.k(x), self.norm_k, heads, *rope)
+        q = rms_norm_rope(self.q(x), self.norm_q, heads, rope)
+        k = rms_norm_rope(self.k(x), self.norm_k, heads, rope)
         v = self.v(x).unflatten(-1, (heads, -1))
         out = attention(q, k, v, backend)
         del q, k, v
@@ -163,19 +173,63 @@ class CrossAttention(nn.Module):
             self.v_img = Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor,
+    def forward(self, x: torch.Tensor, text: "TextContext",
                 context_img: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-        """x [B, L, dim]; context [B, L_txt, dim]; context_img [B, L_img, dim] or None."""
+        """x [B, L, dim]; text tokens [B, M, dim]; context_img [B, L_img, dim] or None."""
         heads = self.num_heads
         q = self.norm_q(self.q(x)).unflatten(-1, (heads, -1))
-        k = self.norm_k(self.k(context)).unflatten(-1, (heads, -1))
-        v = self.v(context).unflatten(-1, (heads, -1))
-        out = attention(q, k, v, backend)
+        k = self.norm_k(self.k(text.tokens)).unflatten(-1, (heads, -1))
+        v = self.v(text.tokens).unflatten(-1, (heads, -1))
+        out = attention(q, k, v, backend, bias=text.bias)
         if context_img is not None and hasattr(self, "k_img"):
             k = self.norm_k_img(self.k_img(context_img)).unflatten(-1, (heads, -1))
             v = self.v_img(context_img).unflatten(-1, (heads, -1))
             out = out + attention(q, k, v, backend)
         return self.o(out.flatten(2))
+
+
+class TextContext:
+    """Embedded prompts for cross-attention, each pad token kept once.
+
+    ``tokens`` [B, M, dim] (compute dtype): row i holds sample i's real tokens, then, when the
+    sample is shorter than ``text_len``, one pad token (the embedding of a zero row) standing
+    for all its pad tokens, then filler up to M. ``bias`` [B, 1, 1, M] float32 adds
+    log(pad count) to the pad token's logit and -inf to the filler; None when every key is a
+    plain token (no padding, or padding expanded to full length).
+    """
+
+    def __init__(self, tokens: torch.Tensor, bias: Optional[torch.Tensor]):
+        self.tokens = tokens
+        self.bias = bias
+
+    @classmethod
+    def embed(cls, items: Sequence[torch.Tensor], text_len: int, embedding: nn.Module,
+              dtype: torch.dtype, collapse: bool) -> "TextContext":
+        """items: B tensors [L_i, text_dim] (all-zero rows count as padding). With
+        ``collapse`` False the pad token is repeated to ``text_len`` keys (no bias)."""
+        real = []
+        for u in items:
+            nonzero = u.ne(0).any(-1)
+            real.append(u if bool(nonzero.all()) else u[nonzero])
+        counts = [r.shape[0] for r in real]
+        m = max(n + (n < text_len) for n in counts)
+        batch, device = len(real), real[0].device
+        padded = torch.zeros(batch, m, real[0].shape[-1], device=device, dtype=dtype)
+        for row, r in zip(padded, real):
+            row[: r.shape[0]] = r
+        tokens = embedding(padded)
+        if all(n == text_len for n in counts):
+            return cls(tokens, None)
+        if not collapse:          # every pad key spelled out: gather the pad token again
+            index = torch.tensor([list(range(n)) + [n] * (text_len - n) for n in counts],
+                                 device=device)
+            return cls(tokens[torch.arange(batch, device=device)[:, None], index], None)
+        bias = torch.full((batch, 1, 1, m), float("-inf"), device=device)
+        for i, n in enumerate(counts):
+            bias[i, ..., :n] = 0.0
+            if n < text_len:
+                bias[i, ..., n] = math.log(text_len - n)
+        return cls(tokens, bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +241,8 @@ class TimeModulation:
     token (or every sample) the row it uses.
 
     ``index`` is [B, 1] for one timestep per sample or [B, L] for per-token timesteps; a block
-    asks for one of its six shift/scale/gate vectors at a time, gathered to [B, 1 or L, dim].
+    asks for one of its six shift/scale/gate vectors at a time, gathered to [B, 1 or L, dim],
+    or [1, 1, dim] when there is a single distinct timestep (the usual CFG batch).
     """
 
     def __init__(self, e0: torch.Tensor, index: torch.Tensor):
@@ -204,12 +259,29 @@ class BlockModulation:
         self.index = index      # [B, 1] or [B, L]
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.table[:, i][self.index]   # [B, 1 or L, dim]
+        return gather_rows(self.table[:, i], self.index)
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table [N, dim] -> [B, 1 or L, dim] by index, or [1, 1, dim] when N == 1."""
+    return table[None] if table.shape[0] == 1 else table[index]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
     """LayerNorm(x) * (1 + scale) + shift, in float32."""
+    if shift.shape[:2] == (1, 1):      # one vector for all tokens: LayerNorm's own affine
+        d = x.shape[-1]
+        return F.layer_norm(x.float(), (d,), scale.reshape(d) + 1, shift.reshape(d), eps)
     return torch.addcmul(shift, plain_layer_norm(x, eps), scale + 1)
+
+
+def feed_forward(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Linear, GELU(tanh) in place, Linear: one [.., ffn_dim] intermediate instead of two."""
+    fc1, act, fc2 = ffn
+    h = fc1(x)
+    if torch.is_grad_enabled():
+        return fc2(act(h))
+    return fc2(torch.ops.aten.gelu_(h, approximate=act.approximate))
 
 
 def _add_gated(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor] = None):
@@ -239,26 +311,27 @@ class WanBlock(nn.Module):
                                  Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.zeros(1, 6, d))
 
-    def forward(self, x, time: TimeModulation, rope, context, context_img, backend: str):
+    def forward(self, x, time: TimeModulation, rope, text: TextContext, context_img,
+                backend: str):
         """x [B, L, dim] float32 residual stream -> updated x."""
-        cdt = context.dtype
+        cdt = text.tokens.dtype
         mod = time.for_block(self.modulation[0])
         h = modulate(x, mod[0], mod[1], self.eps).to(cdt)
         y = self.self_attn(h, rope, backend)
         del h
         x = _add_gated(x, y, mod[2])
-        y = self.cross_attn(self.norm3(x).to(cdt), context, context_img, backend)
+        y = self.cross_attn(self.norm3(x).to(cdt), text, context_img, backend)
         x = _add_gated(x, y)
         h = modulate(x, mod[3], mod[4], self.eps).to(cdt)
         gate = mod[5]
         if torch.is_grad_enabled() or h.shape[1] <= FFN_CHUNK_TOKENS:
-            return _add_gated(x, self.ffn(h), gate)
+            return _add_gated(x, feed_forward(self.ffn, h), gate)
         # Token chunks bound the [B, L, ffn_dim] intermediate (1.2 GB in fp32 for 1.3B at
         # 480P / 81 frames) without changing results: the FFN acts on each token alone.
         for start in range(0, h.shape[1], FFN_CHUNK_TOKENS):
             part = slice(start, start + FFN_CHUNK_TOKENS)
             g = gate[:, part] if gate.shape[1] > 1 else gate
-            x[:, part].addcmul_(self.ffn(h[:, part]), g)
+            x[:, part].addcmul_(feed_forward(self.ffn, h[:, part]), g)
         return x
 
 
@@ -274,7 +347,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x [B, L, dim]; e [N, dim] time embedding; index [B, 1 or L] -> [B, L, out*patch]."""
         table = self.modulation[0].float() + e[:, None]          # [N, 2, dim]
-        shift, scale = table[:, 0][index], table[:, 1][index]
+        shift, scale = gather_rows(table[:, 0], index), gather_rows(table[:, 1], index)
         return self.head(modulate(x, shift, scale, self.eps))
 
 
@@ -360,7 +433,8 @@ class WanDiT(nn.Module):
         if t.dim() == 1:
             if t.shape[0] != batch:
                 raise ValueError(f"t has {t.shape[0]} timesteps for a batch of {batch}")
-            values, index = t, torch.arange(batch, device=t.device)[:, None]
+            values, index = torch.unique(t, return_inverse=True)
+            index = index[:, None]
         elif t.dim() == 2:
             if tuple(t.shape) != (batch, tokens):
                 raise ValueError(f"per-token t must be [B, L] = [{batch}, {tokens}], "
@@ -373,8 +447,8 @@ class WanDiT(nn.Module):
         e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
         return e, e0, index
 
-    def embed_text(self, context: Context, batch: int) -> torch.Tensor:
-        """Zero-pad each prompt to ``text_len`` tokens, then project: [B, text_len, dim]."""
+    def embed_text(self, context: Context, batch: int) -> TextContext:
+        """Project the prompts as if zero-padded to ``text_len`` tokens (``TextContext``)."""
         n = self.config.text_len
         if isinstance(context, torch.Tensor):
             if context.dim() == 2:
@@ -385,15 +459,16 @@ class WanDiT(nn.Module):
         if len(items) != batch:
             raise ValueError(f"got {len(items)} text contexts for a batch of {batch}")
         dev = self.patch_embedding.weight.device
-        padded = torch.zeros(batch, n, self.config.text_dim, device=dev, dtype=self.compute_dtype)
-        for i, u in enumerate(items):
+        for u in items:
             if u.shape[-1] != self.config.text_dim:
                 raise ValueError(f"text embeddings must have {self.config.text_dim} channels "
                                  f"(umT5-XXL), got {u.shape[-1]}")
             if u.shape[0] > n:
                 raise ValueError(f"text has {u.shape[0]} tokens; at most {n} are supported")
-            padded[i, : u.shape[0]] = u
-        return self.text_embedding(padded)
+        collapse = COLLAPSE_TEXT_PADDING and supports_bias(self.attention_backend, dev,
+                                                           self.compute_dtype)
+        return TextContext.embed([u.to(dev) for u in items], n, self.text_embedding,
+                                 self.compute_dtype, collapse)
 
     def rope(self, grid: tuple[int, int, int], device):
         key = (grid, str(device))
@@ -412,7 +487,9 @@ class WanDiT(nn.Module):
         """Velocity prediction.
 
         x [B, C, F, H, W] latent; t [B] (0..1000) or per-token [B, L]; context
-        [B, L_txt, text_dim] or a list of [L_i, text_dim] (L_txt <= text_len); clip_fea
+        [B, L_txt, text_dim] or a list of [L_i, text_dim] (L_txt <= text_len; zero-padded to
+        text_len as in the official model; all-zero rows count as padding, so a prompt given
+        unpadded or zero-padded gives the same result); clip_fea
         [B, 257, 1280] (I2V) or [B, 514, 1280] (FLF2V); y [B, C_y, F, H, W] concatenated to x
         on channels (I2V mask + image latent). Returns [B, out_dim, F, H, W] float32.
         """
@@ -426,7 +503,7 @@ class WanDiT(nn.Module):
         tokens, grid = self.embed_patches(x)
         del x
         e, e0, index = self.embed_time(t, b, tokens.shape[1])
-        context = self.embed_text(context, b)
+        text = self.embed_text(context, b)
         context_img = None
         if clip_fea is not None and cfg.has_image_branch:
             context_img = self.img_emb(clip_fea.to(tokens.device), self.compute_dtype)
@@ -436,7 +513,7 @@ class WanDiT(nn.Module):
         rope = self.rope(grid, tokens.device)
         time = TimeModulation(e0, index)
         for block in self.blocks:
-            tokens = block(tokens, time, rope, context, context_img, self.attention_backend)
+            tokens = block(tokens, time, rope, text, context_img, self.attention_backend)
         out = self.head(tokens, e, index)
         del tokens
         return self.unpatchify(out, grid)
