@@ -50,7 +50,7 @@ def _describe(model, kind: str) -> dict:
     params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
     dtype = next(model.parameters()).dtype if params else None
     return {"variant": getattr(config, "variant", kind), "params": params,
-            "dtype": str(dtype).replace("torch.", "") if dtype else ""}
+            "dtype": {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(dtype).replace("torch.", ""), str(dtype).replace("torch.", "")) if dtype else ""}
 
 
 class WanCoreModelLoader:

@@ -29,7 +29,8 @@ export function sizeMultiple(variant) {
 export function describeVariant(info) {
   if (!info) return "";
   const parts = [info.variant || "unknown model"];
-  if (info.params) parts.push(`${(info.params / 1e9).toFixed(2)}B params`);
+  if (info.params >= 1e9) parts.push(`${(info.params / 1e9).toFixed(2)}B params`);
+  else if (info.params) parts.push(`${(info.params / 1e6).toFixed(1)}M params`);
   if (info.dtype) parts.push(info.dtype);
   return parts.join(" · ");
 }

@@ -29,6 +29,7 @@ test("sizes snap to the variant's multiple", () => {
 test("variant text and file urls", () => {
   assert.equal(describeVariant({ variant: "wan2.1-t2v-1.3B", params: 1.419e9, dtype: "bf16" }),
     "wan2.1-t2v-1.3B · 1.42B params · bf16");
+  assert.equal(describeVariant({ variant: "custom", params: 2.5e6 }), "custom · 2.5M params");
   assert.equal(describeVariant(null), "");
   assert.equal(viewUrl({ filename: "a b.mp4", subfolder: "x", type: "output" }),
     "/view?filename=a+b.mp4&subfolder=x&type=output");
