@@ -45,12 +45,17 @@ def _dtype(name: str):
             "fp32": torch.float32, "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None)}[name]
 
 
+SHORT_DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32",
+                "torch.float8_e4m3fn": "fp8_e4m3fn", "torch.float8_e5m2": "fp8_e5m2"}
+
+
 def _describe(model, kind: str) -> dict:
+    """What the loader shows on its node after a run (web/wancore.js)."""
     config = getattr(model, "config", None)
     params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
-    dtype = next(model.parameters()).dtype if params else None
+    dtype = str(next(model.parameters()).dtype) if params else ""
     return {"variant": getattr(config, "variant", kind), "params": params,
-            "dtype": {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(dtype).replace("torch.", ""), str(dtype).replace("torch.", "")) if dtype else ""}
+            "dtype": SHORT_DTYPES.get(dtype, dtype)}
 
 
 class WanCoreModelLoader:
