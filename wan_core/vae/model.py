@@ -116,13 +116,16 @@ class WanVAE(nn.Module):
         self.register_buffer("latent_inv_std", 1.0 / std, persistent=False)
 
     def to_channels_last(self) -> "WanVAE":
-        """Store conv weights channels-last (faster convolutions and channel norms, and
-        per-frame 2D ops become views); activations follow at the start of each chunk."""
+        """Give every weight its own channels-last copy (faster convolutions and channel norms,
+        and per-frame 2D ops become views; activations follow at the start of each chunk).
+        Copying also releases memory-mapped checkpoint storage, which would otherwise stay
+        resident for as long as any one tensor of the file is alive."""
         for m in self.modules():
-            if isinstance(m, nn.Conv3d):
-                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
-            elif isinstance(m, nn.Conv2d):
-                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+            for name, p in m.named_parameters(recurse=False):
+                fmt = {5: torch.channels_last_3d, 4: torch.channels_last}.get(p.dim(), torch.contiguous_format)
+                if name != "weight" or not isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                    fmt = torch.contiguous_format
+                p.data = p.data.clone(memory_format=fmt)
         return self
 
     # ---------------------------------------------------------------- latent spaces
