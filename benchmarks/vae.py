@@ -133,7 +133,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="wancore_vae_bench_"))
     path = str(tmp / "Wan2.1_VAE_random.pth")
     make_weights(path)
-    runs = dict(runs=1, warmup=0) if args.quick else dict(runs=2, warmup=1)
+    runs = dict(runs=1, warmup=0) if args.quick else dict(runs=1, warmup=1)
     print("CPU timings on a shared 2-core machine are noisy: read ratios, not absolutes.")
 
     if "a" in args.only:

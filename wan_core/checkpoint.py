@@ -263,6 +263,10 @@ def identify(sd: Mapping) -> str:
         return "clip_vision"
     if any(k.startswith("encoder.") for k in keys) and any(k.startswith("decoder.") for k in keys):
         return "vae"
+    # Wan VAE keys under a repackaging prefix (e.g. "first_stage_model.decoder.middle...").
+    if any(k.endswith("decoder.middle.0.residual.0.gamma") or k.endswith("decoder.mid_block.resnets.0.norm1.gamma")
+           for k in keys):
+        return "vae"
     return "unknown"
 
 
