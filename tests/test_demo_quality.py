@@ -1,0 +1,73 @@
+"""Quality of the shipped demo weights (issue 8): held-out prompt adherence, I2V first-frame
+PSNR, the MoE expert pair, and the demo command end to end.
+
+The weights were trained by ``python -m wan_core.demo.train all`` (TRAINING.md); every check
+runs them through the normal loaders and ``wan_core.pipeline.generate``.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from wan_core.demo import WEIGHTS_DIR, FILES, DemoModels
+from wan_core.demo.evaluate import evaluate
+
+# Thresholds: the issue's goals are 0.90 adherence and 25 dB; see TRAINING.md for the figures
+# the shipped weights reach and why these bounds are where they are.
+MIN_ADHERENCE = 0.90
+MIN_I2V_PSNR = 25.0
+PROMPTS = 24
+STEPS = 12          # fewer than the demo's default, to keep this file within its time budget
+
+pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / FILES["t2v"]).exists(),
+                                reason="demo weights not shipped")
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.set_num_threads(1)
+    return DemoModels()
+
+
+def test_weights_load_through_the_normal_loaders_and_fit_the_budget(models):
+    total = sum((WEIGHTS_DIR / name).stat().st_size for name in FILES.values())
+    assert total <= 40 * 1024 * 1024
+    assert models.get("t2v").config.model_type == "t2v"
+    assert models.get("i2v").config.model_type == "i2v"
+    assert models.get("i2v").config.in_dim == 36 and not models.get("i2v").config.has_image_branch
+    assert models.get("high_noise").config.model_type == "t2v"
+    assert models.get("vae").config.z_dim == 16
+    assert models.get("text_encoder").tokenizer.vocab_size <= models.get("text_encoder").config.vocab_size
+
+
+def test_t2v_heldout_prompt_adherence(models):
+    result = evaluate(models, "t2v", count=PROMPTS, steps=STEPS)
+    print(f"\nDEMO t2v held-out adherence {result['prompt']:.3f} ({PROMPTS} prompts): {result}")
+    assert result["prompt"] >= MIN_ADHERENCE
+
+
+def test_i2v_first_frame_psnr(models):
+    result = evaluate(models, "i2v", count=8, steps=STEPS)
+    print(f"\nDEMO i2v first-frame PSNR {result['psnr']:.2f} dB (min {result['psnr_min']:.2f}): "
+          f"{result}")
+    assert result["psnr"] >= MIN_I2V_PSNR
+
+
+def test_moe_expert_pair_runs(models):
+    result = evaluate(models, "moe", count=8, steps=STEPS)
+    print(f"\nDEMO moe held-out adherence {result['prompt']:.3f} (8 prompts): {result}")
+    assert result["count"] == 8
+
+
+def test_demo_command_writes_a_video(tmp_path):
+    from wan_core.video_io import read_video
+
+    out = tmp_path / "demo.mp4"
+    cmd = [sys.executable, "-m", "wan_core", "demo", "--prompt",
+           "a green square moving up on a black background", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    frames, _ = read_video(out)
+    assert frames.shape == (17, 64, 64, 3)
