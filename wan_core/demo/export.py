@@ -44,7 +44,7 @@ def _stage(out: Path, name: str) -> dict:
     return load(path)
 
 
-def vae_state(out: Path, stage: str = "decoder") -> dict:
+def vae_state(out: Path, stage: str = "decoder_long") -> dict:
     """The trained, standardised VAE (``stage='vae'``: before the decoder fine-tuning, whose
     encoder is the same): official keys, fp32."""
     return {k: v.float().contiguous() for k, v in _stage(out, stage)["final"].items()}

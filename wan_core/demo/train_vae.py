@@ -61,18 +61,19 @@ def decode_raw(vae: WanVAE, raw: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 2)
 
 
-def training_clip(seed: int, full: bool):
+def training_clip(seed: int, full: bool, window: int = None):
     """One training window ``[3, WINDOW, s, s]`` (s = 64 if full else CROP) and its background
     colour ``[3]`` in [-1, 1]."""
     rng = random.Random(f"vae/{seed}")
     video, _, spec = dataset.sample_clip(seed, frames=FRAMES, size=64)
-    start = rng.choice((0, 0, 4, 8, 12))
-    video = video[:, start:start + WINDOW]
+    window = window or WINDOW
+    start = rng.choice((0, 0, 4, 8, 12)) if window < FRAMES else 0
+    video = video[:, start:start + window]
     bg = torch.tensor(dataset.BACKGROUNDS[spec.background], dtype=torch.float32) / 127.5 - 1
     if full:
         return video, bg
     dx, dy = dataset.DIRECTIONS[spec.direction]
-    p = (start + WINDOW / 2) / (FRAMES - 1) * dataset.TRAVEL
+    p = (start + window / 2) / (FRAMES - 1) * dataset.TRAVEL
     cx, cy = (spec.x0 + dx * p) * 64, (spec.y0 + dy * p) * 64
     left = int(min(max(cx - CROP / 2 + rng.uniform(-10, 10), 0), 64 - CROP))
     top = int(min(max(cy - CROP / 2 + rng.uniform(-10, 10), 0), 64 - CROP))
@@ -229,6 +230,50 @@ def run_decoder(out: Path, steps: int, seed: int, resume: bool) -> dict:
                         seed=seed + 7, ema=ema, save_every=50)
     final = WanVAE(CONFIG)
     final.load_state_dict(result["ema"])
+    result["final"] = final.eval().state_dict()
+    torch.save(result, stage / "done.pt")
+    return result
+
+
+def long_batch(step: int, seed: int):
+    """Whole 17-frame clips (five chunks: the decoder's caches after a full chunk are only
+    trained here): a full 64x64 clip every 3rd step, else 2 object crops."""
+    if step % 3 == 2:
+        items = [training_clip(seed * 10**7 + step * 2, True, FRAMES)]
+    else:
+        items = [training_clip(seed * 10**7 + step * 2 + i, False, FRAMES) for i in range(2)]
+    return torch.stack([v for v, _ in items]), torch.stack([b for _, b in items])
+
+
+def run_decoder_long(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    """Stage ``decoder_long``: continue the ``decoder`` stage on whole 17-frame clips (the
+    earlier stages saw 5-frame windows only, and later chunks came out washed out). The
+    encoder stays frozen, so the cached latents and the DiTs stay valid."""
+    stage = Path(out) / "decoder_long"
+    done = finished(stage)
+    if done is not None and resume:
+        print("decoder_long: finished already", flush=True)
+        return done
+    base = finished(Path(out) / "decoder")
+    if base is None:
+        raise RuntimeError("run the 'decoder' stage first")
+    vae = WanVAE(CONFIG)
+    vae.load_state_dict(base["final"])
+    for name, p in vae.named_parameters():
+        p.requires_grad_(name.startswith(("decoder.", "conv2.")))
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=5e-4)
+    ema = EMA(vae, 0.99)
+
+    def loss_fn(step):
+        video, bg = long_batch(step, seed + 11)
+        return decoder_loss(vae, video, bg)
+
+    result = train_loop(stage, vae, opt, loss_fn, steps,
+                        lambda s: cosine_lr(s, steps, 5e-4, 10, 0.1), resume=resume,
+                        seed=seed + 11, ema=ema, save_every=25)
+    final = WanVAE(CONFIG)
+    final.load_state_dict(ema.shadow)
     result["final"] = final.eval().state_dict()
     torch.save(result, stage / "done.pt")
     return result
