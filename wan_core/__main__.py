@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="what the video shows (the demo model knows simple shapes, colours "
                            "and directions)")
     demo.add_argument("--out", default="demo.mp4", help="output video file")
+    demo.add_argument("--task", choices=("t2v", "i2v", "moe"), default="t2v",
+                      help="t2v: text only; i2v: start from --image (Wan 2.2 I2V layout); moe: "
+                           "the Wan 2.2 high-noise / low-noise expert pair")
+    demo.add_argument("--image", metavar="FILE", help="first frame for --task i2v")
+    demo.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
+    demo.add_argument("--cfg", type=float, default=None, help="guidance scale (default: tuned)")
+    demo.add_argument("--frames", type=int, default=17, help="frame count, 4n+1 (default 17)")
+    demo.add_argument("--size", type=int, default=64,
+                      help="width and height in pixels, a multiple of 16 (default 64)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     return parser
 

@@ -114,7 +114,11 @@ def norm_silu_conv(x: list, norm: RMSNorm, conv: CausalConv3d, stream: Stream) -
     that a temporary input is freed before the convolution runs (one chunk-sized tensor less
     at the peak); keep your own reference when the input is still needed."""
     buf, real = conv.begin(x[0], stream)
-    norm.silu_into(x.pop(), buf[:, :, conv.past_frames:])
+    if torch.is_grad_enabled() and (x[0].requires_grad or norm.gamma.requires_grad):
+        # Training (wan_core.demo): the in-place kernel below cannot be differentiated.
+        buf[:, :, conv.past_frames:] = F.silu(norm(x.pop()))
+    else:
+        norm.silu_into(x.pop(), buf[:, :, conv.past_frames:])
     return conv.finish(buf, real, stream)
 
 
@@ -242,7 +246,8 @@ class Resample(nn.Module):
         weight = self.resample[1].weight
         key = (weight.data_ptr(), _version(weight), dtype)
         cached = getattr(self, "_phase_cache", None)
-        if cached is not None and cached[0] == key:
+        grad = torch.is_grad_enabled() and weight.requires_grad
+        if cached is not None and cached[0] == key and not grad:
             return cached[1]
         # Which of the 3 taps fall on source row i-1/i (even phase) or i/i+1 (odd phase).
         fold = [weight.new_tensor([[1, 0, 0], [0, 1, 1]], dtype=torch.float32),
@@ -251,7 +256,8 @@ class Resample(nn.Module):
         kernels = {(a, b): torch.einsum("pk,oikl,ql->oipq", fold[a], w32, fold[b])
                    .to(dtype).contiguous(memory_format=torch.channels_last)
                    for a in (0, 1) for b in (0, 1)}
-        self._phase_cache = (key, kernels)
+        if not grad:        # training builds them afresh: they carry the autograd graph
+            self._phase_cache = (key, kernels)
         return kernels
 
 

@@ -1,0 +1,103 @@
+"""Quality of the shipped demo weights (issue 8): held-out prompt adherence, I2V first-frame
+PSNR, the MoE expert pair, and the demo command end to end.
+
+The weights were trained by ``python -m wan_core.demo.train all`` (TRAINING.md); every check
+runs them through the normal loaders and ``wan_core.pipeline.generate``.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from wan_core.demo import WEIGHTS_DIR, FILES, DemoModels
+from wan_core.demo.evaluate import evaluate
+
+# The issue's goals. The shipped weights do NOT reach them (TRAINING.md, "Results"): the
+# goal checks below are expected failures (xfail), so they show up in every run and turn into
+# XPASS once better weights are shipped. The plain asserts are regression floors set below the
+# measured figures and above chance (colour 1/6, direction 1/4, background 1/4).
+GOAL_ADHERENCE = 0.90
+GOAL_I2V_PSNR = 25.0
+FLOOR_BACKGROUND = 0.90     # measured 1.00 (t2v, i2v, moe)
+FLOOR_COLOUR = 0.25         # measured 0.44 (t2v, 20 steps), 0.38 (i2v)
+FLOOR_I2V_PSNR = 11.0       # measured 14.4 dB mean over 16 held-out first frames
+PROMPTS = 24
+STEPS = 12          # fewer than the demo's default, to keep this file within its time budget
+NOT_MET = pytest.mark.xfail(strict=False, reason="issue-8 goal not met by the shipped demo "
+                            "weights; see wan_core/demo/TRAINING.md")
+
+pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / FILES["t2v"]).exists(),
+                                reason="demo weights not shipped")
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.set_num_threads(1)
+    return DemoModels()
+
+
+def test_weights_load_through_the_normal_loaders_and_fit_the_budget(models):
+    total = sum((WEIGHTS_DIR / name).stat().st_size for name in FILES.values())
+    assert total <= 40 * 1024 * 1024
+    assert models.get("t2v").config.model_type == "t2v"
+    assert models.get("i2v").config.model_type == "i2v"
+    assert models.get("i2v").config.in_dim == 36 and not models.get("i2v").config.has_image_branch
+    assert models.get("high_noise").config.model_type == "t2v"
+    assert models.get("vae").config.z_dim == 16
+    assert models.get("text_encoder").tokenizer.vocab_size <= models.get("text_encoder").config.vocab_size
+
+
+@pytest.fixture(scope="module")
+def t2v_result(models):
+    result = evaluate(models, "t2v", count=PROMPTS, steps=STEPS)
+    print(f"\nDEMO t2v held-out adherence {result['prompt']:.3f} ({PROMPTS} prompts, "
+          f"{STEPS} steps): {result}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def i2v_result(models):
+    result = evaluate(models, "i2v", count=8, steps=STEPS)
+    print(f"\nDEMO i2v first-frame PSNR {result['psnr']:.2f} dB (min {result['psnr_min']:.2f}), "
+          f"adherence {result['prompt']:.3f}: {result}")
+    return result
+
+
+def test_t2v_heldout_background_and_colour_follow_the_prompt(t2v_result):
+    assert t2v_result["background"] >= FLOOR_BACKGROUND
+    assert t2v_result["colour"] >= FLOOR_COLOUR
+
+
+@NOT_MET
+def test_t2v_heldout_prompt_adherence_goal(t2v_result):
+    assert t2v_result["prompt"] >= GOAL_ADHERENCE
+
+
+def test_i2v_first_frame_floor(i2v_result):
+    assert i2v_result["psnr"] >= FLOOR_I2V_PSNR
+    assert i2v_result["background"] >= FLOOR_BACKGROUND
+
+
+@NOT_MET
+def test_i2v_first_frame_psnr_goal(i2v_result):
+    assert i2v_result["psnr"] >= GOAL_I2V_PSNR
+
+
+def test_moe_expert_pair_runs(models):
+    result = evaluate(models, "moe", count=8, steps=STEPS)
+    print(f"\nDEMO moe held-out adherence {result['prompt']:.3f} (8 prompts): {result}")
+    assert result["count"] == 8 and result["background"] >= FLOOR_BACKGROUND
+
+
+def test_demo_command_writes_a_video(tmp_path):
+    from wan_core.video_io import read_video
+
+    out = tmp_path / "demo.mp4"
+    cmd = [sys.executable, "-m", "wan_core", "demo", "--prompt",
+           "a green square moving up on a black background", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    frames, _ = read_video(out)
+    assert frames.shape == (17, 64, 64, 3)

@@ -1,0 +1,54 @@
+"""The demo training code (wan_core.demo.train*): its training-only paths equal the inference
+paths of wan_core, and its exact reparametrisations are exact. Tiny and fast; no training run."""
+import dataclasses
+
+import torch
+
+from wan_core.demo import train_dit, train_vae
+from wan_core.vae.model import WanVAE
+
+TINY_VAE = dataclasses.replace(train_vae.CONFIG, dim=4, decoder_dim=4)
+
+
+def _vae(seed=0):
+    torch.manual_seed(seed)
+    vae = WanVAE(TINY_VAE)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return vae
+
+
+def test_vae_training_forward_equals_inference_and_has_gradients():
+    vae = _vae()
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    mu, logvar = train_vae.encode_posterior(vae, video)          # grad mode, trainable weights
+    recon = train_vae.decode_raw(vae, mu)
+    (recon.square().mean() + logvar.mean()).backward()
+    assert all(p.grad is not None for p in vae.parameters())
+    with torch.no_grad():
+        mu_ref = vae.encode_raw_stream(video)
+        recon_ref = vae.decode_raw_stream(mu_ref)
+    assert (mu - mu_ref).abs().max() < 1e-5
+    assert (recon.clamp(-1, 1) - recon_ref).abs().max() < 1e-5
+
+
+def test_vae_standardise_is_an_exact_reparametrisation():
+    vae = _vae(1).eval()
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        before = vae.decode(vae.encode(video))
+        mean, std = torch.randn(16) * 0.1, torch.rand(16) + 0.5
+        train_vae.standardise(vae, mean, std)
+        after = vae.decode(vae.encode(video))
+    assert (before - after).abs().max() < 1e-4
+
+
+def test_compact_text_attention_equals_the_full_model():
+    assert train_dit.check_compact_text(seed=3) < 1e-4
+
+
+def test_expert_noise_ranges_meet_at_the_boundary():
+    lo, hi = train_dit.u_range("high")
+    assert abs(float(train_dit.sample_sigma(torch.tensor(lo))) - train_dit.BOUNDARY) < 1e-6
+    assert train_dit.u_range("low") == (0.0, lo) and hi == 1.0

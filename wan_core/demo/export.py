@@ -1,0 +1,114 @@
+"""Stage ``export``: write the shipped demo weights in the official layouts and check them.
+
+Files (``wan_core/demo/weights/``):
+
+- ``vae.safetensors``: Wan-VAE 2.1, official keys, fp32 (as ComfyUI's ``wan_2.1_vae``);
+- ``text_encoder.safetensors``: umT5 encoder in the Hugging Face / ComfyUI layout
+  (``encoder.block.N.layer...``, ``shared.weight``), fp32, with the demo SentencePiece model
+  embedded as the uint8 ``spiece_model`` tensor, as ComfyUI's umT5 files carry it;
+- ``dit_t2v``, ``dit_i2v``, ``dit_high_noise``, ``dit_low_noise`` ``.safetensors``: official
+  Wan DiT keys, bf16 (EMA weights).
+
+Every file is loaded back through ``load_vae`` / ``load_text_encoder`` / ``load_dit`` and the
+total size is checked against the 40 MB budget.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .training import load
+
+WEIGHTS = Path(__file__).parent / "weights"
+BUDGET_BYTES = 40 * 1024 * 1024
+DIT_FILES = {"dit": "dit_t2v", "i2v": "dit_i2v", "expert_high": "dit_high_noise",
+             "expert_low": "dit_low_noise"}
+
+# official umT5 names -> Hugging Face / ComfyUI names (the loader maps them back)
+_TEXT_RENAMES = (
+    ("attn.q.", "layer.0.SelfAttention.q."), ("attn.k.", "layer.0.SelfAttention.k."),
+    ("attn.v.", "layer.0.SelfAttention.v."), ("attn.o.", "layer.0.SelfAttention.o."),
+    ("pos_embedding.embedding.", "layer.0.SelfAttention.relative_attention_bias."),
+    ("norm1.", "layer.0.layer_norm."), ("ffn.gate.0.", "layer.1.DenseReluDense.wi_0."),
+    ("ffn.fc1.", "layer.1.DenseReluDense.wi_1."), ("ffn.fc2.", "layer.1.DenseReluDense.wo."),
+    ("norm2.", "layer.1.layer_norm."),
+)
+
+
+def _stage(out: Path, name: str) -> dict:
+    path = Path(out) / name / "done.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the '{name}' stage first")
+    return load(path)
+
+
+def vae_state(out: Path, stage: str = "decoder_long") -> dict:
+    """The trained, standardised VAE (``stage='vae'``: before the decoder fine-tuning, whose
+    encoder is the same): official keys, fp32."""
+    return {k: v.float().contiguous() for k, v in _stage(out, stage)["final"].items()}
+
+
+def text_state(out: Path) -> dict:
+    """The trained umT5 encoder in the Hugging Face / ComfyUI layout, with ``spiece_model``."""
+    from .tokenizer_train import as_spiece_tensor
+
+    done = _stage(out, "text")
+    sd = {}
+    for key, value in done["encoder"].items():
+        if key == "token_embedding.weight":
+            new = "shared.weight"
+        elif key.startswith("norm."):
+            new = "encoder.final_layer_norm." + key[len("norm."):]
+        else:
+            _, n, rest = key.split(".", 2)
+            for old, hf in _TEXT_RENAMES:
+                if rest.startswith(old):
+                    rest = hf + rest[len(old):]
+                    break
+            else:
+                raise KeyError(f"unexpected umT5 key {key}")
+            new = f"encoder.block.{n}.{rest}"
+        sd[new] = value.float().contiguous()
+    sd["spiece_model"] = as_spiece_tensor(done["spiece"])
+    return sd
+
+
+def dit_state(out: Path, stage: str) -> dict:
+    return {k: v.to(torch.bfloat16).contiguous() for k, v in _stage(out, stage)["ema"].items()}
+
+
+def export(out: Path, weights: Optional[Path] = None) -> dict:
+    from safetensors.torch import save_file
+
+    from ..dit import load_dit
+    from ..text_encoder import load_text_encoder
+    from ..vae import load_vae
+
+    weights = Path(weights or WEIGHTS)
+    weights.mkdir(parents=True, exist_ok=True)
+    files = {"vae": vae_state(out), "text_encoder": text_state(out)}
+    for stage, name in DIT_FILES.items():
+        files[name] = dit_state(out, stage)
+    sizes = {}
+    for name, sd in files.items():
+        path = weights / f"{name}.safetensors"
+        meta = {"format": "pt", "source": "wan_core demo (python -m wan_core.demo.train)"}
+        save_file(sd, str(path), metadata=meta)
+        sizes[name] = path.stat().st_size
+    load_vae(weights / "vae.safetensors")
+    load_text_encoder(weights / "text_encoder.safetensors")
+    expected = {"dit_t2v": "t2v", "dit_i2v": "i2v", "dit_high_noise": "t2v",
+                "dit_low_noise": "t2v"}
+    for name, kind in expected.items():
+        model_type = load_dit(weights / f"{name}.safetensors").config.model_type
+        if model_type != kind:
+            raise RuntimeError(f"{name} was detected as {model_type}, expected {kind}")
+    total = sum(sizes.values())
+    for name, size in sizes.items():
+        print(f"export: {name}.safetensors {size / 1e6:.2f} MB")
+    print(f"export: total {total / 1e6:.2f} MB (budget {BUDGET_BYTES / 1e6:.1f} MB)", flush=True)
+    if total > BUDGET_BYTES:
+        raise RuntimeError(f"the demo weights take {total} bytes, over the 40 MB budget")
+    return sizes

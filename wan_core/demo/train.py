@@ -1,0 +1,68 @@
+"""Train the embedded demo model on 2 CPU cores (see TRAINING.md).
+
+    python -m wan_core.demo.train all --out runs/demo --resume
+    python -m wan_core.demo.train {vae,text,latents,decoder,decoder_long,dit,i2v,experts,export,all} --out DIR --resume
+
+Stages write their checkpoints under ``DIR/<stage>/``; ``--resume`` continues an interrupted
+stage from its last checkpoint and skips finished ones. ``export`` writes the shipped files to
+``wan_core/demo/weights/`` (or ``--weights DIR``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .training import setup_threads
+
+STAGES = ("vae", "text", "latents", "decoder", "decoder_long", "dit", "i2v", "experts", "export")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wan_core.demo.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=STAGES + ("all",))
+    parser.add_argument("--out", required=True, type=Path, help="run folder")
+    parser.add_argument("--resume", action="store_true", help="continue / skip finished stages")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="override the stage's steps")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: fastest on a shared 2-core machine, see TRAINING.md)")
+    parser.add_argument("--weights", type=Path, default=None, help="export folder")
+    args = parser.parse_args(argv)
+    setup_threads(args.threads)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        run_stage(stage, args)
+    return 0
+
+
+def run_stage(stage: str, args) -> None:
+    from . import steps as plan
+
+    n = args.steps if args.steps is not None else plan.STEPS.get(stage)
+    if stage == "vae":
+        from .train_vae import run
+        run(args.out, n, args.seed, args.resume)
+    elif stage == "decoder":
+        from .train_vae import run_decoder
+        run_decoder(args.out, n, args.seed, args.resume)
+    elif stage == "decoder_long":
+        from .train_vae import run_decoder_long
+        run_decoder_long(args.out, n, args.seed, args.resume)
+    elif stage == "text":
+        from .train_text import run
+        run(args.out, n, args.seed, args.resume)
+    elif stage == "latents":
+        from .train_dit import cache_latents
+        cache_latents(args.out, args.seed, args.resume)
+    elif stage in ("dit", "i2v", "experts"):
+        from . import train_dit
+        getattr(train_dit, "run_" + stage)(args.out, n, args.seed, args.resume)
+    elif stage == "export":
+        from .export import export
+        export(args.out, args.weights)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Stages ``latents``, ``dit``, ``i2v`` and ``experts``: the tiny Wan DiTs, trained with flow
+matching on cached latents of 17-frame 64x64 clips (latent 16 x 5 x 8 x 8 = 80 tokens).
+
+Objective (as Wan): ``x0`` = normalised latent, ``x1`` = Gaussian noise, ``sigma`` = shifted
+uniform (shift ``SHIFT``), ``x_t = (1 - sigma) x0 + sigma x1``, ``t = 1000 sigma``, the model
+predicts the velocity ``x1 - x0`` (MSE). Captions are dropped (replaced by the empty prompt,
+the CFG negative) with probability ``DROP``.
+
+- ``dit``: Wan 2.1 T2V layout, ``dim`` 128 = one head of 128 (the official head size, so the
+  loader detects the heads without metadata).
+- ``i2v``: Wan 2.2 I2V-A14B layout (in_dim 36, no CLIP branch), initialised from the T2V EMA
+  with zero weights on the 20 new input channels; ``y`` = I2V mask + the latent of
+  ``[first frame, gray frames]``, built as ``conditioning.build_i2v_conditioning`` builds it.
+- ``experts``: Wan 2.2 T2V-A14B expert pair, both initialised from the T2V EMA and fine-tuned
+  on ``t >= 875`` (high noise) and ``t < 875`` (low noise).
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from ..conditioning import i2v_mask, i2v_pixel_video
+from ..configs import DiTConfig
+from ..dit import WanDiT
+from . import dataset
+from .training import EMA, cosine_lr, finished, load, train_loop
+
+DIM, FFN, LAYERS, FREQ = 128, 512, 6, 256
+FRAMES, SIZE = 17, 64
+SHIFT = 3.0
+DROP = 0.1
+BATCH = 32
+BOUNDARY = 0.875
+QK_GAIN = 3.0
+PLACEMENTS = 4          # cached clips per training combination
+
+
+def dit_config(model_type: str = "t2v") -> DiTConfig:
+    return DiTConfig(model_type=model_type, dim=DIM, ffn_dim=FFN, num_heads=DIM // 128,
+                     num_layers=LAYERS, in_dim=36 if model_type == "i2v" else 16, out_dim=16,
+                     text_dim=128, freq_dim=FREQ)
+
+
+def init_weights(model: WanDiT, seed: int) -> WanDiT:
+    """The official initialisation: Xavier linears, small text/time embeddings, zero head."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    torch.nn.init.xavier_uniform_(model.patch_embedding.weight.flatten(1))
+    for seq in (model.text_embedding, model.time_embedding):
+        for m in seq.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=0.02)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.modulation, std=model.config.dim ** -0.5)
+    torch.nn.init.normal_(model.head.modulation, std=model.config.dim ** -0.5)
+    torch.nn.init.zeros_(model.head.head.weight)
+    # Every prompt is padded with ~500 identical zero tokens, which take nearly all the
+    # cross-attention at the start (logits of a few units against ln 500 = 6.2), so the text
+    # signal is faint and is learnt slowly. A larger query/key-norm gain (logits x 9) lets the
+    # few real tokens win the attention from the first steps.
+    for block in model.blocks:
+        block.cross_attn.norm_q.weight.data.fill_(QK_GAIN)
+        block.cross_attn.norm_k.weight.data.fill_(QK_GAIN)
+    return model
+
+
+# ------------------------------------------------------------------------------ compact text
+
+def _compact_embed_text(self, context, batch: int) -> torch.Tensor:
+    """Training-only replacement of ``WanDiT.embed_text``: the real tokens plus ONE padding
+    token, instead of padding every prompt to ``text_len``.
+
+    All padding positions carry the same key and value (the embedding of a zero vector), so
+    attending to ``n`` copies equals attending to one copy whose logit is raised by ``ln n``.
+    The bias is handed to the patched cross-attentions; results equal the full model's."""
+    items = list(context)
+    longest = max(u.shape[0] for u in items)
+    n = self.config.text_len
+    padded = torch.zeros(batch, longest + 1, self.config.text_dim)
+    bias = torch.full((batch, 1, 1, longest + 1), float("-inf"))
+    for i, u in enumerate(items):
+        padded[i, :u.shape[0]] = u
+        bias[i, ..., :u.shape[0]] = 0.0
+        bias[i, ..., longest] = math.log(n - u.shape[0])
+    for block in self.blocks:
+        block.cross_attn._text_bias = bias
+    return self.text_embedding(padded)
+
+
+def _compact_cross_attention(self, x, context, context_img, backend):
+    q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+    k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+    v = self.v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self._text_bias)
+    return self.o(out.transpose(1, 2).flatten(2))
+
+
+def compact_text(model: WanDiT) -> WanDiT:
+    """Patch ``model`` (in place) to attend to the text with one shared padding token."""
+    import types
+
+    model.embed_text = types.MethodType(_compact_embed_text, model)
+    for block in model.blocks:
+        block.cross_attn.forward = types.MethodType(_compact_cross_attention, block.cross_attn)
+    return model
+
+
+def check_compact_text(seed: int = 0) -> float:
+    """Max difference between the compact and the full forward on random inputs."""
+    cfg = dit_config("i2v")
+    full = init_weights(WanDiT(cfg), seed).eval()
+    with torch.no_grad():
+        for p in full.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    compact = compact_text(WanDiT(cfg).eval())
+    compact.load_state_dict(full.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 16, 5, 8, 8, generator=g)
+    y = torch.randn(3, 20, 5, 8, 8, generator=g)
+    ctx = [torch.randn(n, 128, generator=g) for n in (11, 1, 12)]
+    t = torch.tensor([10.0, 500.0, 990.0])
+    with torch.no_grad():
+        return float((full(x, t, ctx, y=y) - compact(x, t, ctx, y=y)).abs().max())
+
+
+# ------------------------------------------------------------------------------ latent cache
+
+def _load_vae(out: Path):
+    from .export import vae_state
+    from ..vae import load_vae
+
+    return load_vae(vae_state(out, "vae"), dtype=torch.float32)   # the encoder is final
+
+
+def _load_text(out: Path):
+    from .export import text_state
+    from ..text_encoder import load_text_encoder
+
+    return load_text_encoder(text_state(out), dtype=torch.float32)
+
+
+def cache_latents(out: Path, seed: int, resume: bool) -> dict:
+    """Encode PLACEMENTS clips of every training combination (and their I2V ``y``) with the
+    finished VAE, and every caption (and the empty prompt) with the finished text encoder."""
+    path = Path(out) / "latents" / "cache.pt"
+    if resume and path.exists():
+        print("latents: cached already", flush=True)
+        return load(path)
+    import time
+
+    started = time.perf_counter()
+    vae, te = _load_vae(out), _load_text(out)
+    captions = sorted({c.caption for c in dataset.iter_combos("all")}) + [""]
+    text = dict(zip(captions, (e.float() for e in te.encode(captions))))
+    specs = [spec for p in range(PLACEMENTS)
+             for spec in dataset.iter_specs("train", seed=seed * 1000 + p)]
+    lat_h = lat_w = SIZE // 8
+    mask = i2v_mask(FRAMES, lat_h, lat_w)
+    latents, ys = [], []
+    for i in range(0, len(specs), 16):
+        group = specs[i:i + 16]
+        video = torch.stack([dataset.sample_clip(s, FRAMES, SIZE)[0] for s in group])
+        cond = torch.cat([i2v_pixel_video(FRAMES, v[:, 0], None) for v in video])
+        z = vae.encode(torch.cat([video, cond]))
+        latents.append(z[:len(group)].half())
+        ys.append(z[len(group):].half())
+        if i % 160 == 0:
+            print(f"latents: {i + len(group)}/{len(specs)} clips, "
+                  f"{time.perf_counter() - started:.0f}s", flush=True)
+    latents = torch.cat(latents)
+    ys = torch.cat(ys)
+    print(f"latents: {len(specs)} clips in {time.perf_counter() - started:.0f}s; normalised "
+          f"latent mean {latents.float().mean():.3f} std {latents.float().std():.3f}", flush=True)
+    cache = {"latents": latents, "image_latents": ys, "mask": mask,
+             "captions": [s.caption for s in specs], "text": text,
+             "seconds": time.perf_counter() - started}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(cache, path)
+    return cache
+
+
+# ------------------------------------------------------------------------------ training
+
+def sample_sigma(u: torch.Tensor, shift: float = SHIFT) -> torch.Tensor:
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def u_range(expert: str | None) -> tuple[float, float]:
+    """Range of the uniform draw whose shifted sigma falls on the expert's side of BOUNDARY."""
+    if expert is None:
+        return 0.0, 1.0
+    u_b = BOUNDARY / (SHIFT - (SHIFT - 1) * BOUNDARY)
+    return (u_b, 1.0) if expert == "high" else (0.0, u_b)
+
+
+def make_batch(cache: dict, step: int, seed: int, image: bool, expert: str | None = None):
+    g = torch.Generator().manual_seed(seed * 10**7 + step)
+    n = cache["latents"].shape[0]
+    idx = torch.randint(n, (BATCH,), generator=g)
+    x0 = cache["latents"][idx].float()
+    lo, hi = u_range(expert)
+    sigma = sample_sigma(lo + (hi - lo) * torch.rand(BATCH, generator=g))
+    x1 = torch.randn(x0.shape, generator=g)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * x1
+    drop = torch.rand(BATCH, generator=g) < DROP
+    context = [cache["text"]["" if d else cache["captions"][i]] for i, d in zip(idx.tolist(), drop.tolist())]
+    y = None
+    if image:
+        mask = cache["mask"][None].expand(BATCH, -1, -1, -1, -1)
+        y = torch.cat([mask, cache["image_latents"][idx].float()], dim=1)
+    return xt, sigma * 1000, context, y, x1 - x0
+
+
+def flow_loss(model, cache, step, seed, image=False, expert=None):
+    xt, t, context, y, target = make_batch(cache, step, seed, image, expert)
+    pred = model(xt, t, context, y=y)
+    return torch.nn.functional.mse_loss(pred, target), {}
+
+
+def _train(stage: str, out: Path, model: WanDiT, steps: int, seed: int, resume: bool,
+           lr: float, warmup: int, image=False, expert=None) -> dict:
+    stage_dir = Path(out) / stage
+    cache = load(Path(out) / "latents" / "cache.pt")
+    err = check_compact_text(seed)
+    if err > 1e-4:
+        raise RuntimeError(f"compact text attention differs from the model's by {err}")
+    compact_text(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    ema = EMA(model, 0.998)
+    return train_loop(stage_dir, model, opt,
+                      lambda s: flow_loss(model, cache, s, seed, image, expert), steps,
+                      lambda s: cosine_lr(s, steps, lr, warmup, 0.1), resume=resume,
+                      seed=seed, ema=ema, save_every=50)
+
+
+def t2v_ema(out: Path) -> dict:
+    done = finished(Path(out) / "dit")
+    if done is None:
+        raise RuntimeError("train the T2V DiT first: python -m wan_core.demo.train dit ...")
+    return done["ema"]
+
+
+def run_dit(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    done = finished(Path(out) / "dit")
+    if done is not None and resume:
+        print("dit: finished already", flush=True)
+        return done
+    model = init_weights(WanDiT(dit_config("t2v")), seed)
+    return _train("dit", out, model, steps, seed, resume, lr=5e-4, warmup=100)
+
+
+def run_i2v(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    done = finished(Path(out) / "i2v")
+    if done is not None and resume:
+        print("i2v: finished already", flush=True)
+        return done
+    model = WanDiT(dit_config("i2v"))
+    sd = dict(t2v_ema(out))
+    w = sd["patch_embedding.weight"]
+    sd["patch_embedding.weight"] = torch.cat([w, w.new_zeros(w.shape[0], 20, *w.shape[2:])], 1)
+    model.load_state_dict(sd)
+    return _train("i2v", out, model, steps, seed + 1, resume, lr=3e-4, warmup=30, image=True)
+
+
+def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    results = {}
+    for expert, share in (("high", 0.4), ("low", 0.6)):
+        name = f"expert_{expert}"
+        done = finished(Path(out) / name)
+        if done is not None and resume:
+            print(f"{name}: finished already", flush=True)
+            results[expert] = done
+            continue
+        model = WanDiT(dit_config("t2v"))
+        model.load_state_dict(t2v_ema(out))
+        n = max(1, int(round(steps * share)))
+        results[expert] = _train(name, out, model, n, seed + 2 + (expert == "low"), resume,
+                                 lr=2e-4, warmup=20, expert=expert)
+    return results

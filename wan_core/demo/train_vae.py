@@ -1,0 +1,279 @@
+"""Stage ``vae``: a small Wan-VAE 2.1 (official architecture and key layout) for the demo clips.
+
+Training runs the same streamed encoder/decoder modules the loader builds (chunks of 1, 4, 4
+frames, causal caches between chunks). Inputs: 5-frame windows (chunks 1 + 4) of 17-frame 64x64 clips, cropped
+to 32x32 around the object (convolutions make crops valid), with a full 64x64 window every
+``FULL_EVERY`` steps so the middle attention also sees the full latent size.
+
+Loss: L1 + MSE on pixels, weighted ``1 + 4 |x - background|`` so the small object counts, plus a
+small KL term on the posterior in the *normalised* latent space (official Wan 2.1 mean/std).
+After training, :func:`standardise` folds per-channel statistics into the 1x1 convs ``conv1``
+(to latent) and ``conv2`` (from latent) so that the loader's fixed 2.1 normalisation yields
+zero-mean, unit-std latents on the demo data: an exact reparametrisation, decoding unchanged.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..vae.blocks import Stream
+from ..vae.model import VAEConfig, WanVAE
+from . import dataset
+from .training import EMA, cosine_lr, finished, train_loop
+
+CONFIG = VAEConfig(version="2.1", dim=16, decoder_dim=16, z_dim=16, dim_mult=(1, 2, 4, 4),
+                   num_res_blocks=1, temporal_downsample=(False, True, True))
+FRAMES, WINDOW, CROP, BATCH, FULL_EVERY = 17, 5, 32, 4, 4
+KL_WEIGHT = 1e-4
+TEMPORAL = 4
+
+
+def chunks(t: int):
+    """Official chunking of a 1+4n frame clip: 1 frame, then 4 at a time."""
+    yield slice(0, 1)
+    for s in range(1, t, TEMPORAL):
+        yield slice(s, s + TEMPORAL)
+
+
+def encode_posterior(vae: WanVAE, video: torch.Tensor):
+    """video [B, 3, 1+4n, H, W] -> raw (mu, logvar) [B, z, 1+n, H/8, W/8], differentiable."""
+    stream = Stream()
+    mus, logvars = [], []
+    for part in chunks(video.shape[2]):
+        h = vae.conv1(vae.encoder(video[:, :, part], stream))
+        mu, logvar = h.chunk(2, dim=1)
+        mus.append(mu)
+        logvars.append(logvar)
+        stream.end_chunk()
+    return torch.cat(mus, 2), torch.cat(logvars, 2)
+
+
+def decode_raw(vae: WanVAE, raw: torch.Tensor) -> torch.Tensor:
+    """raw latent [B, z, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] (unclamped), differentiable."""
+    stream = Stream()
+    out = []
+    for i in range(raw.shape[2]):
+        out.append(vae.decoder(vae.conv2(raw[:, :, i:i + 1]), stream))
+        stream.end_chunk()
+    return torch.cat(out, 2)
+
+
+def training_clip(seed: int, full: bool, window: int = None):
+    """One training window ``[3, WINDOW, s, s]`` (s = 64 if full else CROP) and its background
+    colour ``[3]`` in [-1, 1]."""
+    rng = random.Random(f"vae/{seed}")
+    video, _, spec = dataset.sample_clip(seed, frames=FRAMES, size=64)
+    window = window or WINDOW
+    start = rng.choice((0, 0, 4, 8, 12)) if window < FRAMES else 0
+    video = video[:, start:start + window]
+    bg = torch.tensor(dataset.BACKGROUNDS[spec.background], dtype=torch.float32) / 127.5 - 1
+    if full:
+        return video, bg
+    dx, dy = dataset.DIRECTIONS[spec.direction]
+    p = (start + window / 2) / (FRAMES - 1) * dataset.TRAVEL
+    cx, cy = (spec.x0 + dx * p) * 64, (spec.y0 + dy * p) * 64
+    left = int(min(max(cx - CROP / 2 + rng.uniform(-10, 10), 0), 64 - CROP))
+    top = int(min(max(cy - CROP / 2 + rng.uniform(-10, 10), 0), 64 - CROP))
+    return video[:, :, top:top + CROP, left:left + CROP], bg
+
+
+def batch(step: int, seed: int):
+    full = step % FULL_EVERY == FULL_EVERY - 1
+    n = 1 if full else BATCH
+    items = [training_clip(seed * 10**7 + step * BATCH + i, full) for i in range(n)]
+    return torch.stack([v for v, _ in items]), torch.stack([b for _, b in items])
+
+
+def vae_loss(vae: WanVAE, video: torch.Tensor, bg: torch.Tensor, sample: bool = True):
+    mu, logvar = encode_posterior(vae, video)
+    logvar = logvar.clamp(-30.0, 20.0)
+    std = torch.exp(0.5 * logvar)
+    raw = mu + std * torch.randn_like(mu) if sample else mu
+    recon = decode_raw(vae, raw)
+    weight = 1 + 4 * (video - bg[:, :, None, None, None]).abs().mean(1, keepdim=True)
+    err = recon - video
+    rec = (weight * (err.abs() + err.square())).mean()
+    mean = vae.latent_mean.view(1, -1, 1, 1, 1)
+    inv = vae.latent_inv_std.view(1, -1, 1, 1, 1)
+    mn, var_n = (mu - mean) * inv, std.square() * inv.square()
+    kl = 0.5 * (mn.square() + var_n - 1 - torch.log(var_n)).mean()
+    mse = err.square().mean().clamp_min(1e-10)
+    psnr = 10 * torch.log10(4 / mse)             # range [-1, 1]: peak-to-peak 2
+    return rec + KL_WEIGHT * kl, {"rec": rec.detach(), "kl": kl.detach(), "psnr": psnr.detach()}
+
+
+def build(seed: int) -> WanVAE:
+    torch.manual_seed(seed)
+    vae = WanVAE(CONFIG)
+    # Start the decoder-side 1x1 conv and the posterior conv near identity-friendly scales.
+    return vae
+
+
+@torch.no_grad()
+def latent_statistics(vae: WanVAE, clips: int = 128, seed: int = 99):
+    """Per-channel mean and std of the raw posterior means over full 17-frame clips."""
+    vae.eval()
+    mus = []
+    for i in range(0, clips, 8):
+        video = torch.stack([dataset.sample_clip(seed * 10**6 + i + j)[0] for j in range(8)])
+        mus.append(encode_posterior(vae, video)[0])
+    mu = torch.cat(mus)
+    return mu.mean((0, 2, 3, 4)), mu.std((0, 2, 3, 4))
+
+
+@torch.no_grad()
+def standardise(vae: WanVAE, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Fold ``raw' = M + S (raw - mean) / std`` (M, S: the official 2.1 statistics) into
+    ``conv1`` and its inverse into ``conv2``, so that normalised latents are ~N(0, 1)."""
+    m_off = vae.latent_mean
+    s_off = 1.0 / vae.latent_inv_std
+    a = s_off / std                                   # per-channel gain
+    z = CONFIG.z_dim
+    w1, b1 = vae.conv1.weight, vae.conv1.bias         # [2z, 2z, 1, 1, 1]
+    w1[:z] *= a.view(-1, 1, 1, 1, 1)
+    b1[:z] = a * (b1[:z] - mean) + m_off
+    b1[z:] += 2 * torch.log(a)                         # log-variance follows the gain
+    w2, b2 = vae.conv2.weight, vae.conv2.bias         # [z, z, 1, 1, 1]: raw = mean + (raw'-M)/a
+    inv = 1.0 / a
+    b2 += (w2[:, :, 0, 0, 0] @ (mean - m_off * inv))
+    w2 *= inv.view(1, -1, 1, 1, 1)
+
+
+def run(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    stage = Path(out) / "vae"
+    done = finished(stage)
+    if done is not None and resume and "final" in done:
+        print("vae: finished already", flush=True)
+        return done
+    if done is not None and resume:
+        result = done                     # trained; only the standardisation is missing
+    else:
+        vae = build(seed)
+        opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+        ema = EMA(vae, 0.998)
+
+        def loss_fn(step):
+            video, bg = batch(step, seed)
+            return vae_loss(vae, video, bg)
+
+        result = train_loop(stage, vae, opt, loss_fn, steps,
+                            lambda s: cosine_lr(s, steps, 2e-3, 30, 0.05), resume=resume,
+                            seed=seed, ema=ema, save_every=50)
+    final = WanVAE(CONFIG)
+    final.load_state_dict(result["ema"])
+    final.eval()
+    mean, std = latent_statistics(final)
+    print(f"vae: raw latent mean {mean.abs().mean():.3f} std {std.mean():.3f} (folded away)")
+    standardise(final, mean, std)
+    n_mean, n_std = (t for t in latent_statistics(final, seed=98))
+    n_mean = (n_mean - final.latent_mean) * final.latent_inv_std
+    n_std = n_std * final.latent_inv_std
+    print(f"vae: normalised latent |mean| max {n_mean.abs().max():.3f}, std "
+          f"{n_std.min():.3f}..{n_std.max():.3f}", flush=True)
+    result["final"] = final.state_dict()
+    torch.save(result, stage / "done.pt")
+    return result
+
+
+# ------------------------------------------------------------------------------ decoder stage
+
+def decoder_loss(vae: WanVAE, video: torch.Tensor, bg: torch.Tensor):
+    """Reconstruction loss through a frozen encoder (posterior samples), decoder side only."""
+    with torch.no_grad():
+        mu, logvar = encode_posterior(vae, video)
+        raw = mu + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn_like(mu)
+    recon = decode_raw(vae, raw)
+    weight = 1 + 4 * (video - bg[:, :, None, None, None]).abs().mean(1, keepdim=True)
+    err = recon - video
+    mse = err.square().mean().clamp_min(1e-10)
+    return (weight * (err.abs() + err.square())).mean(), {"psnr": (10 * torch.log10(4 / mse)).detach()}
+
+
+def decoder_batch(step: int, seed: int):
+    """Mostly full 64x64 windows (the joint stage saw mostly object crops, and its decoder
+    gets large flat backgrounds wrong), every third step a batch of object crops."""
+    if step % 3 == 2:
+        return batch(step * FULL_EVERY, seed)            # FULL_EVERY divides: crops
+    items = [training_clip(seed * 10**7 + step * 2 + i, True) for i in range(2)]
+    return torch.stack([v for v, _ in items]), torch.stack([b for _, b in items])
+
+
+def run_decoder(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    """Stage ``decoder``: keep training ``conv2`` and the decoder of the finished, standardised
+    VAE with the encoder frozen. The latents (and so the DiTs trained on them) do not change,
+    so this runs alongside the DiT stages."""
+    stage = Path(out) / "decoder"
+    done = finished(stage)
+    if done is not None and resume:
+        print("decoder: finished already", flush=True)
+        return done
+    base = finished(Path(out) / "vae")
+    if base is None:
+        raise RuntimeError("train the VAE first: python -m wan_core.demo.train vae ...")
+    vae = WanVAE(CONFIG)
+    vae.load_state_dict(base["final"])
+    for name, p in vae.named_parameters():
+        p.requires_grad_(name.startswith(("decoder.", "conv2.")))
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    ema = EMA(vae, 0.998)
+
+    def loss_fn(step):
+        video, bg = decoder_batch(step, seed + 7)
+        return decoder_loss(vae, video, bg)
+
+    result = train_loop(stage, vae, opt, loss_fn, steps,
+                        lambda s: cosine_lr(s, steps, 1e-3, 20, 0.1), resume=resume,
+                        seed=seed + 7, ema=ema, save_every=50)
+    final = WanVAE(CONFIG)
+    final.load_state_dict(result["ema"])
+    result["final"] = final.eval().state_dict()
+    torch.save(result, stage / "done.pt")
+    return result
+
+
+def long_batch(step: int, seed: int):
+    """Whole 17-frame clips (five chunks: the decoder's caches after a full chunk are only
+    trained here): a full 64x64 clip every 3rd step, else 2 object crops."""
+    if step % 3 == 2:
+        items = [training_clip(seed * 10**7 + step * 2, True, FRAMES)]
+    else:
+        items = [training_clip(seed * 10**7 + step * 2 + i, False, FRAMES) for i in range(2)]
+    return torch.stack([v for v, _ in items]), torch.stack([b for _, b in items])
+
+
+def run_decoder_long(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    """Stage ``decoder_long``: continue the ``decoder`` stage on whole 17-frame clips (the
+    earlier stages saw 5-frame windows only, and later chunks came out washed out). The
+    encoder stays frozen, so the cached latents and the DiTs stay valid."""
+    stage = Path(out) / "decoder_long"
+    done = finished(stage)
+    if done is not None and resume:
+        print("decoder_long: finished already", flush=True)
+        return done
+    base = finished(Path(out) / "decoder")
+    if base is None:
+        raise RuntimeError("run the 'decoder' stage first")
+    vae = WanVAE(CONFIG)
+    vae.load_state_dict(base["final"])
+    for name, p in vae.named_parameters():
+        p.requires_grad_(name.startswith(("decoder.", "conv2.")))
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=5e-4)
+    ema = EMA(vae, 0.99)
+
+    def loss_fn(step):
+        video, bg = long_batch(step, seed + 11)
+        return decoder_loss(vae, video, bg)
+
+    result = train_loop(stage, vae, opt, loss_fn, steps,
+                        lambda s: cosine_lr(s, steps, 5e-4, 10, 0.1), resume=resume,
+                        seed=seed + 11, ema=ema, save_every=25)
+    final = WanVAE(CONFIG)
+    final.load_state_dict(ema.shadow)
+    result["final"] = final.eval().state_dict()
+    torch.save(result, stage / "done.pt")
+    return result
