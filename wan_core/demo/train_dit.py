@@ -16,8 +16,6 @@ the CFG negative) with probability ``DROP``.
 """
 from __future__ import annotations
 
-import math
-import random
 from pathlib import Path
 
 import torch
@@ -68,65 +66,6 @@ def init_weights(model: WanDiT, seed: int) -> WanDiT:
         block.cross_attn.norm_q.weight.data.fill_(QK_GAIN)
         block.cross_attn.norm_k.weight.data.fill_(QK_GAIN)
     return model
-
-
-# ------------------------------------------------------------------------------ compact text
-
-def _compact_embed_text(self, context, batch: int) -> torch.Tensor:
-    """Training-only replacement of ``WanDiT.embed_text``: the real tokens plus ONE padding
-    token, instead of padding every prompt to ``text_len``.
-
-    All padding positions carry the same key and value (the embedding of a zero vector), so
-    attending to ``n`` copies equals attending to one copy whose logit is raised by ``ln n``.
-    The bias is handed to the patched cross-attentions; results equal the full model's."""
-    items = list(context)
-    longest = max(u.shape[0] for u in items)
-    n = self.config.text_len
-    padded = torch.zeros(batch, longest + 1, self.config.text_dim)
-    bias = torch.full((batch, 1, 1, longest + 1), float("-inf"))
-    for i, u in enumerate(items):
-        padded[i, :u.shape[0]] = u
-        bias[i, ..., :u.shape[0]] = 0.0
-        bias[i, ..., longest] = math.log(n - u.shape[0])
-    for block in self.blocks:
-        block.cross_attn._text_bias = bias
-    return self.text_embedding(padded)
-
-
-def _compact_cross_attention(self, x, context, context_img, backend):
-    q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-    k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-    v = self.v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self._text_bias)
-    return self.o(out.transpose(1, 2).flatten(2))
-
-
-def compact_text(model: WanDiT) -> WanDiT:
-    """Patch ``model`` (in place) to attend to the text with one shared padding token."""
-    import types
-
-    model.embed_text = types.MethodType(_compact_embed_text, model)
-    for block in model.blocks:
-        block.cross_attn.forward = types.MethodType(_compact_cross_attention, block.cross_attn)
-    return model
-
-
-def check_compact_text(seed: int = 0) -> float:
-    """Max difference between the compact and the full forward on random inputs."""
-    cfg = dit_config("i2v")
-    full = init_weights(WanDiT(cfg), seed).eval()
-    with torch.no_grad():
-        for p in full.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    compact = compact_text(WanDiT(cfg).eval())
-    compact.load_state_dict(full.state_dict())
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 16, 5, 8, 8, generator=g)
-    y = torch.randn(3, 20, 5, 8, 8, generator=g)
-    ctx = [torch.randn(n, 128, generator=g) for n in (11, 1, 12)]
-    t = torch.tensor([10.0, 500.0, 990.0])
-    with torch.no_grad():
-        return float((full(x, t, ctx, y=y) - compact(x, t, ctx, y=y)).abs().max())
 
 
 # ------------------------------------------------------------------------------ latent cache
@@ -228,10 +167,6 @@ def _train(stage: str, out: Path, model: WanDiT, steps: int, seed: int, resume: 
            lr: float, warmup: int, image=False, expert=None) -> dict:
     stage_dir = Path(out) / stage
     cache = load(Path(out) / "latents" / "cache.pt")
-    err = check_compact_text(seed)
-    if err > 1e-4:
-        raise RuntimeError(f"compact text attention differs from the model's by {err}")
-    compact_text(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     ema = EMA(model, 0.998)
     return train_loop(stage_dir, model, opt,
