@@ -17,7 +17,6 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..vae.blocks import Stream
 from ..vae.model import VAEConfig, WanVAE
@@ -201,38 +200,47 @@ def decoder_batch(step: int, seed: int):
     return torch.stack([v for v, _ in items]), torch.stack([b for _, b in items])
 
 
-def run_decoder(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    """Stage ``decoder``: keep training ``conv2`` and the decoder of the finished, standardised
-    VAE with the encoder frozen. The latents (and so the DiTs trained on them) do not change,
-    so this runs alongside the DiT stages."""
-    stage = Path(out) / "decoder"
+def _finetune_decoder(out: Path, stage_name: str, base_name: str, batch, steps: int, seed: int,
+                      resume: bool, lr: float, warmup: int, ema_decay: float,
+                      save_every: int) -> dict:
+    """Train ``conv2`` and the decoder of the VAE finished by stage ``base_name`` with the
+    encoder frozen: the latents (and so the DiTs trained on them) do not change."""
+    stage = Path(out) / stage_name
     done = finished(stage)
     if done is not None and resume:
-        print("decoder: finished already", flush=True)
+        print(f"{stage_name}: finished already", flush=True)
         return done
-    base = finished(Path(out) / "vae")
+    base = finished(Path(out) / base_name)
     if base is None:
-        raise RuntimeError("train the VAE first: python -m wan_core.demo.train vae ...")
+        raise RuntimeError(f"run the '{base_name}' stage first: "
+                           f"python -m wan_core.demo.train {base_name} ...")
     vae = WanVAE(CONFIG)
     vae.load_state_dict(base["final"])
     for name, p in vae.named_parameters():
         p.requires_grad_(name.startswith(("decoder.", "conv2.")))
     params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-3)
-    ema = EMA(vae, 0.998)
+    opt = torch.optim.Adam(params, lr=lr)
+    ema = EMA(vae, ema_decay)
 
     def loss_fn(step):
-        video, bg = decoder_batch(step, seed + 7)
+        video, bg = batch(step, seed)
         return decoder_loss(vae, video, bg)
 
     result = train_loop(stage, vae, opt, loss_fn, steps,
-                        lambda s: cosine_lr(s, steps, 1e-3, 20, 0.1), resume=resume,
-                        seed=seed + 7, ema=ema, save_every=50)
+                        lambda s: cosine_lr(s, steps, lr, warmup, 0.1), resume=resume,
+                        seed=seed, ema=ema, save_every=save_every)
     final = WanVAE(CONFIG)
     final.load_state_dict(result["ema"])
     result["final"] = final.eval().state_dict()
     torch.save(result, stage / "done.pt")
     return result
+
+
+def run_decoder(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    """Stage ``decoder``: fine-tune the decoder of the finished, standardised VAE on 5-frame
+    windows (runs alongside the DiT stages)."""
+    return _finetune_decoder(out, "decoder", "vae", decoder_batch, steps, seed + 7, resume,
+                             lr=1e-3, warmup=20, ema_decay=0.998, save_every=50)
 
 
 def long_batch(step: int, seed: int):
@@ -247,33 +255,6 @@ def long_batch(step: int, seed: int):
 
 def run_decoder_long(out: Path, steps: int, seed: int, resume: bool) -> dict:
     """Stage ``decoder_long``: continue the ``decoder`` stage on whole 17-frame clips (the
-    earlier stages saw 5-frame windows only, and later chunks came out washed out). The
-    encoder stays frozen, so the cached latents and the DiTs stay valid."""
-    stage = Path(out) / "decoder_long"
-    done = finished(stage)
-    if done is not None and resume:
-        print("decoder_long: finished already", flush=True)
-        return done
-    base = finished(Path(out) / "decoder")
-    if base is None:
-        raise RuntimeError("run the 'decoder' stage first")
-    vae = WanVAE(CONFIG)
-    vae.load_state_dict(base["final"])
-    for name, p in vae.named_parameters():
-        p.requires_grad_(name.startswith(("decoder.", "conv2.")))
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=5e-4)
-    ema = EMA(vae, 0.99)
-
-    def loss_fn(step):
-        video, bg = long_batch(step, seed + 11)
-        return decoder_loss(vae, video, bg)
-
-    result = train_loop(stage, vae, opt, loss_fn, steps,
-                        lambda s: cosine_lr(s, steps, 5e-4, 10, 0.1), resume=resume,
-                        seed=seed + 11, ema=ema, save_every=25)
-    final = WanVAE(CONFIG)
-    final.load_state_dict(ema.shadow)
-    result["final"] = final.eval().state_dict()
-    torch.save(result, stage / "done.pt")
-    return result
+    earlier stages saw 5-frame windows only, and later chunks came out washed out)."""
+    return _finetune_decoder(out, "decoder_long", "decoder", long_batch, steps, seed + 11,
+                             resume, lr=5e-4, warmup=10, ema_decay=0.99, save_every=25)
