@@ -50,11 +50,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x * self.weight.float()                  # float32, a new tensor
+        if torch.is_grad_enabled():
+            return (out * inverse_rms(x, self.eps)).to(x.dtype)
         return out.mul_(inverse_rms(x, self.eps)).to(x.dtype)
 
 
 def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """1 / sqrt(mean(x^2) + eps) over the last dim, float32 [..., 1], in one reduction pass."""
+    """1 / sqrt(mean(x^2) + eps) over the last dim, float32 [..., 1], in one reduction pass
+    (a differentiable form when gradients are tracked: the norm's gradient is undefined at 0)."""
+    if torch.is_grad_enabled():
+        return torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
     return torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
 
@@ -125,6 +130,11 @@ def rms_norm_rope(x: torch.Tensor, norm: "RMSNorm", heads: int,
     ([B, 1, L, head_dim/2]): three passes over the big tensor (norm, weight, rotation).
     """
     b, n, d = x.shape
+    if torch.is_grad_enabled():                    # same maths without out= / in-place writes
+        h = x.float().view(b, n, heads, -1) * norm.weight.float().view(heads, -1)
+        pairs = torch.view_as_complex(h.unflatten(-1, (-1, 2)).contiguous())
+        pairs = pairs * (rotations * inverse_rms(x, norm.eps)[..., None])
+        return torch.view_as_real(pairs).flatten(-2).to(x.dtype)
     out = torch.empty(b, heads, n, d // heads, device=x.device, dtype=torch.float32)
     torch.mul(x.view(b, n, heads, -1).transpose(1, 2), norm.weight.float().view(heads, 1, -1),
               out=out)
