@@ -128,7 +128,10 @@ def main() -> None:
     ap.add_argument("--tile-budget-mb", type=int, default=None,
                     help="memory budget for the automatic tiling in (b) (default 1024, quick 384)")
     ap.add_argument("--memory-size", default="256x256", help="WxH for (c)")
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help="torch threads per candidate (1 is steadier on a shared machine)")
     args = ap.parse_args()
+    threads = args.threads
 
     tmp = Path(tempfile.mkdtemp(prefix="wancore_vae_bench_"))
     path = str(tmp / "Wan2.1_VAE_random.pth")
@@ -138,13 +141,13 @@ def main() -> None:
 
     if "a" in args.only:
         frames, h, w = (5, 128, 128) if args.quick else (17, 256, 256)
-        print(f"\n(a) decode {frames} frames {w}x{h}, Wan 2.1 VAE fp32, {THREADS} threads")
-        results = [bench("wan_core", setup_ours, path, frames, h, w, threads=THREADS, **runs),
-                   bench("official", setup_official, path, frames, h, w, threads=THREADS, **runs),
-                   bench("diffusers", setup_diffusers, path, frames, h, w, threads=THREADS, **runs)]
+        print(f"\n(a) decode {frames} frames {w}x{h}, Wan 2.1 VAE fp32, {threads} threads")
+        results = [bench("wan_core", setup_ours, path, frames, h, w, threads=threads, **runs),
+                   bench("official", setup_official, path, frames, h, w, threads=threads, **runs),
+                   bench("diffusers", setup_diffusers, path, frames, h, w, threads=threads, **runs)]
         why = comfy_available()
         if why is None:
-            results.append(bench("comfyui", setup_comfy, path, frames, h, w, threads=THREADS, **runs))
+            results.append(bench("comfyui", setup_comfy, path, frames, h, w, threads=threads, **runs))
         else:
             print(f"  comfyui: skipped ({why})")
         print_table(f"(a) decode {frames}x{w}x{h} (goal: wan_core <= 0.8x the fastest reference)", results)
@@ -155,9 +158,9 @@ def main() -> None:
         budget = budget_mb * 2**20
         print(f"\n(b) decode {frames} frames {w}x{h}: automatic tiling (budget {budget_mb} MB) vs untiled")
         tiled = bench("wan_core tiled", setup_ours, path, frames, h, w, None, budget,
-                      threads=THREADS, runs=1, warmup=0)
+                      threads=threads, runs=1, warmup=0)
         untiled = bench("wan_core untiled", setup_ours, path, frames, h, w, False, None,
-                        threads=THREADS, runs=1, warmup=0)
+                        threads=threads, runs=1, warmup=0)
         print_table(f"(b) decode {frames}x{w}x{h} memory", [tiled, untiled], ours="wan_core untiled")
         print(f"tiled / untiled call peak: {tiled.call_peak_mb / max(untiled.call_peak_mb, 1e-9):.2f}x "
               f"(goal <= 0.35x)")
@@ -167,8 +170,8 @@ def main() -> None:
         if args.quick:
             w, h = 128, 128
         print(f"\n(c) decode 9 vs 33 frames at {w}x{h}, untiled")
-        short = bench("wan_core 9 frames", setup_ours, path, 9, h, w, threads=THREADS, runs=1, warmup=0)
-        long = bench("wan_core 33 frames", setup_ours, path, 33, h, w, threads=THREADS, runs=1, warmup=0)
+        short = bench("wan_core 9 frames", setup_ours, path, 9, h, w, threads=threads, runs=1, warmup=0)
+        long = bench("wan_core 33 frames", setup_ours, path, 33, h, w, threads=threads, runs=1, warmup=0)
         print_table(f"(c) decode length vs memory at {w}x{h}", [short, long], ours="wan_core 9 frames")
         out_mb = 3 * 24 * h * w * 4 / 2**20
         print(f"33 / 9 frames call peak: {long.call_peak_mb / max(short.call_peak_mb, 1e-9):.2f}x "
