@@ -175,6 +175,52 @@ def print_cpu_times(results, ours="wan_core"):
     print("CPU time per call (all threads): " + ", ".join(parts))
 
 
+GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
+ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_softmax",
+                 "aten::_scaled_dot_product_efficient_attention",
+                 "aten::_scaled_dot_product_flash_attention")
+
+
+def _profile_child(queue, setup, args, threads):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        fn = setup(*args)
+        fn()                                            # warm-up: kernels, weight reorders
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    shares = {"gemm": 0.0, "attention": 0.0, "total": 0.0}
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        shares["total"] += seconds
+        if event.key in GEMM_OPS:
+            shares["gemm"] += seconds
+        elif event.key in ATTENTION_OPS:
+            shares["attention"] += seconds
+    queue.put(shares)
+
+
+def profile_split(name, setup, *args, threads=1):
+    """CPU time of one forward split into GEMMs (matrix products, the same MKL/oneDNN calls in
+    every implementation), attention kernels (SDPA, or bmm + softmax) and everything else."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_profile_child, args=(queue, setup, args, threads))
+    proc.start()
+    shares = queue.get()
+    proc.join()
+    other = shares["total"] - shares["gemm"] - shares["attention"]
+    print(f"  {name}: {shares['total']:.2f} s = GEMM {shares['gemm']:.2f} s "
+          f"({shares['gemm'] / shares['total']:.0%}) + attention {shares['attention']:.2f} s "
+          f"({shares['attention'] / shares['total']:.0%}) + other {other:.2f} s "
+          f"({other / shares['total']:.0%})", flush=True)
+    return shares
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small latent, 2 timed runs")
@@ -183,6 +229,9 @@ def main(argv=None):
                         help="text contexts: all (512 real tokens), prompt (60 real + padding)")
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per candidate")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing, split one forward's CPU time (1 thread) into "
+                             "GEMMs, attention and the rest: the floor every implementation shares")
     args = parser.parse_args(argv)
     latent = QUICK_LATENT if args.quick else FULL_LATENT
     runs = args.runs or (2 if args.quick else 3)
@@ -214,6 +263,14 @@ def main(argv=None):
                 print(f"\n[{dtype_name}, {label}]", flush=True)
                 kw = dict(runs=runs, threads=args.threads)
                 common = (path, dtype_name, latent, real)
+                if args.profile:
+                    profile_split("wan_core", setup_ours, *common)
+                    if dtype_name == "fp32":
+                        profile_split("official wan22", setup_official, *common)
+                    profile_split("diffusers", setup_diffusers, *common)
+                    if comfy_root:
+                        profile_split("comfyui native", setup_comfy, *common, comfy_root)
+                    continue
                 results = [
                     bench("wan_core", setup_ours, *common, **kw),
                     bench("official wan22", setup_official, *common, **kw),

@@ -136,7 +136,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="wancore_vae_bench_"))
     path = str(tmp / "Wan2.1_VAE_random.pth")
     make_weights(path)
-    runs = dict(runs=1, warmup=0) if args.quick else dict(runs=1, warmup=1)
+    runs = dict(runs=1, warmup=0)   # one call is minutes long at full size: one-time costs are noise
     print("CPU timings on a shared 2-core machine are noisy: read ratios, not absolutes.")
 
     if "a" in args.only:

@@ -261,3 +261,20 @@ def test_decode_cache_does_not_grow_with_length(pair, monkeypatch):
     vae.decode(torch.randn(1, vae.config.z_dim, 7, 2, 2))
     assert len(sizes) == 7
     assert len(set(sizes[2:])) == 1, sizes
+
+
+def test_automatic_tiles_fit_the_budget():
+    """Full-size 2.1 decoder (meta tensors): the planner picks the largest square tile whose
+    estimate, weights copy included, fits the budget."""
+    from wan_core.vae.model import VAEConfig, WanVAE
+    from wan_core.vae.tiling import pass_peak_bytes
+
+    cfg = VAEConfig("2.1", 96, 96, 16, (1, 2, 4, 4), 2, (False, True, True))
+    with torch.device("meta"):
+        vae = WanVAE(cfg)
+    for budget_mb in (768, 1024, 2048):
+        budget = budget_mb * 2**20
+        plan = plan_tiles(vae, (1, 16, 21, 60, 104), "decode", None, budget)
+        side = plan.ys[0][1] - plan.ys[0][0]
+        assert pass_peak_bytes(vae, "decode", side, side) <= budget
+        assert pass_peak_bytes(vae, "decode", side + 1, side + 1) > budget

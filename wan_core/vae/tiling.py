@@ -49,7 +49,6 @@ def _levels(cfg, kind: str, h: int, w: int):
     the streaming pass over an h x w latent tile (steady state, after the first chunk)."""
     mult = tuple(cfg.dim_mult)
     nrb = cfg.num_res_blocks
-    p = cfg.patch_size
     n_levels = len(mult)
     if kind == "decode":
         dims = [cfg.decoder_dim * m for m in (mult[-1],) + mult[::-1]]
