@@ -151,8 +151,10 @@ def bench(name: str, setup: Callable[..., Callable[[], Any]], *args, runs: int =
     return result
 
 
-def print_table(title: str, results: list[Result], ours: str = "wan_core") -> None:
-    """One table: time and memory of every candidate, with ratios against ``ours``."""
+def print_table(title: str, results: list[Result], ours: str = "wan_core",
+                references: bool = True) -> None:
+    """One table: time and memory of every candidate, with ratios against ``ours``; with
+    ``references`` the other candidates are references and the fastest is compared."""
     base = next((r for r in results if r.name == ours), None)
     print(f"\n## {title}")
     print(f"| candidate | median s | time / ours | peak MB | call peak MB | peak / ours |")
@@ -165,7 +167,7 @@ def print_table(title: str, results: list[Result], ours: str = "wan_core") -> No
         m_ratio = r.peak_mb / base.peak_mb if base and not base.error else float("nan")
         print(f"| {r.name} | {r.median_s:.4f} | {t_ratio:.2f}x | {r.peak_mb:.0f} | "
               f"{r.call_peak_mb:.0f} | {m_ratio:.2f}x |")
-    refs = [r for r in results if r.name != ours and not r.error]
+    refs = [r for r in results if r.name != ours and not r.error] if references else []
     if base and not base.error and refs:
         fastest = min(refs, key=lambda r: r.median_s)
         print(f"ours vs fastest reference ({fastest.name}): "

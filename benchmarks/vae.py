@@ -161,7 +161,8 @@ def main() -> None:
                       threads=threads, runs=1, warmup=0)
         untiled = bench("wan_core untiled", setup_ours, path, frames, h, w, False, None,
                         threads=threads, runs=1, warmup=0)
-        print_table(f"(b) decode {frames}x{w}x{h} memory", [tiled, untiled], ours="wan_core untiled")
+        print_table(f"(b) decode {frames}x{w}x{h} memory", [tiled, untiled], ours="wan_core untiled",
+                    references=False)
         print(f"tiled / untiled call peak: {tiled.call_peak_mb / max(untiled.call_peak_mb, 1e-9):.2f}x "
               f"(goal <= 0.35x)")
 
@@ -172,7 +173,8 @@ def main() -> None:
         print(f"\n(c) decode 9 vs 33 frames at {w}x{h}, untiled")
         short = bench("wan_core 9 frames", setup_ours, path, 9, h, w, threads=threads, runs=1, warmup=0)
         long = bench("wan_core 33 frames", setup_ours, path, 33, h, w, threads=threads, runs=1, warmup=0)
-        print_table(f"(c) decode length vs memory at {w}x{h}", [short, long], ours="wan_core 9 frames")
+        print_table(f"(c) decode length vs memory at {w}x{h}", [short, long], ours="wan_core 9 frames",
+                    references=False)
         out_mb = 3 * 24 * h * w * 4 / 2**20
         print(f"33 / 9 frames call peak: {long.call_peak_mb / max(short.call_peak_mb, 1e-9):.2f}x "
               f"(goal <= 1.10x; the 24 extra output frames alone are {out_mb:.0f} MB)")
