@@ -157,8 +157,8 @@ def print_table(title: str, results: list[Result], ours: str = "wan_core",
     ``references`` the other candidates are references and the fastest is compared."""
     base = next((r for r in results if r.name == ours), None)
     print(f"\n## {title}")
-    print(f"| candidate | median s | time / ours | peak MB | call peak MB | peak / ours |")
-    print(f"|---|---|---|---|---|---|")
+    print("| candidate | median s | time / ours | peak MB | call peak MB | peak / ours |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         if r.error:
             print(f"| {r.name} | failed: {r.error[:60]} | | | | |")

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.dit_helpers import random_inputs, random_state_dict, tiny_config
-from tests.reference import max_abs_err, report
+from tests.reference import report
 from wan_core.checkpoint import CheckpointError
 from wan_core.configs import DEFAULTS, DiTConfig, detect_dit_config
 from wan_core.dit import WanDiT, load_dit

@@ -13,7 +13,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import wan21, wan22
 from .blocks import AttentionBlock, CausalConv3d, ResidualBlock, RMSNorm, Stream, norm_silu_conv
