@@ -175,8 +175,11 @@ def print_cpu_times(results, ours="wan_core"):
     print("CPU time per call (all threads): " + ", ".join(parts))
 
 
-GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
+# Linear layers run as addmm / mm; batched products (bmm, baddbmm) appear only in attention
+# (ComfyUI's CPU attention is q @ k^T, softmax, @ v), so they count as attention.
+GEMM_OPS = ("aten::addmm", "aten::mm")
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_softmax",
+                 "aten::bmm", "aten::baddbmm",
                  "aten::_scaled_dot_product_efficient_attention",
                  "aten::_scaled_dot_product_flash_attention")
 
