@@ -278,3 +278,40 @@ def test_automatic_tiles_fit_the_budget():
         side = plan.ys[0][1] - plan.ys[0][0]
         assert pass_peak_bytes(vae, "decode", side, side) <= budget
         assert pass_peak_bytes(vae, "decode", side + 1, side + 1) > budget
+
+
+def test_training_path_gradients_match_finite_differences():
+    """The grad-enabled branches of the VAE blocks (used to train the demo VAE) give the
+    gradient of what they compute: directional derivatives of an encode + decode through
+    the causal streams agree with central finite differences (float64)."""
+    from wan_core.demo.train_vae import decode_raw, encode_posterior
+    from wan_core.vae.model import VAEConfig, WanVAE
+
+    cfg = VAEConfig("2.1", 8, 8, 4, (1, 2, 2, 2), 1, (False, True, True))
+    torch.manual_seed(0)
+    vae = WanVAE(cfg).double()
+    video = torch.randn(1, 3, 5, 16, 16, dtype=torch.float64)     # first chunk + one of 4
+
+    def objective(probe=None):
+        out = decode_raw(vae, encode_posterior(vae, video)[0])
+        return out if probe is None else (out * probe).sum()
+
+    probe = torch.randn_like(objective().detach())
+    objective(probe).backward()
+    names = ["encoder.conv1.weight", "encoder.middle.1.to_qkv.weight", "encoder.head.2.weight",
+             "decoder.conv1.weight", "decoder.upsamples.0.residual.0.gamma",
+             "decoder.head.2.weight", "encoder.downsamples.3.time_conv.weight",
+             "decoder.upsamples.2.time_conv.weight"]
+    params = dict(vae.named_parameters())
+    for name in names:
+        p = params[name]
+        direction = torch.randn_like(p)
+        analytic = float((p.grad * direction).sum())
+        with torch.no_grad():
+            p += 1e-6 * direction
+            plus = objective(probe)
+            p -= 2e-6 * direction
+            minus = objective(probe)
+            p += 1e-6 * direction
+        numeric = float(plus - minus) / 2e-6
+        assert abs(analytic - numeric) <= 1e-5 * max(1.0, abs(numeric)), name
