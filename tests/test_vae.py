@@ -298,10 +298,8 @@ def test_training_path_gradients_match_finite_differences():
 
     probe = torch.randn_like(objective().detach())
     objective(probe).backward()
-    names = ["encoder.conv1.weight", "encoder.middle.1.to_qkv.weight", "encoder.head.2.weight",
-             "decoder.conv1.weight", "decoder.upsamples.0.residual.0.gamma",
-             "decoder.head.2.weight", "encoder.downsamples.3.time_conv.weight",
-             "decoder.upsamples.2.time_conv.weight"]
+    names = ["encoder.conv1.weight", "encoder.downsamples.3.time_conv.weight",
+             "decoder.upsamples.0.residual.0.gamma", "decoder.upsamples.2.time_conv.weight"]
     params = dict(vae.named_parameters())
     for name in names:
         p = params[name]
