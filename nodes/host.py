@@ -34,6 +34,19 @@ MODEL_FOLDERS = {
     "loras": ("loras",),
 }
 MODEL_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".gguf")
+# The embedded demo model (wan_core/demo/weights) is offered in the loaders' lists under this
+# folder name, so the demo workflow runs without any download.
+EMBEDDED_FOLDER = "wancore-demo"
+EMBEDDED = {"diffusion_models": ("t2v", "i2v", "high_noise", "low_noise"), "vae": ("vae",),
+            "text_encoders": ("text_encoder",)}
+
+
+def embedded_models(kind: str) -> dict[str, Path]:
+    """Dropdown name -> path of the embedded demo files of one kind (those present)."""
+    from wan_core.demo import FILES, WEIGHTS_DIR
+
+    paths = {f"{EMBEDDED_FOLDER}/{FILES[n]}": WEIGHTS_DIR / FILES[n] for n in EMBEDDED.get(kind, ())}
+    return {name: path for name, path in paths.items() if path.is_file()}
 
 
 def in_comfyui() -> bool:
@@ -58,7 +71,7 @@ def list_models(kind: str) -> list[str]:
         if root.is_dir():
             names = [p.relative_to(root).as_posix() for p in root.rglob("*")
                      if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES]
-    return sorted(dict.fromkeys(names))
+    return sorted(dict.fromkeys(names)) + sorted(set(embedded_models(kind)) - set(names))
 
 
 def model_path(kind: str, name: str) -> str:
@@ -75,6 +88,9 @@ def model_path(kind: str, name: str) -> str:
         path = _standalone_models_dir() / MODEL_FOLDERS[kind][0] / name
         if path.is_file():
             return str(path)
+    embedded = embedded_models(kind).get(name)
+    if embedded is not None:
+        return str(embedded)
     raise FileNotFoundError(
         f"model file '{name}' was not found in models/{MODEL_FOLDERS[kind][0]}; "
         "put it there and press 'r' to refresh the node's list")

@@ -131,6 +131,7 @@ def test_object_info_lists_every_node(server):
     # The dropdowns list the tiny files under the advertised names.
     loader = info["WanCoreModelLoader"]["input"]["required"]["model_name"][0]
     assert "wan2.1_t2v_1.3B_bf16.safetensors" in loader
+    assert "wancore-demo/dit_t2v.safetensors" in loader           # the embedded demo model
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)

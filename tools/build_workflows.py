@@ -25,6 +25,7 @@ UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 VAE21 = "wan_2.1_vae.safetensors"
 VAE22 = "wan2.2_vae.safetensors"
 CLIP = "clip_vision_h.safetensors"
+DEMO = "wancore-demo"          # nodes/host.py EMBEDDED_FOLDER: the demo weights inside the pack
 
 # (output names, output types) of each node type used here.
 OUTPUTS = {
@@ -164,8 +165,10 @@ def text(prompt):
 
 
 def note(title, files, tips):
-    lines = [f"## {title}", "", "**Model files** (put them in ComfyUI/models/...):", ""]
-    lines += [f"- `{folder}/{file}`" for folder, file in files]
+    lines = [f"## {title}", ""]
+    if files:
+        lines += ["**Model files** (put them in ComfyUI/models/...):", ""]
+        lines += [f"- `{folder}/{file}`" for folder, file in files]
     lines += ["", "**Tips**", ""] + [f"- {t}" for t in tips]
     return "\n".join(lines)
 
@@ -268,6 +271,27 @@ def workflows() -> dict:
             ["Uses the Wan 2.2 VAE (wan2.2_vae.safetensors): sizes are multiples of 32.",
              "Official settings: 1280x704, 121 frames at 24 fps, 50 steps, cfg 5, shift 5.",
              "For text-only generation replace WanCore Image To Video with WanCore Empty Video."]))
+    out["wancore_demo_t2v"] = build("wancore_demo_t2v", "WanCore demo: tiny text to video (CPU)", [
+        Node("dit", "WanCoreModelLoader", [f"{DEMO}/dit_t2v.safetensors", "default", "sdpa"],
+             group="1. Models"),
+        Node("vae", "WanCoreVAELoader", [f"{DEMO}/vae.safetensors"], group="1. Models"),
+        Node("te", "WanCoreTextEncoderLoader", [f"{DEMO}/text_encoder.safetensors", "default"],
+             group="1. Models"),
+        Node("text", "WanCoreTextEncode", ["a green square moving up on a black background", ""],
+             {"text_encoder": ("te", 0, "WANCORE_TEXT_ENCODER")}, column=1,
+             group="2. Prompt & video"),
+        Node("video", "WanCoreEmptyVideo", [64, 64, 17], column=1, group="2. Prompt & video"),
+        *tail("dit", "video", sampler(20, 4.0, 3.0, seed=0), 8, "WanCore/demo"),
+    ], note("WanCore demo (embedded, no download)", [],
+            ["Runs on any CPU in seconds: the tiny model shipped inside the pack "
+             "(`wancore-demo/...` in the loader lists, no files to download).",
+             "It knows one shape (circle, square, triangle) in red, green, blue, yellow, white "
+             "or purple, moving left, right, up or down on a black, gray, white or blue "
+             "background, at 64x64: prompts like 'a red circle moving left on a blue "
+             "background'.",
+             "Settings it was trained for: 64x64, 17 frames, 20 steps, cfg 4, shift 3, "
+             "empty negative prompt, 8 fps.",
+             "Its quality is limited (see wan_core/demo/TRAINING.md)."]))
     return out
 
 
