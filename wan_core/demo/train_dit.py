@@ -33,7 +33,9 @@ DROP = 0.1
 BATCH = 32
 BOUNDARY = 0.875
 QK_GAIN = 3.0
-PLACEMENTS = 4          # cached clips per training combination
+PLACEMENTS = 6          # cached clips per training combination
+LR = 1e-3               # peak learning rate of the T2V and I2V stages
+VAE_STAGE = "vae_long"  # the VAE whose encoder makes the cached latents (and is shipped)
 
 
 def dit_config(model_type: str = "t2v") -> DiTConfig:
@@ -74,7 +76,7 @@ def _load_vae(out: Path):
     from .export import vae_state
     from ..vae import load_vae
 
-    return load_vae(vae_state(out, "vae"), dtype=torch.float32)   # the encoder is final
+    return load_vae(vae_state(out, VAE_STAGE), dtype=torch.float32)
 
 
 def _load_text(out: Path):
@@ -188,20 +190,18 @@ def run_dit(out: Path, steps: int, seed: int, resume: bool) -> dict:
         print("dit: finished already", flush=True)
         return done
     model = init_weights(WanDiT(dit_config("t2v")), seed)
-    return _train("dit", out, model, steps, seed, resume, lr=5e-4, warmup=100)
+    return _train("dit", out, model, steps, seed, resume, lr=LR, warmup=100)
 
 
 def run_i2v(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    """The I2V DiT, trained from the official initialisation (not from the T2V model), so that
+    it can run at the same time as the ``dit`` stage on a 2-core machine."""
     done = finished(Path(out) / "i2v")
     if done is not None and resume:
         print("i2v: finished already", flush=True)
         return done
-    model = WanDiT(dit_config("i2v"))
-    sd = dict(t2v_ema(out))
-    w = sd["patch_embedding.weight"]
-    sd["patch_embedding.weight"] = torch.cat([w, w.new_zeros(w.shape[0], 20, *w.shape[2:])], 1)
-    model.load_state_dict(sd)
-    return _train("i2v", out, model, steps, seed + 1, resume, lr=3e-4, warmup=30, image=True)
+    model = init_weights(WanDiT(dit_config("i2v")), seed + 1)
+    return _train("i2v", out, model, steps, seed + 1, resume, lr=LR, warmup=100, image=True)
 
 
 def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:

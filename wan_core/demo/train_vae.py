@@ -258,3 +258,66 @@ def run_decoder_long(out: Path, steps: int, seed: int, resume: bool) -> dict:
     earlier stages saw 5-frame windows only, and later chunks came out washed out)."""
     return _finetune_decoder(out, "decoder_long", "decoder", long_batch, steps, seed + 11,
                              resume, lr=5e-4, warmup=10, ema_decay=0.99, save_every=25)
+
+
+# ------------------------------------------------------------------------------ joint long stage
+
+FIRST_FRAME_WEIGHT = 4.0     # frame 0 is the I2V condition: its reconstruction bounds I2V PSNR
+
+
+def joint_long_loss(vae: WanVAE, video: torch.Tensor, bg: torch.Tensor):
+    """Encoder + decoder loss on whole clips ``video [B, 3, 17, s, s]``: the pixel loss of
+    :func:`vae_loss` with frame 0 weighted ``FIRST_FRAME_WEIGHT``, posterior samples, small KL."""
+    mu, logvar = encode_posterior(vae, video)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    recon = decode_raw(vae, mu + std * torch.randn_like(mu))
+    weight = 1 + 4 * (video - bg[:, :, None, None, None]).abs().mean(1, keepdim=True)
+    weight[:, :, 0] *= FIRST_FRAME_WEIGHT
+    err = recon - video
+    rec = (weight * (err.abs() + err.square())).mean()
+    mean = vae.latent_mean.view(1, -1, 1, 1, 1)
+    inv = vae.latent_inv_std.view(1, -1, 1, 1, 1)
+    mn, var_n = (mu - mean) * inv, std.square() * inv.square()
+    kl = 0.5 * (mn.square() + var_n - 1 - torch.log(var_n)).mean()
+    mse = err.square().mean().clamp_min(1e-10)
+    mse0 = err[:, :, 0].square().mean().clamp_min(1e-10)
+    return rec + KL_WEIGHT * kl, {"psnr": (10 * torch.log10(4 / mse)).detach(),
+                                  "psnr0": (10 * torch.log10(4 / mse0)).detach()}
+
+
+def run_vae_long(out: Path, steps: int, seed: int, resume: bool, lr: float = 3e-4) -> dict:
+    """Stage ``vae_long``: encoder and decoder together on whole 17-frame clips (five chunks,
+    so the causal caches of both sides are trained as inference uses them), starting from
+    ``decoder_long``; frame 0 weighted up. The result is re-standardised (the encoder moved)."""
+    stage = Path(out) / "vae_long"
+    done = finished(stage)
+    if done is not None and resume and "final" in done:
+        print("vae_long: finished already", flush=True)
+        return done
+    base = finished(Path(out) / "decoder_long")
+    if base is None:
+        raise RuntimeError("run the 'decoder_long' stage first: "
+                           "python -m wan_core.demo.train decoder_long ...")
+    vae = WanVAE(CONFIG)
+    vae.load_state_dict(base["final"])
+    if done is not None and resume:
+        result = done                     # trained; only the standardisation is missing
+    else:
+        opt = torch.optim.Adam(vae.parameters(), lr=lr)
+        ema = EMA(vae, 0.99)
+
+        def loss_fn(step):
+            video, bg = long_batch(step, seed + 13)
+            return joint_long_loss(vae, video, bg)
+
+        result = train_loop(stage, vae, opt, loss_fn, steps,
+                            lambda s: cosine_lr(s, steps, lr, 20, 0.1), resume=resume,
+                            seed=seed, ema=ema, save_every=25)
+    final = WanVAE(CONFIG)
+    final.load_state_dict(result["ema"])
+    final.eval()
+    mean, std = latent_statistics(final)
+    standardise(final, mean, std)
+    result["final"] = final.state_dict()
+    torch.save(result, stage / "done.pt")
+    return result
