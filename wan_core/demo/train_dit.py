@@ -194,14 +194,16 @@ def run_dit(out: Path, steps: int, seed: int, resume: bool) -> dict:
 
 
 def run_i2v(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    """The I2V DiT, trained from the official initialisation (not from the T2V model), so that
-    it can run at the same time as the ``dit`` stage on a 2-core machine."""
     done = finished(Path(out) / "i2v")
     if done is not None and resume:
         print("i2v: finished already", flush=True)
         return done
-    model = init_weights(WanDiT(dit_config("i2v")), seed + 1)
-    return _train("i2v", out, model, steps, seed + 1, resume, lr=LR, warmup=100, image=True)
+    model = WanDiT(dit_config("i2v"))
+    sd = dict(t2v_ema(out))
+    w = sd["patch_embedding.weight"]
+    sd["patch_embedding.weight"] = torch.cat([w, w.new_zeros(w.shape[0], 20, *w.shape[2:])], 1)
+    model.load_state_dict(sd)
+    return _train("i2v", out, model, steps, seed + 1, resume, lr=3e-4, warmup=30, image=True)
 
 
 def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:
