@@ -362,14 +362,6 @@ def print_reconstruction(out: Path, stage: str) -> dict:
     return report
 
 
-def run_decoder_final(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    """Stage ``decoder_final``: decoder-only fine-tuning of the ``vae_long`` VAE on whole
-    17-frame clips. The encoder is frozen, so this runs beside the DiT stages, whose cached
-    latents stay valid; its decoder is the one shipped."""
-    return _finetune_decoder(out, "decoder_final", "vae_long", long_batch, steps, seed + 17,
-                             resume, lr=3e-4, warmup=10, ema_decay=0.99, save_every=25)
-
-
 @torch.no_grad()
 def reconstruction_report(vae, count: int = 16, seed: int = 5) -> dict:
     """How well the loaded VAE (``wan_core.vae.WanVAE``) reproduces ``count`` held-out clips
