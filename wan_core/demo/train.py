@@ -1,7 +1,7 @@
 """Train the embedded demo model on 2 CPU cores (see TRAINING.md).
 
     python -m wan_core.demo.train all --out runs/demo --resume
-    python -m wan_core.demo.train {vae,text,latents,decoder,decoder_long,dit,i2v,experts,export,all} --out DIR --resume
+    python -m wan_core.demo.train {vae,text,decoder,decoder_long,vae_long,latents,dit,i2v,experts,export,all} --out DIR --resume
 
 Stages write their checkpoints under ``DIR/<stage>/``; ``--resume`` continues an interrupted
 stage from its last checkpoint and skips finished ones. ``export`` writes the shipped files to
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .training import setup_threads
 
-STAGES = ("vae", "text", "latents", "decoder", "decoder_long", "dit", "i2v", "experts", "export")
+STAGES = ("vae", "text", "decoder", "decoder_long", "vae_long", "latents", "dit", "i2v",
+          "experts", "export")
 
 
 def main(argv=None) -> int:
@@ -50,6 +51,9 @@ def run_stage(stage: str, args) -> None:
     elif stage == "decoder_long":
         from .train_vae import run_decoder_long
         run_decoder_long(args.out, n, args.seed, args.resume)
+    elif stage == "vae_long":
+        from .train_vae import run_vae_long
+        run_vae_long(args.out, n, args.seed, args.resume)
     elif stage == "text":
         from .train_text import run
         run(args.out, n, args.seed, args.resume)

@@ -33,7 +33,9 @@ DROP = 0.1
 BATCH = 32
 BOUNDARY = 0.875
 QK_GAIN = 3.0
-PLACEMENTS = 4          # cached clips per training combination
+PLACEMENTS = 6          # cached clips per training combination
+LR = 1e-3               # peak learning rate of the T2V and I2V stages
+VAE_STAGE = "vae_long"  # the VAE whose encoder makes the cached latents (and is shipped)
 
 
 def dit_config(model_type: str = "t2v") -> DiTConfig:
@@ -74,7 +76,7 @@ def _load_vae(out: Path):
     from .export import vae_state
     from ..vae import load_vae
 
-    return load_vae(vae_state(out, "vae"), dtype=torch.float32)   # the encoder is final
+    return load_vae(vae_state(out, VAE_STAGE), dtype=torch.float32)
 
 
 def _load_text(out: Path):
@@ -188,7 +190,7 @@ def run_dit(out: Path, steps: int, seed: int, resume: bool) -> dict:
         print("dit: finished already", flush=True)
         return done
     model = init_weights(WanDiT(dit_config("t2v")), seed)
-    return _train("dit", out, model, steps, seed, resume, lr=5e-4, warmup=100)
+    return _train("dit", out, model, steps, seed, resume, lr=LR, warmup=100)
 
 
 def run_i2v(out: Path, steps: int, seed: int, resume: bool) -> dict:

@@ -258,3 +258,127 @@ def run_decoder_long(out: Path, steps: int, seed: int, resume: bool) -> dict:
     earlier stages saw 5-frame windows only, and later chunks came out washed out)."""
     return _finetune_decoder(out, "decoder_long", "decoder", long_batch, steps, seed + 11,
                              resume, lr=5e-4, warmup=10, ema_decay=0.99, save_every=25)
+
+
+# ------------------------------------------------------------------------------ joint long stage
+
+FIRST_FRAME_WEIGHT = 2.0     # frame 0 is the I2V condition: its reconstruction bounds I2V PSNR
+FIRST_FRAMES = 8             # extra single-frame (first chunk only) images per step
+
+
+def pixel_loss(recon: torch.Tensor, video: torch.Tensor, bg: torch.Tensor):
+    """Weighted L1 + MSE ``(1 + 4 |x - background|) (|err| + err^2)`` of ``[B, 3, T, H, W]``
+    clips, frame 0 weighted ``FIRST_FRAME_WEIGHT``; returns (loss, mse of all, mse of frame 0)."""
+    weight = 1 + 4 * (video - bg[:, :, None, None, None]).abs().mean(1, keepdim=True)
+    weight[:, :, 0] *= FIRST_FRAME_WEIGHT
+    err = recon - video
+    rec = (weight * (err.abs() + err.square())).mean()
+    return rec, err.square().mean().clamp_min(1e-10), err[:, :, 0].square().mean().clamp_min(1e-10)
+
+
+def posterior_kl(vae: WanVAE, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL of the posterior to N(0, 1) in the *normalised* latent space (mean over elements)."""
+    mean = vae.latent_mean.view(1, -1, 1, 1, 1)
+    inv = vae.latent_inv_std.view(1, -1, 1, 1, 1)
+    mn, var_n = (mu - mean) * inv, std.square() * inv.square()
+    return 0.5 * (mn.square() + var_n - 1 - torch.log(var_n)).mean()
+
+
+def autoencode(vae: WanVAE, video: torch.Tensor):
+    """Posterior sample -> reconstruction of ``video [B, 3, 1+4n, H, W]``; returns (recon, kl)."""
+    mu, logvar = encode_posterior(vae, video)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    recon = decode_raw(vae, mu + std * torch.randn_like(mu))
+    return recon, posterior_kl(vae, mu, std)
+
+
+def first_frames(step: int, seed: int):
+    """``FIRST_FRAMES`` first frames of full 64x64 clips as one-frame videos ``[B, 3, 1, 64, 64]``
+    and their backgrounds ``[B, 3]``: the I2V condition is exactly this first chunk."""
+    items = [training_clip(seed * 10**7 + step * FIRST_FRAMES + i, True, 1)
+             for i in range(FIRST_FRAMES)]
+    return torch.stack([v for v, _ in items]), torch.stack([b for _, b in items])
+
+
+def joint_long_loss(vae: WanVAE, step: int, seed: int):
+    """Encoder + decoder loss on whole 17-frame clips (:func:`long_batch`) plus a batch of
+    single first frames (:func:`first_frames`), posterior samples, small KL."""
+    video, bg = long_batch(step, seed)
+    recon, kl = autoencode(vae, video)
+    rec, mse, mse0 = pixel_loss(recon, video, bg)
+    image, image_bg = first_frames(step, seed)
+    recon_image, kl_image = autoencode(vae, image)
+    rec_image, mse_image, _ = pixel_loss(recon_image, image, image_bg)
+    loss = rec + rec_image + KL_WEIGHT * (kl + kl_image)
+    return loss, {"psnr": (10 * torch.log10(4 / mse)).detach(),
+                  "psnr0": (10 * torch.log10(4 / mse0)).detach(),
+                  "psnr_image": (10 * torch.log10(4 / mse_image)).detach()}
+
+
+def run_vae_long(out: Path, steps: int, seed: int, resume: bool, lr: float = 3e-4) -> dict:
+    """Stage ``vae_long``: encoder and decoder together on whole 17-frame clips (five chunks,
+    so the causal caches of both sides are trained as inference uses them) and on single
+    first frames (the I2V condition), starting from ``decoder_long``. The result is
+    re-standardised (the encoder moved)."""
+    stage = Path(out) / "vae_long"
+    done = finished(stage)
+    if done is not None and resume and "final" in done:
+        print("vae_long: finished already", flush=True)
+        return done
+    base = finished(Path(out) / "decoder_long")
+    if base is None:
+        raise RuntimeError("run the 'decoder_long' stage first: "
+                           "python -m wan_core.demo.train decoder_long ...")
+    vae = WanVAE(CONFIG)
+    vae.load_state_dict(base["final"])
+    if done is not None and resume:
+        result = done                     # trained; only the standardisation is missing
+    else:
+        opt = torch.optim.Adam(vae.parameters(), lr=lr)
+        ema = EMA(vae, 0.99)
+        result = train_loop(stage, vae, opt, lambda step: joint_long_loss(vae, step, seed + 13),
+                            steps, lambda s: cosine_lr(s, steps, lr, 20, 0.1), resume=resume,
+                            seed=seed, ema=ema, save_every=25)
+    final = WanVAE(CONFIG)
+    final.load_state_dict(result["ema"])
+    final.eval()
+    mean, std = latent_statistics(final)
+    standardise(final, mean, std)
+    result["final"] = final.state_dict()
+    torch.save(result, stage / "done.pt")
+    print_reconstruction(out, "vae_long")
+    return result
+
+
+def print_reconstruction(out: Path, stage: str) -> dict:
+    """Load the finished VAE of ``stage`` through ``load_vae`` and print
+    :func:`reconstruction_report` (held-out clips)."""
+    from ..vae import load_vae
+    from .export import vae_state
+
+    report = reconstruction_report(load_vae(vae_state(out, stage), dtype=torch.float32))
+    print(f"{stage}: held-out reconstruction " +
+          " ".join(f"{k} {v:.3f}" for k, v in report.items()), flush=True)
+    return report
+
+
+@torch.no_grad()
+def reconstruction_report(vae, count: int = 16, seed: int = 5) -> dict:
+    """How well the loaded VAE (``wan_core.vae.WanVAE``) reproduces ``count`` held-out clips
+    through ``decode(encode(clip))``: ``analysis.check_prompt`` accuracy per attribute and
+    PSNR (dB, 0..1 range) over whole clips and over frame 0 (the I2V condition)."""
+    from . import analysis
+
+    specs = list(dataset.iter_specs("heldout", seed=seed))[:count]
+    video = torch.stack([dataset.sample_clip(s)[0] for s in specs])
+    recon = vae.decode(vae.encode(video))
+    totals: dict = {}
+    clip_psnr, first_psnr = [], []
+    for original, rebuilt, spec in zip(video, recon, specs):
+        got, want = analysis.video_to_frames(rebuilt), analysis.video_to_frames(original)
+        for k, v in analysis.check_prompt(got, spec).items():
+            totals[k] = totals.get(k, 0) + int(v) / count
+        clip_psnr.append(analysis.psnr(got, want))
+        first_psnr.append(analysis.psnr(got[:1], want[:1]))
+    return {**totals, "psnr": sum(clip_psnr) / count, "psnr_min": min(clip_psnr),
+            "psnr_frame0": sum(first_psnr) / count, "psnr_frame0_min": min(first_psnr)}
