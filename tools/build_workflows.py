@@ -134,13 +134,13 @@ def build(name: str, title: str, nodes: list[Node], note: str) -> dict:
             "version": 0.4}
 
 
-def loaders(dit_files, vae, clip=False):
+def loaders(dit_files, vae, clip=False, text_encoder=UMT5):
     nodes = []
     for i, (key, file) in enumerate(dit_files):
         nodes.append(Node(key, "WanCoreModelLoader", [file, "default", "sdpa"], group="1. Models",
                           title={"high": "High-noise expert", "low": "Low-noise expert"}.get(key, "")))
     nodes.append(Node("vae", "WanCoreVAELoader", [vae], group="1. Models"))
-    nodes.append(Node("te", "WanCoreTextEncoderLoader", [UMT5, "default"], group="1. Models"))
+    nodes.append(Node("te", "WanCoreTextEncoderLoader", [text_encoder, "default"], group="1. Models"))
     if clip:
         nodes.append(Node("clip", "WanCoreCLIPVisionLoader", [CLIP], group="1. Models"))
     return nodes
@@ -159,8 +159,8 @@ def tail(model_key, cond_key, sampler_widgets, fps, prefix):
     ]
 
 
-def text(prompt):
-    return Node("text", "WanCoreTextEncode", [prompt, NEGATIVE],
+def text(prompt, negative=NEGATIVE):
+    return Node("text", "WanCoreTextEncode", [prompt, negative],
                 {"text_encoder": ("te", 0, "WANCORE_TEXT_ENCODER")}, column=1, group="2. Prompt & video")
 
 
@@ -272,14 +272,9 @@ def workflows() -> dict:
              "Official settings: 1280x704, 121 frames at 24 fps, 50 steps, cfg 5, shift 5.",
              "For text-only generation replace WanCore Image To Video with WanCore Empty Video."]))
     out["wancore_demo_t2v"] = build("wancore_demo_t2v", "WanCore demo: tiny text to video (CPU)", [
-        Node("dit", "WanCoreModelLoader", [f"{DEMO}/dit_t2v.safetensors", "default", "sdpa"],
-             group="1. Models"),
-        Node("vae", "WanCoreVAELoader", [f"{DEMO}/vae.safetensors"], group="1. Models"),
-        Node("te", "WanCoreTextEncoderLoader", [f"{DEMO}/text_encoder.safetensors", "default"],
-             group="1. Models"),
-        Node("text", "WanCoreTextEncode", ["a green square moving up on a black background", ""],
-             {"text_encoder": ("te", 0, "WANCORE_TEXT_ENCODER")}, column=1,
-             group="2. Prompt & video"),
+        *loaders([("dit", f"{DEMO}/dit_t2v.safetensors")], f"{DEMO}/vae.safetensors",
+                 text_encoder=f"{DEMO}/text_encoder.safetensors"),
+        text("a green square moving up on a black background", negative=""),
         Node("video", "WanCoreEmptyVideo", [64, 64, 17], column=1, group="2. Prompt & video"),
         *tail("dit", "video", sampler(20, 4.0, 3.0, seed=0), 8, "WanCore/demo"),
     ], note("WanCore demo (embedded, no download)", [],
