@@ -87,21 +87,39 @@ def batch(step: int, seed: int):
 
 
 def vae_loss(vae: WanVAE, video: torch.Tensor, bg: torch.Tensor, sample: bool = True):
-    mu, logvar = encode_posterior(vae, video)
-    logvar = logvar.clamp(-30.0, 20.0)
-    std = torch.exp(0.5 * logvar)
-    raw = mu + std * torch.randn_like(mu) if sample else mu
-    recon = decode_raw(vae, raw)
+    recon, kl = autoencode(vae, video, sample)
+    rec, mse, _ = pixel_loss(recon, video, bg)
+    psnr = 10 * torch.log10(4 / mse)             # range [-1, 1]: peak-to-peak 2
+    return rec + KL_WEIGHT * kl, {"rec": rec.detach(), "kl": kl.detach(), "psnr": psnr.detach()}
+
+
+def pixel_loss(recon: torch.Tensor, video: torch.Tensor, bg: torch.Tensor,
+               first_frame_weight: float = 1.0):
+    """Weighted L1 + MSE ``(1 + 4 |x - background|) (|err| + err^2)`` of ``[B, 3, T, H, W]``
+    clips, frame 0 weighted ``first_frame_weight``; returns (loss, mse of all, mse of frame 0)."""
     weight = 1 + 4 * (video - bg[:, :, None, None, None]).abs().mean(1, keepdim=True)
+    if first_frame_weight != 1.0:
+        weight[:, :, 0] *= first_frame_weight
     err = recon - video
     rec = (weight * (err.abs() + err.square())).mean()
+    return rec, err.square().mean().clamp_min(1e-10), err[:, :, 0].square().mean().clamp_min(1e-10)
+
+
+def posterior_kl(vae: WanVAE, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL of the posterior to N(0, 1) in the *normalised* latent space (mean over elements)."""
     mean = vae.latent_mean.view(1, -1, 1, 1, 1)
     inv = vae.latent_inv_std.view(1, -1, 1, 1, 1)
     mn, var_n = (mu - mean) * inv, std.square() * inv.square()
-    kl = 0.5 * (mn.square() + var_n - 1 - torch.log(var_n)).mean()
-    mse = err.square().mean().clamp_min(1e-10)
-    psnr = 10 * torch.log10(4 / mse)             # range [-1, 1]: peak-to-peak 2
-    return rec + KL_WEIGHT * kl, {"rec": rec.detach(), "kl": kl.detach(), "psnr": psnr.detach()}
+    return 0.5 * (mn.square() + var_n - 1 - torch.log(var_n)).mean()
+
+
+def autoencode(vae: WanVAE, video: torch.Tensor, sample: bool = True):
+    """Posterior sample (or mean) -> reconstruction of ``video [B, 3, 1+4n, H, W]``;
+    returns (recon, kl)."""
+    mu, logvar = encode_posterior(vae, video)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    recon = decode_raw(vae, mu + std * torch.randn_like(mu) if sample else mu)
+    return recon, posterior_kl(vae, mu, std)
 
 
 def build(seed: int) -> WanVAE:
@@ -184,11 +202,8 @@ def decoder_loss(vae: WanVAE, video: torch.Tensor, bg: torch.Tensor):
     with torch.no_grad():
         mu, logvar = encode_posterior(vae, video)
         raw = mu + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn_like(mu)
-    recon = decode_raw(vae, raw)
-    weight = 1 + 4 * (video - bg[:, :, None, None, None]).abs().mean(1, keepdim=True)
-    err = recon - video
-    mse = err.square().mean().clamp_min(1e-10)
-    return (weight * (err.abs() + err.square())).mean(), {"psnr": (10 * torch.log10(4 / mse)).detach()}
+    rec, mse, _ = pixel_loss(decode_raw(vae, raw), video, bg)
+    return rec, {"psnr": (10 * torch.log10(4 / mse)).detach()}
 
 
 def decoder_batch(step: int, seed: int):
@@ -266,32 +281,6 @@ FIRST_FRAME_WEIGHT = 2.0     # frame 0 is the I2V condition: its reconstruction 
 FIRST_FRAMES = 8             # extra single-frame (first chunk only) images per step
 
 
-def pixel_loss(recon: torch.Tensor, video: torch.Tensor, bg: torch.Tensor):
-    """Weighted L1 + MSE ``(1 + 4 |x - background|) (|err| + err^2)`` of ``[B, 3, T, H, W]``
-    clips, frame 0 weighted ``FIRST_FRAME_WEIGHT``; returns (loss, mse of all, mse of frame 0)."""
-    weight = 1 + 4 * (video - bg[:, :, None, None, None]).abs().mean(1, keepdim=True)
-    weight[:, :, 0] *= FIRST_FRAME_WEIGHT
-    err = recon - video
-    rec = (weight * (err.abs() + err.square())).mean()
-    return rec, err.square().mean().clamp_min(1e-10), err[:, :, 0].square().mean().clamp_min(1e-10)
-
-
-def posterior_kl(vae: WanVAE, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL of the posterior to N(0, 1) in the *normalised* latent space (mean over elements)."""
-    mean = vae.latent_mean.view(1, -1, 1, 1, 1)
-    inv = vae.latent_inv_std.view(1, -1, 1, 1, 1)
-    mn, var_n = (mu - mean) * inv, std.square() * inv.square()
-    return 0.5 * (mn.square() + var_n - 1 - torch.log(var_n)).mean()
-
-
-def autoencode(vae: WanVAE, video: torch.Tensor):
-    """Posterior sample -> reconstruction of ``video [B, 3, 1+4n, H, W]``; returns (recon, kl)."""
-    mu, logvar = encode_posterior(vae, video)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    recon = decode_raw(vae, mu + std * torch.randn_like(mu))
-    return recon, posterior_kl(vae, mu, std)
-
-
 def first_frames(step: int, seed: int):
     """``FIRST_FRAMES`` first frames of full 64x64 clips as one-frame videos ``[B, 3, 1, 64, 64]``
     and their backgrounds ``[B, 3]``: the I2V condition is exactly this first chunk."""
@@ -305,10 +294,10 @@ def joint_long_loss(vae: WanVAE, step: int, seed: int):
     single first frames (:func:`first_frames`), posterior samples, small KL."""
     video, bg = long_batch(step, seed)
     recon, kl = autoencode(vae, video)
-    rec, mse, mse0 = pixel_loss(recon, video, bg)
+    rec, mse, mse0 = pixel_loss(recon, video, bg, FIRST_FRAME_WEIGHT)
     image, image_bg = first_frames(step, seed)
     recon_image, kl_image = autoencode(vae, image)
-    rec_image, mse_image, _ = pixel_loss(recon_image, image, image_bg)
+    rec_image, mse_image, _ = pixel_loss(recon_image, image, image_bg, FIRST_FRAME_WEIGHT)
     loss = rec + rec_image + KL_WEIGHT * (kl + kl_image)
     return loss, {"psnr": (10 * torch.log10(4 / mse)).detach(),
                   "psnr0": (10 * torch.log10(4 / mse0)).detach(),
