@@ -87,14 +87,18 @@ def stream_peak_bytes(cfg, kind: str, h: int, w: int, batch: int = 1, element_si
     return batch * element_size * (cache + working)
 
 
+def weight_copy_bytes(vae, kind: str) -> int:
+    """Bytes of the encoder's or decoder's weights: the reordered copy a pass keeps."""
+    half = vae.encoder if kind == "encode" else vae.decoder
+    return sum(p.numel() * p.element_size() for p in half.parameters())
+
+
 def pass_peak_bytes(vae, kind: str, h: int, w: int, batch: int = 1) -> int:
     """Estimated peak bytes of an encode or decode pass over one (h x w latent) tile: the
     streaming state (:func:`stream_peak_bytes`) plus one reordered copy of the weights of the
     encoder or decoder."""
-    half = vae.encoder if kind == "encode" else vae.decoder
-    weights = sum(p.numel() * p.element_size() for p in half.parameters())
     esize = next(vae.parameters()).element_size()
-    return weights + stream_peak_bytes(vae.config, kind, h, w, batch, esize)
+    return weight_copy_bytes(vae, kind) + stream_peak_bytes(vae.config, kind, h, w, batch, esize)
 
 
 def available_memory(device: torch.device) -> int:
@@ -148,8 +152,13 @@ def plan_tiles(vae, shape, kind: str, tile, max_memory: int | None) -> TilePlan 
 
 
 def _largest_tile(vae, kind, budget, batch, limit) -> int:
+    """Largest square tile side (latent pixels, at least MIN_TILE_LATENT) whose
+    :func:`pass_peak_bytes` fits ``budget``."""
+    stream_budget = budget - weight_copy_bytes(vae, kind)      # summed once, not per side
+    esize = next(vae.parameters()).element_size()
     side = MIN_TILE_LATENT
-    while side < limit and pass_peak_bytes(vae, kind, side + 1, side + 1, batch) <= budget:
+    while side < limit and stream_peak_bytes(vae.config, kind, side + 1, side + 1, batch,
+                                             esize) <= stream_budget:
         side += 1
     return side
 
