@@ -44,9 +44,9 @@ def _stage(out: Path, name: str) -> dict:
     return load(path)
 
 
-def vae_state(out: Path, stage: str = "vae_long") -> dict:
-    """The trained, standardised VAE of ``stage`` (default: the shipped one, ``vae_long``,
-    whose encoder made the DiTs' latents): official keys, fp32."""
+def vae_state(out: Path, stage: str = "vae_fit") -> dict:
+    """The trained VAE of ``stage`` (default: the shipped one, ``vae_fit``, whose encoder made
+    the DiTs' latents): official keys, fp32."""
     return {k: v.float().contiguous() for k, v in _stage(out, stage)["final"].items()}
 
 

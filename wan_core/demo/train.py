@@ -1,7 +1,7 @@
 """Train the embedded demo model on 2 CPU cores (see TRAINING.md).
 
     python -m wan_core.demo.train all --out runs/demo --resume
-    python -m wan_core.demo.train {vae,text,decoder,decoder_long,vae_long,latents,dit,i2v,experts,export,all} --out DIR --resume
+    python -m wan_core.demo.train {text,encoder_fit,decoder_fit,vae_fit,latents,dit,i2v,experts,export,all} --out DIR --resume
 
 Stages write their checkpoints under ``DIR/<stage>/``; ``--resume`` continues an interrupted
 stage from its last checkpoint and skips finished ones. ``export`` writes the shipped files to
@@ -15,14 +15,15 @@ from pathlib import Path
 
 from .training import setup_threads
 
-STAGES = ("vae", "text", "decoder", "decoder_long", "vae_long", "latents", "dit", "i2v",
-          "experts", "export")
+STAGES = ("text", "encoder_fit", "decoder_fit", "vae_fit", "latents", "dit", "i2v", "experts",
+          "export")
+EARLIER = ("vae", "decoder", "decoder_long", "vae_long")   # the first runs' VAE stages (TRAINING.md)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wan_core.demo.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=STAGES + ("all",))
+    parser.add_argument("stage", choices=STAGES + EARLIER + ("all",))
     parser.add_argument("--out", required=True, type=Path, help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue / skip finished stages")
     parser.add_argument("--seed", type=int, default=0)
@@ -54,6 +55,9 @@ def run_stage(stage: str, args) -> None:
     elif stage == "vae_long":
         from .train_vae import run_vae_long
         run_vae_long(args.out, n, args.seed, args.resume)
+    elif stage in ("encoder_fit", "decoder_fit", "vae_fit"):
+        from . import train_vae
+        getattr(train_vae, "run_" + stage)(args.out, n, args.seed, args.resume)
     elif stage == "text":
         from .train_text import run
         run(args.out, n, args.seed, args.resume)

@@ -219,7 +219,8 @@ def _finetune_decoder(out: Path, stage_name: str, base_name: str, batch, steps: 
                       resume: bool, lr: float, warmup: int, ema_decay: float,
                       save_every: int) -> dict:
     """Train ``conv2`` and the decoder of the VAE finished by stage ``base_name`` with the
-    encoder frozen: the latents (and so the DiTs trained on them) do not change."""
+    encoder frozen: the latents (and so the DiTs trained on them) do not change.
+    ``batch(step, seed)`` gives a list of ``(video, background)`` pairs."""
     stage = Path(out) / stage_name
     done = finished(stage)
     if done is not None and resume:
@@ -238,8 +239,12 @@ def _finetune_decoder(out: Path, stage_name: str, base_name: str, batch, steps: 
     ema = EMA(vae, ema_decay)
 
     def loss_fn(step):
-        video, bg = batch(step, seed)
-        return decoder_loss(vae, video, bg)
+        total, logs = 0.0, {}
+        for i, (video, bg) in enumerate(batch(step, seed)):
+            loss, psnr = decoder_loss(vae, video, bg)
+            total = total + loss
+            logs[f"psnr{i}"] = psnr["psnr"]
+        return total, logs
 
     result = train_loop(stage, vae, opt, loss_fn, steps,
                         lambda s: cosine_lr(s, steps, lr, warmup, 0.1), resume=resume,
@@ -254,7 +259,7 @@ def _finetune_decoder(out: Path, stage_name: str, base_name: str, batch, steps: 
 def run_decoder(out: Path, steps: int, seed: int, resume: bool) -> dict:
     """Stage ``decoder``: fine-tune the decoder of the finished, standardised VAE on 5-frame
     windows (runs alongside the DiT stages)."""
-    return _finetune_decoder(out, "decoder", "vae", decoder_batch, steps, seed + 7, resume,
+    return _finetune_decoder(out, "decoder", "vae", lambda *a: [decoder_batch(*a)], steps, seed + 7, resume,
                              lr=1e-3, warmup=20, ema_decay=0.998, save_every=50)
 
 
@@ -271,7 +276,7 @@ def long_batch(step: int, seed: int):
 def run_decoder_long(out: Path, steps: int, seed: int, resume: bool) -> dict:
     """Stage ``decoder_long``: continue the ``decoder`` stage on whole 17-frame clips (the
     earlier stages saw 5-frame windows only, and later chunks came out washed out)."""
-    return _finetune_decoder(out, "decoder_long", "decoder", long_batch, steps, seed + 11,
+    return _finetune_decoder(out, "decoder_long", "decoder", lambda *a: [long_batch(*a)], steps, seed + 11,
                              resume, lr=5e-4, warmup=10, ema_decay=0.99, save_every=25)
 
 
@@ -371,3 +376,145 @@ def reconstruction_report(vae, count: int = 16, seed: int = 5) -> dict:
         first_psnr.append(analysis.psnr(got[:1], want[:1]))
     return {**totals, "psnr": sum(clip_psnr) / count, "psnr_min": min(clip_psnr),
             "psnr_frame0": sum(first_psnr) / count, "psnr_frame0_min": min(first_psnr)}
+
+
+# ------------------------------------------------------------------------------ fitted latent
+# The recipe that works (TRAINING.md): the encoder regresses the principal-component latent of
+# ``latent_targets`` and the decoder learns to invert it, each on its own (two processes),
+# then ``vae_fit`` joins the halves.
+
+BASIS_CLIPS = 300
+TARGET_NOISE = 0.05          # decoder inputs are jittered by this much (unit-variance latent)
+LOGVAR_TARGET_STD = 0.05     # posterior std the encoder is fitted to, in normalised units
+
+
+def target_basis(out: Path, seed: int) -> dict:
+    """The principal-component basis (``latent_targets.fit_basis``) of ``BASIS_CLIPS`` training
+    clips, computed once per run folder (``<out>/basis.pt``)."""
+    from . import latent_targets
+    from .training import atomic_save, load
+
+    path = Path(out) / "basis.pt"
+    if path.exists():
+        return load(path)
+    clips = torch.stack([dataset.sample_clip(seed * 10**6 + i, frames=FRAMES, size=64)[0]
+                         for i in range(BASIS_CLIPS)])
+    basis = latent_targets.fit_basis(clips, CONFIG.z_dim)
+    atomic_save(basis, path)
+    return basis
+
+
+def fit_batch(step: int, seed: int):
+    """Whole 17-frame clips (:func:`long_batch`) and single first frames (:func:`first_frames`)."""
+    return long_batch(step, seed), first_frames(step, seed)
+
+
+@torch.no_grad()
+def scale_posterior_conv(vae: WanVAE) -> None:
+    """Rescale the fresh ``conv1`` (to mean, log-variance) so that its default-initialised
+    output reads in *normalised* latent units: the raw official 2.1 statistics (std 1.1-3.3,
+    mean -0.9..1.6) are folded in rather than learnt by the encoder (measured: rmse 0.70 vs
+    0.93 after 120 steps of fitting first frames)."""
+    std = 1 / vae.latent_inv_std
+    vae.conv1.weight[:vae.config.z_dim] *= std.view(-1, 1, 1, 1, 1)
+    vae.conv1.bias[:vae.config.z_dim] = vae.conv1.bias[:vae.config.z_dim] * std + vae.latent_mean
+
+
+def encoder_fit_loss(vae: WanVAE, basis: dict, step: int, seed: int):
+    """MSE between the encoder's normalised posterior mean and the target latent, plus the
+    log-variance pulled to a small fixed posterior (``LOGVAR_TARGET_STD``)."""
+    from . import latent_targets
+
+    inv = vae.latent_inv_std.view(1, -1, 1, 1, 1)
+    mean = vae.latent_mean.view(1, -1, 1, 1, 1)
+    logvar_target = 2 * torch.log(LOGVAR_TARGET_STD / inv)
+    loss, logs = 0.0, {}
+    for name, (video, _) in zip(("clip", "image"), fit_batch(step, seed)):
+        mu, logvar = encode_posterior(vae, video)
+        err = (mu - mean) * inv - latent_targets.encode(video, basis)
+        loss = loss + err.square().mean() + 0.1 * (logvar - logvar_target).square().mean()
+        logs[f"rmse_{name}"] = err.detach().square().mean().sqrt()
+    return loss, logs
+
+
+def decoder_fit_loss(vae: WanVAE, basis: dict, step: int, seed: int):
+    """Pixel loss of the decoder on (jittered) target latents; frame 0 weighted as in ``vae_long``."""
+    from . import latent_targets
+
+    inv = vae.latent_inv_std.view(1, -1, 1, 1, 1)
+    mean = vae.latent_mean.view(1, -1, 1, 1, 1)
+    loss, logs = 0.0, {}
+    for name, (video, bg) in zip(("clip", "image"), fit_batch(step, seed)):
+        z = latent_targets.encode(video, basis)
+        z = z + TARGET_NOISE * torch.randn_like(z)
+        rec, mse, mse0 = pixel_loss(decode_raw(vae, z / inv + mean), video, bg, FIRST_FRAME_WEIGHT)
+        loss = loss + rec
+        logs[f"psnr_{name}"] = (10 * torch.log10(4 / mse)).detach()
+    return loss, logs
+
+
+def _fit_half(out: Path, stage_name: str, prefixes: tuple, loss, steps: int, seed: int,
+              resume: bool, lr: float, offset: int) -> dict:
+    """Train the parameters under ``prefixes`` of a fresh VAE (seed ``seed + offset``) with
+    ``loss(vae, basis, step, seed + offset)``; both halves use the basis of ``seed + 17``."""
+    stage = Path(out) / stage_name
+    done = finished(stage)
+    if done is not None and resume:
+        print(f"{stage_name}: finished already", flush=True)
+        return done
+    basis = target_basis(out, seed + 17)
+    seed = seed + offset
+    vae = build(seed)
+    if stage_name == "encoder_fit":
+        scale_posterior_conv(vae)
+    for name, p in vae.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+    opt = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=lr)
+    ema = EMA(vae, 0.995)
+    result = train_loop(stage, vae, opt, lambda step: loss(vae, basis, step, seed), steps,
+                        lambda s: cosine_lr(s, steps, lr, 20, 0.05), resume=resume, seed=seed,
+                        ema=ema, save_every=25)
+    result["final"] = result["ema"]
+    torch.save(result, stage / "done.pt")
+    return result
+
+
+def run_encoder_fit(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    """Stage ``encoder_fit``: the encoder (and ``conv1``) regress the target latent."""
+    return _fit_half(out, "encoder_fit", ("encoder.", "conv1."), encoder_fit_loss, steps,
+                     seed, resume, lr=1e-3, offset=17)
+
+
+def run_decoder_fit(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    """Stage ``decoder_fit``: ``conv2`` and the decoder reconstruct clips from target latents."""
+    return _fit_half(out, "decoder_fit", ("decoder.", "conv2."), decoder_fit_loss, steps,
+                     seed, resume, lr=1e-3, offset=19)
+
+
+def merge_halves(out: Path) -> dict:
+    """Stage ``vae_merge``: the EMA encoder of ``encoder_fit`` and the EMA decoder of
+    ``decoder_fit`` in one VAE (``final``)."""
+    halves = {name: finished(Path(out) / name) for name in ("encoder_fit", "decoder_fit")}
+    for name, done in halves.items():
+        if done is None:
+            raise RuntimeError(f"run the '{name}' stage first: python -m wan_core.demo.train {name} ...")
+    encoder, decoder = halves["encoder_fit"]["final"], halves["decoder_fit"]["final"]
+    final = {k: (decoder if k.startswith(("decoder.", "conv2.")) else encoder)[k].clone()
+             for k in encoder}
+    stage = Path(out) / "vae_merge"
+    stage.mkdir(parents=True, exist_ok=True)
+    result = {"final": final, "step": 0,
+              "seconds": halves["encoder_fit"]["seconds"] + halves["decoder_fit"]["seconds"]}
+    torch.save(result, stage / "done.pt")
+    return result
+
+
+def run_vae_fit(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    """Stage ``vae_fit``: the merged halves, then the decoder fine-tuned on the fitted
+    encoder's own latents (whole clips and first frames): the shipped VAE. The encoder, and so
+    the DiTs' latents, are those of ``encoder_fit``."""
+    merge_halves(out)
+    result = _finetune_decoder(out, "vae_fit", "vae_merge", fit_batch, steps, seed + 23, resume,
+                               lr=3e-4, warmup=10, ema_decay=0.99, save_every=25)
+    print_reconstruction(out, "vae_fit")
+    return result
