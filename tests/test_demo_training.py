@@ -69,3 +69,20 @@ def test_latent_targets_are_wan_shaped_unit_variance_and_invert_linearly():
     psnr = 10 * torch.log10(4 / (once - clips).square().mean())
     print(f"\nPCA latent (16 of 192 / 768 dims) keeps {psnr:.1f} dB on its own 24 clips")
     assert psnr > 20
+
+
+def test_spectral_weighting_is_an_exact_reparametrisation(monkeypatch):
+    from wan_core.demo import latent_targets
+
+    monkeypatch.setattr(train_vae, "CONFIG", TINY_VAE)
+    vae = _vae(2).eval()
+    basis = {"chunk": {"std": torch.linspace(5.0, 0.2, 16)}}
+    weights = latent_targets.spectral_weights(basis)
+    assert abs(float(weights.square().mean()) - 1) < 1e-6 and bool((weights[:-1] > weights[1:]).all())
+    weighted = WanVAE(TINY_VAE).eval()
+    weighted.load_state_dict(train_vae.spectrally_weighted(vae.state_dict(), basis))
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z, zw = vae.encode(video), weighted.encode(video)
+        assert (zw - z * weights.view(1, -1, 1, 1, 1)).abs().max() < 1e-4
+        assert (weighted.decode(zw) - vae.decode(z)).abs().max() < 1e-4

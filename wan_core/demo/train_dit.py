@@ -35,6 +35,7 @@ BOUNDARY = 0.875
 QK_GAIN = 3.0
 PLACEMENTS = 6          # cached clips per training combination
 LR = 1e-3               # peak learning rate of the T2V and I2V stages
+FIRST_FRAME_WEIGHT = 5.0  # I2V: the first latent frame must reproduce the given image
 VAE_STAGE = "encoder_fit"  # whose encoder makes the cached latents (the shipped ``vae_fit``'s encoder)
 
 
@@ -164,9 +165,16 @@ def make_batch(cache: dict, step: int, seed: int, image: bool, expert: str | Non
 
 
 def flow_loss(model, cache, step, seed, image=False, expert=None):
+    """MSE of the velocity; for I2V the first latent frame (the given image) counts
+    ``FIRST_FRAME_WEIGHT`` times."""
     xt, t, context, y, target = make_batch(cache, step, seed, image, expert)
     pred = model(xt, t, context, y=y)
-    return torch.nn.functional.mse_loss(pred, target), {}
+    err = (pred - target).square()
+    if not image:
+        return err.mean(), {}
+    weight = torch.ones(err.shape[2])
+    weight[0] = FIRST_FRAME_WEIGHT
+    return (err.mean((0, 1, 3, 4)) * weight).sum() / weight.sum(), {"frame0": err[:, :, 0].mean().detach()}
 
 
 def _train(stage: str, out: Path, model: WanDiT, steps: int, seed: int, resume: bool,

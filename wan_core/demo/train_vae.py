@@ -474,9 +474,22 @@ def _fit_half(out: Path, stage_name: str, prefixes: tuple, loss, steps: int, see
     result = train_loop(stage, vae, opt, lambda step: loss(vae, basis, step, seed), steps,
                         lambda s: cosine_lr(s, steps, lr, 20, 0.05), resume=resume, seed=seed,
                         ema=ema, save_every=25)
-    result["final"] = result["ema"]
+    result["final"] = spectrally_weighted(result["ema"], basis)
     torch.save(result, stage / "done.pt")
     return result
+
+
+def spectrally_weighted(state: dict, basis: dict) -> dict:
+    """``state`` (a VAE fitted to the unit-variance target) with its latent rescaled by
+    ``latent_targets.spectral_weights`` (:func:`standardise`, an exact reparametrisation:
+    ``conv1`` scales the posterior, ``conv2`` undoes it)."""
+    from . import latent_targets
+
+    vae = WanVAE(CONFIG)
+    vae.load_state_dict(state)
+    weights = latent_targets.spectral_weights(basis)
+    standardise(vae, vae.latent_mean, 1 / (vae.latent_inv_std * weights))
+    return vae.state_dict()
 
 
 def run_encoder_fit(out: Path, steps: int, seed: int, resume: bool) -> dict:
