@@ -1,4 +1,11 @@
-"""Stage ``vae``: a small Wan-VAE 2.1 (official architecture and key layout) for the demo clips.
+"""The demo's small Wan-VAE 2.1 (official architecture and key layout).
+
+Shipped recipe (third run, end of this file): ``encoder_fit`` / ``decoder_fit`` / ``vae_fit``,
+a VAE fitted to the fixed principal-component latent of ``latent_targets``. The first two
+runs' end-to-end stages (``vae``, ``decoder``, ``decoder_long``, ``vae_long``) follow; they
+collapse towards the mean image at the start (TRAINING.md) and are kept for comparison.
+
+Stage ``vae`` (first run):
 
 Training runs the same streamed encoder/decoder modules the loader builds (chunks of 1, 4, 4
 frames, causal caches between chunks). Inputs: 5-frame windows (chunks 1 + 4) of 17-frame 64x64 clips, cropped
@@ -454,9 +461,10 @@ def decoder_fit_loss(vae: WanVAE, basis: dict, step: int, seed: int):
 
 
 def _fit_half(out: Path, stage_name: str, prefixes: tuple, loss, steps: int, seed: int,
-              resume: bool, lr: float, offset: int) -> dict:
-    """Train the parameters under ``prefixes`` of a fresh VAE (seed ``seed + offset``) with
-    ``loss(vae, basis, step, seed + offset)``; both halves use the basis of ``seed + 17``."""
+              resume: bool, lr: float, offset: int, prepare=None) -> dict:
+    """Train the parameters under ``prefixes`` of a fresh VAE (seed ``seed + offset``, then
+    ``prepare(vae)`` if given) with ``loss(vae, basis, step, seed + offset)``; both halves use
+    the basis of ``seed + 17``."""
     stage = Path(out) / stage_name
     done = finished(stage)
     if done is not None and resume:
@@ -465,8 +473,8 @@ def _fit_half(out: Path, stage_name: str, prefixes: tuple, loss, steps: int, see
     basis = target_basis(out, seed + 17)
     seed = seed + offset
     vae = build(seed)
-    if stage_name == "encoder_fit":
-        scale_posterior_conv(vae)
+    if prepare is not None:
+        prepare(vae)
     for name, p in vae.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
     opt = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=lr)
@@ -495,7 +503,7 @@ def spectrally_weighted(state: dict, basis: dict) -> dict:
 def run_encoder_fit(out: Path, steps: int, seed: int, resume: bool) -> dict:
     """Stage ``encoder_fit``: the encoder (and ``conv1``) regress the target latent."""
     return _fit_half(out, "encoder_fit", ("encoder.", "conv1."), encoder_fit_loss, steps,
-                     seed, resume, lr=1e-3, offset=17)
+                     seed, resume, lr=1e-3, offset=17, prepare=scale_posterior_conv)
 
 
 def run_decoder_fit(out: Path, steps: int, seed: int, resume: bool) -> dict:
@@ -505,8 +513,8 @@ def run_decoder_fit(out: Path, steps: int, seed: int, resume: bool) -> dict:
 
 
 def merge_halves(out: Path) -> dict:
-    """Stage ``vae_merge``: the EMA encoder of ``encoder_fit`` and the EMA decoder of
-    ``decoder_fit`` in one VAE (``final``)."""
+    """The EMA encoder of ``encoder_fit`` and the EMA decoder of ``decoder_fit`` in one VAE
+    (``final``), written to ``<out>/vae_merge/done.pt`` (the base of ``vae_fit``)."""
     halves = {name: finished(Path(out) / name) for name in ("encoder_fit", "decoder_fit")}
     for name, done in halves.items():
         if done is None:
