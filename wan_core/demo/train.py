@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 def run_stage(stage: str, args) -> None:
     from . import steps as plan
 
-    n = args.steps if args.steps is not None else plan.STEPS.get(stage)
+    n = args.steps if args.steps is not None else plan.STEPS.get(stage, plan.SECOND_RUN.get(stage))
     if stage == "vae":
         from .train_vae import run
         run(args.out, n, args.seed, args.resume)

@@ -4,7 +4,8 @@ The encoder (umT5 architecture: every layer owns its relative-position bias) is 
 briefly with an auxiliary readout that has to recover the four caption attributes (shape,
 object colour, direction, background) from *every* token state (:class:`Readout`). A random
 frozen encoder mixes up object and background colours ("red" can be either) and keeps each
-word's meaning in its own token; this makes the context explicit and spreads it. The readout is thrown away; the DiTs are trained on the frozen encoder's output.
+word's meaning in its own token; this makes the context explicit and spreads it. The
+readout is thrown away; the DiTs are trained on the frozen encoder's output.
 Only training captions are used; the held-out captions measure the probe accuracy.
 """
 from __future__ import annotations

@@ -28,7 +28,7 @@ import torch
 from ..vae.blocks import Stream
 from ..vae.model import VAEConfig, WanVAE
 from . import dataset
-from .training import EMA, cosine_lr, finished, train_loop
+from .training import EMA, atomic_save, cosine_lr, finished, load, train_loop
 
 CONFIG = VAEConfig(version="2.1", dim=16, decoder_dim=16, z_dim=16, dim_mult=(1, 2, 4, 4),
                    num_res_blocks=1, temporal_downsample=(False, True, True))
@@ -112,10 +112,15 @@ def pixel_loss(recon: torch.Tensor, video: torch.Tensor, bg: torch.Tensor,
     return rec, err.square().mean().clamp_min(1e-10), err[:, :, 0].square().mean().clamp_min(1e-10)
 
 
+def latent_normalisation(vae: WanVAE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loader's fixed normalisation as ``[1, z, 1, 1, 1]`` tensors: (mean, 1 / std);
+    normalised latent = (raw - mean) * inv."""
+    return vae.latent_mean.view(1, -1, 1, 1, 1), vae.latent_inv_std.view(1, -1, 1, 1, 1)
+
+
 def posterior_kl(vae: WanVAE, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """KL of the posterior to N(0, 1) in the *normalised* latent space (mean over elements)."""
-    mean = vae.latent_mean.view(1, -1, 1, 1, 1)
-    inv = vae.latent_inv_std.view(1, -1, 1, 1, 1)
+    mean, inv = latent_normalisation(vae)
     mn, var_n = (mu - mean) * inv, std.square() * inv.square()
     return 0.5 * (mn.square() + var_n - 1 - torch.log(var_n)).mean()
 
@@ -399,7 +404,6 @@ def target_basis(out: Path, seed: int) -> dict:
     """The principal-component basis (``latent_targets.fit_basis``) of ``BASIS_CLIPS`` training
     clips, computed once per run folder (``<out>/basis.pt``)."""
     from . import latent_targets
-    from .training import atomic_save, load
 
     path = Path(out) / "basis.pt"
     if path.exists():
@@ -432,8 +436,7 @@ def encoder_fit_loss(vae: WanVAE, basis: dict, step: int, seed: int):
     log-variance pulled to a small fixed posterior (``LOGVAR_TARGET_STD``)."""
     from . import latent_targets
 
-    inv = vae.latent_inv_std.view(1, -1, 1, 1, 1)
-    mean = vae.latent_mean.view(1, -1, 1, 1, 1)
+    mean, inv = latent_normalisation(vae)
     logvar_target = 2 * torch.log(LOGVAR_TARGET_STD / inv)
     loss, logs = 0.0, {}
     for name, (video, _) in zip(("clip", "image"), fit_batch(step, seed)):
@@ -448,13 +451,12 @@ def decoder_fit_loss(vae: WanVAE, basis: dict, step: int, seed: int):
     """Pixel loss of the decoder on (jittered) target latents; frame 0 weighted as in ``vae_long``."""
     from . import latent_targets
 
-    inv = vae.latent_inv_std.view(1, -1, 1, 1, 1)
-    mean = vae.latent_mean.view(1, -1, 1, 1, 1)
+    mean, inv = latent_normalisation(vae)
     loss, logs = 0.0, {}
     for name, (video, bg) in zip(("clip", "image"), fit_batch(step, seed)):
         z = latent_targets.encode(video, basis)
         z = z + TARGET_NOISE * torch.randn_like(z)
-        rec, mse, mse0 = pixel_loss(decode_raw(vae, z / inv + mean), video, bg, FIRST_FRAME_WEIGHT)
+        rec, mse, _ = pixel_loss(decode_raw(vae, z / inv + mean), video, bg, FIRST_FRAME_WEIGHT)
         loss = loss + rec
         logs[f"psnr_{name}"] = (10 * torch.log10(4 / mse)).detach()
     return loss, logs
