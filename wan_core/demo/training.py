@@ -121,7 +121,7 @@ def train_loop(stage_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
             optimizer.step()
             if ema is not None:
                 ema.update(model)
-            for k, v in {"loss": float(loss), **logs}.items():
+            for k, v in {"loss": loss.item(), **logs}.items():
                 running[k] = running.get(k, 0.0) + float(v)
             now = time.perf_counter()
             seconds += now - tick
