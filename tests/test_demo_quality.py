@@ -14,15 +14,17 @@ from tests.conftest import ROOT
 from wan_core.demo import WEIGHTS_DIR, FILES, DemoModels
 from wan_core.demo.evaluate import evaluate
 
-# The issue's goals. The shipped weights do NOT reach them (TRAINING.md, "Results"): the
-# goal checks below are expected failures (xfail), so they show up in every run and turn into
-# XPASS once better weights are shipped. The plain asserts are regression floors set below the
-# measured figures and above chance (colour 1/6, direction 1/4, background 1/4).
+# The issue's goals. The shipped weights meet the I2V first-frame goal but not the adherence
+# goal (TRAINING.md, "Results"): that check is an expected failure (xfail), so it shows up in
+# every run and turns into XPASS once better weights are shipped. The other asserts are
+# regression floors set below the measured figures and above chance (colour 1/6, direction 1/4,
+# background 1/4).
 GOAL_ADHERENCE = 0.90
-GOAL_I2V_PSNR = 25.0
+GOAL_I2V_PSNR = 25.0        # met: 30.0 dB mean over 32 held-out first frames (20 steps),
+                            # 32.4 dB over this file's 8 (12 steps)
 FLOOR_BACKGROUND = 0.90     # measured 0.97 (t2v, i2v, moe; 32 prompts, 20 steps)
 FLOOR_COLOUR = 0.70         # measured 0.97 (t2v, i2v, moe)
-FLOOR_I2V_PSNR = 16.0       # measured 21.2 dB mean over 32 held-out first frames (20 steps)
+FLOOR_I2V_DIRECTION = 0.5   # measured 0.78 (32 prompts, 20 steps), 0.875 here
 PROMPTS = 24
 STEPS = 12          # fewer than the demo's default, to keep this file within its time budget
 NOT_MET = pytest.mark.xfail(strict=False, reason="issue-8 goal not met by the shipped demo "
@@ -75,14 +77,13 @@ def test_t2v_heldout_prompt_adherence_goal(t2v_result):
     assert t2v_result["prompt"] >= GOAL_ADHERENCE
 
 
-def test_i2v_first_frame_floor(i2v_result):
-    assert i2v_result["psnr"] >= FLOOR_I2V_PSNR
-    assert i2v_result["background"] >= FLOOR_BACKGROUND
-
-
-@NOT_MET
 def test_i2v_first_frame_psnr_goal(i2v_result):
     assert i2v_result["psnr"] >= GOAL_I2V_PSNR
+
+
+def test_i2v_follows_the_prompt(i2v_result):
+    assert i2v_result["background"] >= FLOOR_BACKGROUND
+    assert i2v_result["direction"] >= FLOOR_I2V_DIRECTION
 
 
 def test_moe_expert_pair_runs(models):
