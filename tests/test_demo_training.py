@@ -86,3 +86,30 @@ def test_spectral_weighting_is_an_exact_reparametrisation(monkeypatch):
         z, zw = vae.encode(video), weighted.encode(video)
         assert (zw - z * weights.view(1, -1, 1, 1, 1)).abs().max() < 1e-4
         assert (weighted.decode(zw) - vae.decode(z)).abs().max() < 1e-4
+
+
+def test_a_finished_stage_asked_for_more_steps_continues_from_its_checkpoint(tmp_path):
+    """``--resume --steps N`` on a finished stage: ``finished`` reports it unfinished for a
+    larger N and ``train_loop`` continues from ``ckpt.pt``; with a constant learning rate the
+    result equals an uninterrupted run."""
+    from wan_core.demo.training import finished, train_loop
+
+    def run(stage_dir, steps):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def loss_fn(step):
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+            return (model(x) - x.sum(1, keepdim=True)).square().mean(), {}
+        return train_loop(stage_dir, model, opt, loss_fn, steps, lambda s: 0.1, resume=True,
+                          seed=0, log_every=1)
+
+    run(tmp_path / "a", 3)
+    assert finished(tmp_path / "a", 3)["step"] == 3 and finished(tmp_path / "a") is not None
+    assert finished(tmp_path / "a", 5) is None
+    continued = run(tmp_path / "a", 5)
+    straight = run(tmp_path / "b", 5)
+    assert continued["step"] == 5
+    for key, value in straight["model"].items():
+        assert torch.equal(continued["model"][key], value)

@@ -197,7 +197,7 @@ def t2v_ema(out: Path) -> dict:
 
 
 def run_dit(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    done = finished(Path(out) / "dit")
+    done = finished(Path(out) / "dit", steps)
     if done is not None and resume:
         print("dit: finished already", flush=True)
         return done
@@ -206,7 +206,7 @@ def run_dit(out: Path, steps: int, seed: int, resume: bool) -> dict:
 
 
 def run_i2v(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    done = finished(Path(out) / "i2v")
+    done = finished(Path(out) / "i2v", steps)
     if done is not None and resume:
         print("i2v: finished already", flush=True)
         return done
@@ -222,14 +222,14 @@ def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:
     results = {}
     for expert, share in (("high", 0.4), ("low", 0.6)):
         name = f"expert_{expert}"
-        done = finished(Path(out) / name)
+        n = max(1, int(round(steps * share)))
+        done = finished(Path(out) / name, n)
         if done is not None and resume:
             print(f"{name}: finished already", flush=True)
             results[expert] = done
             continue
         model = WanDiT(dit_config("t2v"))
         model.load_state_dict(t2v_ema(out))
-        n = max(1, int(round(steps * share)))
         results[expert] = _train(name, out, model, n, seed + 2 + (expert == "low"), resume,
                                  lr=2e-4, warmup=20, expert=expert)
     return results

@@ -91,7 +91,7 @@ def accuracy(probe: Probe, tok, combos) -> float:
 
 def run(out: Path, steps: int, seed: int, resume: bool) -> dict:
     stage = Path(out) / "text"
-    done = finished(stage)
+    done = finished(stage, steps)
     if done is not None and resume:
         print("text: finished already", flush=True)
         return done

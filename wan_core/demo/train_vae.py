@@ -173,7 +173,7 @@ def standardise(vae: WanVAE, mean: torch.Tensor, std: torch.Tensor) -> None:
 
 def run(out: Path, steps: int, seed: int, resume: bool) -> dict:
     stage = Path(out) / "vae"
-    done = finished(stage)
+    done = finished(stage, steps)
     if done is not None and resume and "final" in done:
         print("vae: finished already", flush=True)
         return done
@@ -234,7 +234,7 @@ def _finetune_decoder(out: Path, stage_name: str, base_name: str, batch, steps: 
     encoder frozen: the latents (and so the DiTs trained on them) do not change.
     ``batch(step, seed)`` gives a list of ``(video, background)`` pairs."""
     stage = Path(out) / stage_name
-    done = finished(stage)
+    done = finished(stage, steps)
     if done is not None and resume:
         print(f"{stage_name}: finished already", flush=True)
         return done
@@ -327,7 +327,7 @@ def run_vae_long(out: Path, steps: int, seed: int, resume: bool, lr: float = 3e-
     first frames (the I2V condition), starting from ``decoder_long``. The result is
     re-standardised (the encoder moved)."""
     stage = Path(out) / "vae_long"
-    done = finished(stage)
+    done = finished(stage, steps)
     if done is not None and resume and "final" in done:
         print("vae_long: finished already", flush=True)
         return done
@@ -468,7 +468,7 @@ def _fit_half(out: Path, stage_name: str, prefixes: tuple, loss, steps: int, see
     ``prepare(vae)`` if given) with ``loss(vae, basis, step, seed + offset)``; both halves use
     the basis of ``seed + 17``."""
     stage = Path(out) / stage_name
-    done = finished(stage)
+    done = finished(stage, steps)
     if done is not None and resume:
         print(f"{stage_name}: finished already", flush=True)
         return done

@@ -146,6 +146,12 @@ def train_loop(stage_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return result
 
 
-def finished(stage_dir: Path) -> Optional[dict]:
+def finished(stage_dir: Path, steps: Optional[int] = None) -> Optional[dict]:
+    """The stage's ``done.pt``; ``None`` when it is missing or, given ``steps``, when it ran
+    fewer steps: ``--resume --steps N`` then continues a finished stage from its ``ckpt.pt``
+    (the cosine schedule recomputed for the new length)."""
     path = Path(stage_dir) / "done.pt"
-    return load(path) if path.exists() else None
+    if not path.exists():
+        return None
+    done = load(path)
+    return done if steps is None or done["step"] >= steps else None
