@@ -2,10 +2,10 @@
 NODE_DISPLAY_NAME_MAPPINGS; this package merges them."""
 from __future__ import annotations
 
-from . import generation, loaders, vae_nodes, video
+from . import demo, generation, loaders, vae_nodes, video
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-for _module in (loaders, generation, vae_nodes, video):
+for _module in (loaders, generation, vae_nodes, video, demo):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)

@@ -113,3 +113,16 @@ def test_i2v_model_without_image_is_refused(folders, tmp_path):
     path.write_text(json.dumps(wf))
     with pytest.raises(ValueError, match="needs a start image"):
         run_workflow(path, folders / "models", folders / "input", tmp_path, SMALL)
+
+
+def test_demo_first_frame_node_draws_the_clip_start_and_names_bad_captions():
+    from wan_core.demo import dataset
+
+    node = load_pack().NODE_CLASS_MAPPINGS["WanCoreDemoFirstFrame"]()
+    caption = "a yellow triangle moving down on a gray background"
+    (image,) = node.render(caption, placement_seed=3, size=64)
+    video, _, _ = dataset.sample_clip(dataset.place(dataset.parse_caption(caption), 3))
+    assert image.shape == (1, 64, 64, 3)
+    assert np.allclose(image[0].numpy(), (video[:, 0].permute(1, 2, 0).numpy() + 1) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown colour 'orange'.*known: red"):
+        node.render("an orange circle moving left on a blue background")
