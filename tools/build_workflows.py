@@ -40,12 +40,14 @@ OUTPUTS = {
     "WanCoreSampler": [("latent", "LATENT")],
     "WanCoreVAEDecode": [("images", "IMAGE")],
     "WanCoreSaveVideo": [],
+    "WanCoreDemoFirstFrame": [("image", "IMAGE")],
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
     "MarkdownNote": [],
 }
 SIZES = {"WanCoreTextEncode": (420, 300), "WanCoreSampler": (320, 300),
          "WanCoreImageToVideo": (320, 260), "LoadImage": (300, 330), "MarkdownNote": (420, 300),
-         "WanCoreSaveVideo": (360, 420), "WanCoreMoE": (320, 170)}
+         "WanCoreSaveVideo": (360, 420), "WanCoreMoE": (320, 170),
+         "WanCoreDemoFirstFrame": (420, 130)}
 
 
 @dataclass
@@ -284,6 +286,29 @@ def workflows() -> dict:
              "or purple, moving left, right, up or down on a black, gray, white or blue "
              "background, at 64x64: prompts like 'a red circle moving left on a blue "
              "background'.",
+             "Settings it was trained for: 64x64, 17 frames, 20 steps, cfg 4, shift 3, "
+             "empty negative prompt, 8 fps.",
+             "Its quality is limited (see wan_core/demo/TRAINING.md)."]))
+    caption = "a red circle moving right on a blue background"
+    out["wancore_demo_i2v"] = build("wancore_demo_i2v", "WanCore demo: tiny image to video (CPU)", [
+        *loaders([("dit", f"{DEMO}/dit_i2v.safetensors")], f"{DEMO}/vae.safetensors",
+                 text_encoder=f"{DEMO}/text_encoder.safetensors"),
+        Node("image", "WanCoreDemoFirstFrame", [caption, 0, 64], column=1,
+             group="2. Prompt & video"),
+        text(caption, negative=""),
+        Node("i2v", "WanCoreImageToVideo", [64, 64, 17, "i2v"],
+             {"vae": ("vae", 0, "WANCORE_VAE"), "start_image": ("image", 0, "IMAGE")},
+             column=1, group="2. Prompt & video"),
+        *tail("dit", "i2v", sampler(20, 4.0, 3.0, seed=0), 8, "WanCore/demo"),
+    ], note("WanCore demo: image to video (embedded, no download)", [],
+            ["Runs on any CPU in seconds: the tiny I2V model shipped inside the pack "
+             "(`wancore-demo/...` in the loader lists, no files to download).",
+             "WanCore Demo First Frame draws the start image from a caption; give the prompt "
+             "the same caption. Or load your own 64x64 image of one plain shape on a plain "
+             "background.",
+             "It knows one shape (circle, square, triangle) in red, green, blue, yellow, white "
+             "or purple, moving left, right, up or down on a black, gray, white or blue "
+             "background.",
              "Settings it was trained for: 64x64, 17 frames, 20 steps, cfg 4, shift 3, "
              "empty negative prompt, 8 fps.",
              "Its quality is limited (see wan_core/demo/TRAINING.md)."]))
