@@ -113,3 +113,28 @@ def test_a_finished_stage_asked_for_more_steps_continues_from_its_checkpoint(tmp
     assert continued["step"] == 5
     for key, value in straight["model"].items():
         assert torch.equal(continued["model"][key], value)
+
+
+def test_mixed_noise_batches_are_consistent_per_frame_and_per_token():
+    """``make_batch(mixed=True)`` (stage ``dit_mixed``): every latent frame is noised at its own
+    level, the per-token timesteps repeat that level over the frame's patches, and about a third
+    of the samples keep one level on every frame (the sampling case)."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(40, 16, 5, 8, 8, generator=g).half()
+    cache = {"latents": latents, "captions": ["a"] * 40, "text": {"a": torch.ones(3, 8), "": torch.zeros(1, 8)}}
+    xt, t, context, y, target = train_dit.make_batch(cache, 3, 0, False, mixed=True)
+    assert xt.shape == (train_dit.BATCH, 16, 5, 8, 8) and t.shape == (train_dit.BATCH, 5 * 16)
+    assert y is None and len(context) == train_dit.BATCH
+    sigma = t.view(-1, 5, 16)[..., 0] / 1000                       # [B, F]
+    assert torch.equal(t.view(-1, 5, 16), (sigma * 1000)[..., None].expand(-1, 5, 16))
+    idx = torch.randint(40, (train_dit.BATCH,), generator=torch.Generator().manual_seed(3))
+    x0 = latents[idx].float()                                    # the batch's clean latents
+    x1 = target + x0
+    s = sigma.view(-1, 1, 5, 1, 1)
+    assert torch.allclose((1 - s) * x0 + s * x1, xt, atol=1e-5)
+    assert bool(((sigma >= 0) & (sigma <= 1)).all())
+    uniform = (sigma == sigma[:, :1]).all(1).float().mean()
+    assert 0.1 < float(uniform) < 0.7
+    # without mixing: one timestep per sample, as before
+    _, t_plain, *_ = train_dit.make_batch(cache, 3, 0, False)
+    assert t_plain.shape == (train_dit.BATCH,)

@@ -11,8 +11,15 @@ the CFG negative) with probability ``DROP``.
 - ``i2v``: Wan 2.2 I2V-A14B layout (in_dim 36, no CLIP branch), initialised from the T2V EMA
   with zero weights on the 20 new input channels; ``y`` = I2V mask + the latent of
   ``[first frame, gray frames]``, built as ``conditioning.build_i2v_conditioning`` builds it.
-- ``experts``: Wan 2.2 T2V-A14B expert pair, both initialised from the T2V EMA and fine-tuned
-  on ``t >= 875`` (high noise) and ``t < 875`` (low noise).
+- ``dit_mixed``: the shipped T2V. Wan 2.1 T2V layout again, initialised from the I2V EMA (its
+  16 latent input channels; the 20 conditioning channels dropped) and trained with *mixed
+  per-frame noise levels* (``frame_sigmas``): a third of each batch at one level for all
+  frames (as sampling uses), a third at independent levels per latent frame, a third with one
+  random frame cleaner than the rest. Per-frame levels reach the model as per-token
+  timesteps (the Wan 2.2 form of ``t``; the weights are the same). The partly clean frames
+  make the direction word pay off in the loss, as the given first frame does for I2V.
+- ``experts``: Wan 2.2 T2V-A14B expert pair, both initialised from the final T2V EMA and
+  fine-tuned on ``t >= 875`` (high noise) and ``t < 875`` (low noise).
 """
 from __future__ import annotations
 
@@ -145,15 +152,36 @@ def u_range(expert: str | None) -> tuple[float, float]:
     return (u_b, 1.0) if expert == "high" else (0.0, u_b)
 
 
-def make_batch(cache: dict, step: int, seed: int, image: bool, expert: str | None = None):
+def frame_sigmas(sigma: torch.Tensor, frames: int, g: torch.Generator) -> torch.Tensor:
+    """Mixed per-frame noise levels [B, F] from one level per sample ``sigma`` [B]: a random
+    third of the samples keep ``sigma`` on every frame, a third get independent levels per
+    frame, a third keep ``sigma`` except one random frame at ``sigma * U(0, 1)``."""
+    batch = sigma.shape[0]
+    out = sigma[:, None].expand(batch, frames).clone()
+    kind = torch.randint(3, (batch,), generator=g)
+    independent = sample_sigma(torch.rand(batch, frames, generator=g))
+    out[kind == 1] = independent[kind == 1]
+    frame = torch.randint(frames, (batch,), generator=g)
+    cleaner = sigma * torch.rand(batch, generator=g)
+    rows = torch.nonzero(kind == 2).flatten()
+    out[rows, frame[rows]] = cleaner[rows]
+    return out
+
+
+def make_batch(cache: dict, step: int, seed: int, image: bool, expert: str | None = None,
+               mixed: bool = False):
+    """``(x_t, t, context, y, target)``; ``t`` is [B], or [B, L] per token when ``mixed``."""
     g = torch.Generator().manual_seed(seed * 10**7 + step)
     n = cache["latents"].shape[0]
     idx = torch.randint(n, (BATCH,), generator=g)
     x0 = cache["latents"][idx].float()
+    b, _, f, h, w = x0.shape
     lo, hi = u_range(expert)
     sigma = sample_sigma(lo + (hi - lo) * torch.rand(BATCH, generator=g))
+    if mixed:
+        sigma = frame_sigmas(sigma, f, g)                           # [B, F]
     x1 = torch.randn(x0.shape, generator=g)
-    s = sigma.view(-1, 1, 1, 1, 1)
+    s = sigma.view(b, 1, -1, 1, 1)
     xt = (1 - s) * x0 + s * x1
     drop = torch.rand(BATCH, generator=g) < DROP
     context = [cache["text"]["" if d else cache["captions"][i]] for i, d in zip(idx.tolist(), drop.tolist())]
@@ -161,13 +189,16 @@ def make_batch(cache: dict, step: int, seed: int, image: bool, expert: str | Non
     if image:
         mask = cache["mask"][None].expand(BATCH, -1, -1, -1, -1)
         y = torch.cat([mask, cache["image_latents"][idx].float()], dim=1)
-    return xt, sigma * 1000, context, y, x1 - x0
+    t = sigma * 1000
+    if mixed:                    # one timestep per token: frames x (h/2) x (w/2) patches
+        t = t[:, :, None].expand(b, f, (h // 2) * (w // 2)).reshape(b, -1)
+    return xt, t, context, y, x1 - x0
 
 
-def flow_loss(model, cache, step, seed, image=False, expert=None):
+def flow_loss(model, cache, step, seed, image=False, expert=None, mixed=False):
     """MSE of the velocity; for I2V the first latent frame (the given image) counts
     ``FIRST_FRAME_WEIGHT`` times."""
-    xt, t, context, y, target = make_batch(cache, step, seed, image, expert)
+    xt, t, context, y, target = make_batch(cache, step, seed, image, expert, mixed)
     pred = model(xt, t, context, y=y)
     err = (pred - target).square()
     if not image:
@@ -178,44 +209,74 @@ def flow_loss(model, cache, step, seed, image=False, expert=None):
 
 
 def _train(stage: str, out: Path, model: WanDiT, steps: int, seed: int, resume: bool,
-           lr: float, warmup: int, image=False, expert=None) -> dict:
+           lr: float, warmup: int, image=False, expert=None, mixed=False) -> dict:
     stage_dir = Path(out) / stage
     cache = load(Path(out) / "latents" / "cache.pt")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     ema = EMA(model, 0.998)
     return train_loop(stage_dir, model, opt,
-                      lambda s: flow_loss(model, cache, s, seed, image, expert), steps,
+                      lambda s: flow_loss(model, cache, s, seed, image, expert, mixed), steps,
                       lambda s: cosine_lr(s, steps, lr, warmup, 0.1), resume=resume,
                       seed=seed, ema=ema, save_every=50)
 
 
-def t2v_ema(out: Path) -> dict:
-    done = finished(Path(out) / "dit")
+def stage_ema(out: Path, stage: str) -> dict:
+    done = finished(Path(out) / stage)
     if done is None:
-        raise RuntimeError("train the T2V DiT first: python -m wan_core.demo.train dit ...")
+        raise RuntimeError(f"train the '{stage}' stage first: python -m wan_core.demo.train "
+                           f"{stage} --out {out} --resume")
     return done["ema"]
 
 
-def run_dit(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    done = finished(Path(out) / "dit", steps)
+def final_t2v_stage(out: Path) -> str:
+    """The T2V stage that is shipped and that the experts start from: ``dit_mixed`` once it
+    has finished, else ``dit``."""
+    return "dit_mixed" if finished(Path(out) / "dit_mixed") is not None else "dit"
+
+
+def _finished_already(out: Path, stage: str, steps: int, resume: bool) -> dict | None:
+    done = finished(Path(out) / stage, steps)
     if done is not None and resume:
-        print("dit: finished already", flush=True)
+        print(f"{stage}: finished already", flush=True)
+        return done
+    return None
+
+
+def _from_stage(out: Path, source: str, model_type: str) -> WanDiT:
+    """A ``model_type`` DiT initialised from ``source``'s EMA; the patch embedding's input
+    channels are cut to, or zero-padded to, the new ``in_dim`` (I2V: 16 latent + 20 ``y``)."""
+    model = WanDiT(dit_config(model_type))
+    sd = dict(stage_ema(out, source))
+    w = sd["patch_embedding.weight"]
+    in_dim = model.config.in_dim
+    extra = w.new_zeros(w.shape[0], max(0, in_dim - w.shape[1]), *w.shape[2:])
+    sd["patch_embedding.weight"] = torch.cat([w[:, :in_dim], extra], 1).contiguous()
+    model.load_state_dict(sd)
+    return model
+
+
+def run_dit(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    done = _finished_already(out, "dit", steps, resume)
+    if done is not None:
         return done
     model = init_weights(WanDiT(dit_config("t2v")), seed)
     return _train("dit", out, model, steps, seed, resume, lr=LR, warmup=100)
 
 
 def run_i2v(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    done = finished(Path(out) / "i2v", steps)
-    if done is not None and resume:
-        print("i2v: finished already", flush=True)
+    done = _finished_already(out, "i2v", steps, resume)
+    if done is not None:
         return done
-    model = WanDiT(dit_config("i2v"))
-    sd = dict(t2v_ema(out))
-    w = sd["patch_embedding.weight"]
-    sd["patch_embedding.weight"] = torch.cat([w, w.new_zeros(w.shape[0], 20, *w.shape[2:])], 1)
-    model.load_state_dict(sd)
-    return _train("i2v", out, model, steps, seed + 1, resume, lr=3e-4, warmup=30, image=True)
+    return _train("i2v", out, _from_stage(out, "dit", "i2v"), steps, seed + 1, resume,
+                  lr=3e-4, warmup=30, image=True)
+
+
+def run_dit_mixed(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    done = _finished_already(out, "dit_mixed", steps, resume)
+    if done is not None:
+        return done
+    return _train("dit_mixed", out, _from_stage(out, "i2v", "t2v"), steps, seed + 11, resume,
+                  lr=3e-4, warmup=50, mixed=True)
 
 
 def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:
@@ -223,13 +284,11 @@ def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:
     for expert, share in (("high", 0.4), ("low", 0.6)):
         name = f"expert_{expert}"
         n = max(1, int(round(steps * share)))
-        done = finished(Path(out) / name, n)
-        if done is not None and resume:
-            print(f"{name}: finished already", flush=True)
+        done = _finished_already(out, name, n, resume)
+        if done is not None:
             results[expert] = done
             continue
-        model = WanDiT(dit_config("t2v"))
-        model.load_state_dict(t2v_ema(out))
+        model = _from_stage(out, final_t2v_stage(out), "t2v")
         results[expert] = _train(name, out, model, n, seed + 2 + (expert == "low"), resume,
                                  lr=2e-4, warmup=20, expert=expert)
     return results
