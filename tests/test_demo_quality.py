@@ -20,13 +20,14 @@ from wan_core.demo.evaluate import evaluate
 # regression floors set below the measured figures and above chance (colour 1/6, direction 1/4,
 # background 1/4).
 GOAL_ADHERENCE = 0.90
-GOAL_I2V_PSNR = 25.0        # met: 30.9 dB mean over 32 held-out first frames (20 steps),
-                            # 33.3 dB over this file's 8 (12 steps)
+GOAL_I2V_PSNR = 25.0        # met: 30.9 dB mean over 32 held-out first frames (20 steps)
 FLOOR_BACKGROUND = 0.90     # measured 0.97 (t2v, i2v, moe; 32 prompts, 20 steps)
 FLOOR_COLOUR = 0.70         # measured 0.97 (t2v, i2v, moe)
-FLOOR_I2V_DIRECTION = 0.5   # measured 0.88 (32 prompts, 20 steps), 1.0 here
+FLOOR_I2V_DIRECTION = 0.5   # measured 0.88 (32 prompts, 20 steps)
+FLOOR_T2V_DIRECTION = 0.45  # measured 0.69 / 0.69 (32 prompts, 20 steps, two seeds); chance 0.25
 PROMPTS = 24
-STEPS = 12          # fewer than the demo's default, to keep this file within its time budget
+STEPS = 20          # the demo's default (at 12 steps the fifth-session T2V misses a few
+                    # backgrounds: 0.875 on 24 prompts)
 NOT_MET = pytest.mark.xfail(strict=False, reason="issue-8 goal not met by the shipped demo "
                             "weights; see wan_core/demo/TRAINING.md")
 
@@ -70,6 +71,10 @@ def i2v_result(models):
 def test_t2v_heldout_background_and_colour_follow_the_prompt(t2v_result):
     assert t2v_result["background"] >= FLOOR_BACKGROUND
     assert t2v_result["colour"] >= FLOOR_COLOUR
+
+
+def test_t2v_heldout_direction_follows_the_prompt_more_than_by_chance(t2v_result):
+    assert t2v_result["direction"] >= FLOOR_T2V_DIRECTION
 
 
 @NOT_MET
