@@ -85,12 +85,11 @@ def export(out: Path, weights: Optional[Path] = None) -> dict:
     from ..dit import load_dit
     from ..text_encoder import load_text_encoder
     from ..vae import load_vae
+    from .train_dit import final_t2v_stage
 
     weights = Path(weights or WEIGHTS)
     weights.mkdir(parents=True, exist_ok=True)
     files = {"vae": vae_state(out), "text_encoder": text_state(out)}
-    from .train_dit import final_t2v_stage
-
     for stage, name in DIT_FILES.items():
         files[name] = dit_state(out, final_t2v_stage(out) if stage == "dit" else stage)
     sizes = {}

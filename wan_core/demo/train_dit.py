@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from ..conditioning import i2v_mask, i2v_pixel_video
+from ..conditioning import i2v_mask, i2v_pixel_video, per_token_timesteps
 from ..configs import DiTConfig
 from ..dit import WanDiT
 from . import dataset
-from .training import EMA, cosine_lr, finished, load, train_loop
+from .training import EMA, cosine_lr, finished, finished_already, load, train_loop
 
 DIM, FFN, LAYERS, FREQ = 128, 512, 6, 256
 FRAMES, SIZE = 17, 64
@@ -190,8 +190,8 @@ def make_batch(cache: dict, step: int, seed: int, image: bool, expert: str | Non
         mask = cache["mask"][None].expand(BATCH, -1, -1, -1, -1)
         y = torch.cat([mask, cache["image_latents"][idx].float()], dim=1)
     t = sigma * 1000
-    if mixed:                    # one timestep per token: frames x (h/2) x (w/2) patches
-        t = t[:, :, None].expand(b, f, (h // 2) * (w // 2)).reshape(b, -1)
+    if mixed:
+        t = per_token_timesteps(t, f, h, w, first_frame_known=False)
     return xt, t, context, y, x1 - x0
 
 
@@ -234,14 +234,6 @@ def final_t2v_stage(out: Path) -> str:
     return "dit_mixed" if finished(Path(out) / "dit_mixed") is not None else "dit"
 
 
-def _finished_already(out: Path, stage: str, steps: int, resume: bool) -> dict | None:
-    done = finished(Path(out) / stage, steps)
-    if done is not None and resume:
-        print(f"{stage}: finished already", flush=True)
-        return done
-    return None
-
-
 def _from_stage(out: Path, source: str, model_type: str) -> WanDiT:
     """A ``model_type`` DiT initialised from ``source``'s EMA; the patch embedding's input
     channels are cut to, or zero-padded to, the new ``in_dim`` (I2V: 16 latent + 20 ``y``)."""
@@ -256,7 +248,7 @@ def _from_stage(out: Path, source: str, model_type: str) -> WanDiT:
 
 
 def run_dit(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    done = _finished_already(out, "dit", steps, resume)
+    done = finished_already(Path(out) / "dit", steps, resume)
     if done is not None:
         return done
     model = init_weights(WanDiT(dit_config("t2v")), seed)
@@ -264,7 +256,7 @@ def run_dit(out: Path, steps: int, seed: int, resume: bool) -> dict:
 
 
 def run_i2v(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    done = _finished_already(out, "i2v", steps, resume)
+    done = finished_already(Path(out) / "i2v", steps, resume)
     if done is not None:
         return done
     return _train("i2v", out, _from_stage(out, "dit", "i2v"), steps, seed + 1, resume,
@@ -272,7 +264,7 @@ def run_i2v(out: Path, steps: int, seed: int, resume: bool) -> dict:
 
 
 def run_dit_mixed(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    done = _finished_already(out, "dit_mixed", steps, resume)
+    done = finished_already(Path(out) / "dit_mixed", steps, resume)
     if done is not None:
         return done
     return _train("dit_mixed", out, _from_stage(out, "i2v", "t2v"), steps, seed + 11, resume,
@@ -284,7 +276,7 @@ def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:
     for expert, share in (("high", 0.4), ("low", 0.6)):
         name = f"expert_{expert}"
         n = max(1, int(round(steps * share)))
-        done = _finished_already(out, name, n, resume)
+        done = finished_already(Path(out) / name, n, resume)
         if done is not None:
             results[expert] = done
             continue

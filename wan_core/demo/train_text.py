@@ -20,7 +20,7 @@ from ..text_encoder import UMT5Config, UMT5Encoder
 from ..tokenizer import UMT5Tokenizer
 from . import dataset
 from .tokenizer_train import train_tokenizer
-from .training import cosine_lr, finished, train_loop
+from .training import cosine_lr, finished_already, train_loop
 
 DIM, HEADS, FFN, LAYERS, BUCKETS = 128, 2, 256, 2, 32
 ATTRIBUTES = (("shape", dataset.SHAPES), ("colour", tuple(dataset.COLOURS)),
@@ -91,9 +91,8 @@ def accuracy(probe: Probe, tok, combos) -> float:
 
 def run(out: Path, steps: int, seed: int, resume: bool) -> dict:
     stage = Path(out) / "text"
-    done = finished(stage, steps)
-    if done is not None and resume:
-        print("text: finished already", flush=True)
+    done = finished_already(stage, steps, resume)
+    if done is not None:
         return done
     spiece = train_tokenizer()
     tok = UMT5Tokenizer.from_spiece_bytes(spiece)

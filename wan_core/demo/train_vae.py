@@ -28,7 +28,7 @@ import torch
 from ..vae.blocks import Stream
 from ..vae.model import VAEConfig, WanVAE
 from . import dataset
-from .training import EMA, atomic_save, cosine_lr, finished, load, train_loop
+from .training import EMA, atomic_save, cosine_lr, finished, finished_already, load, train_loop
 
 CONFIG = VAEConfig(version="2.1", dim=16, decoder_dim=16, z_dim=16, dim_mult=(1, 2, 4, 4),
                    num_res_blocks=1, temporal_downsample=(False, True, True))
@@ -234,9 +234,8 @@ def _finetune_decoder(out: Path, stage_name: str, base_name: str, batch, steps: 
     encoder frozen: the latents (and so the DiTs trained on them) do not change.
     ``batch(step, seed)`` gives a list of ``(video, background)`` pairs."""
     stage = Path(out) / stage_name
-    done = finished(stage, steps)
-    if done is not None and resume:
-        print(f"{stage_name}: finished already", flush=True)
+    done = finished_already(stage, steps, resume)
+    if done is not None:
         return done
     base = finished(Path(out) / base_name)
     if base is None:
@@ -468,9 +467,8 @@ def _fit_half(out: Path, stage_name: str, prefixes: tuple, loss, steps: int, see
     ``prepare(vae)`` if given) with ``loss(vae, basis, step, seed + offset)``; both halves use
     the basis of ``seed + 17``."""
     stage = Path(out) / stage_name
-    done = finished(stage, steps)
-    if done is not None and resume:
-        print(f"{stage_name}: finished already", flush=True)
+    done = finished_already(stage, steps, resume)
+    if done is not None:
         return done
     basis = target_basis(out, seed + 17)
     seed = seed + offset

@@ -155,3 +155,13 @@ def finished(stage_dir: Path, steps: Optional[int] = None) -> Optional[dict]:
         return None
     done = load(path)
     return done if steps is None or done["step"] >= steps else None
+
+
+def finished_already(stage_dir: Path, steps: int, resume: bool) -> Optional[dict]:
+    """With ``--resume``, the stage's ``done.pt`` when it ran ``steps`` already (announced);
+    else ``None``: the stage (re)trains or continues."""
+    done = finished(stage_dir, steps)
+    if done is not None and resume:
+        print(f"{Path(stage_dir).name}: finished already", flush=True)
+        return done
+    return None
