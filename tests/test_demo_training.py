@@ -138,3 +138,41 @@ def test_mixed_noise_batches_are_consistent_per_frame_and_per_token():
     # without mixing: one timestep per sample, as before
     _, t_plain, *_ = train_dit.make_batch(cache, 3, 0, False)
     assert t_plain.shape == (train_dit.BATCH,)
+
+
+def test_focus_weights_draw_clips_by_background():
+    """Stage ``dit_focus`` draws clips in proportion to a per-background weight; without
+    weights the batches are the uniform ones of the other stages."""
+    captions = (["a red circle moving up on a white background"] * 10
+                + ["a red circle moving up on a black background"] * 30)
+    weights = train_dit.clip_weights({"captions": captions}, {"white": 9.0})
+    assert weights.tolist() == [9.0] * 10 + [1.0] * 30
+    latents = torch.arange(40.0).view(40, 1, 1, 1, 1).expand(40, 16, 5, 8, 8).half()
+    cache = {"latents": latents, "captions": captions,
+             "text": {c: torch.ones(3, 8) for c in captions} | {"": torch.zeros(1, 8)}}
+    drawn = []
+    for step in range(20):
+        xt, t, context, y, target = train_dit.make_batch(cache, step, 0, False, weights=weights)
+        x0 = xt - (t / 1000).view(-1, 1, 1, 1, 1) * target         # x_t = x0 + sigma (x1 - x0)
+        drawn.append(x0[:, 0, 0, 0, 0].round().long())             # clip i's latent is i
+    share = float((torch.cat(drawn) < 10).float().mean())
+    assert 0.65 < share < 0.85                                     # expected 90 / 120 = 0.75
+    plain = train_dit.make_batch(cache, 3, 0, False)
+    again = train_dit.make_batch(cache, 3, 0, False, weights=None)
+    assert torch.equal(plain[0], again[0])
+
+
+def test_the_shipped_dit_is_the_last_finished_refinement(tmp_path):
+    """Export and the experts take ``dit_focus`` over ``dit_mixed`` over ``dit`` (and
+    ``i2v_focus`` over ``i2v``), whichever has finished."""
+    chain = train_dit.T2V_STAGES
+    assert train_dit.final_stage(tmp_path, chain) == "dit"
+    for stage in ("dit", "dit_mixed"):
+        (tmp_path / stage).mkdir()
+        torch.save({"step": 1}, tmp_path / stage / "done.pt")
+    (tmp_path / "dit_focus").mkdir()                       # started, not finished
+    torch.save({"step": 1}, tmp_path / "dit_focus" / "ckpt.pt")
+    assert train_dit.final_stage(tmp_path, chain) == "dit_mixed"
+    torch.save({"step": 1}, tmp_path / "dit_focus" / "done.pt")
+    assert train_dit.final_stage(tmp_path, chain) == "dit_focus"
+    assert train_dit.final_stage(tmp_path, train_dit.I2V_STAGES) == "i2v"

@@ -85,13 +85,14 @@ def export(out: Path, weights: Optional[Path] = None) -> dict:
     from ..dit import load_dit
     from ..text_encoder import load_text_encoder
     from ..vae import load_vae
-    from .train_dit import final_t2v_stage
+    from .train_dit import I2V_STAGES, T2V_STAGES, final_stage
 
     weights = Path(weights or WEIGHTS)
     weights.mkdir(parents=True, exist_ok=True)
     files = {"vae": vae_state(out), "text_encoder": text_state(out)}
     for stage, name in DIT_FILES.items():
-        files[name] = dit_state(out, final_t2v_stage(out) if stage == "dit" else stage)
+        chain = {"dit": T2V_STAGES, "i2v": I2V_STAGES}.get(stage)
+        files[name] = dit_state(out, final_stage(out, chain) if chain else stage)
     sizes = {}
     for name, sd in files.items():
         path = weights / f"{name}.safetensors"

@@ -1,7 +1,7 @@
 """Train the embedded demo model on 2 CPU cores (see TRAINING.md).
 
     python -m wan_core.demo.train all --out runs/demo --resume
-    python -m wan_core.demo.train {text,encoder_fit,decoder_fit,vae_fit,latents,dit,i2v,dit_mixed,experts,export,all} --out DIR --resume
+    python -m wan_core.demo.train {text,encoder_fit,decoder_fit,vae_fit,latents,dit,i2v,dit_mixed,dit_focus,i2v_focus,experts,export,all} --out DIR --resume
 
 Stages write their checkpoints under ``DIR/<stage>/``; ``--resume`` continues an interrupted
 stage from its last checkpoint and skips finished ones. ``export`` writes the shipped files to
@@ -16,7 +16,7 @@ from pathlib import Path
 from .training import setup_threads
 
 STAGES = ("text", "encoder_fit", "decoder_fit", "vae_fit", "latents", "dit", "i2v", "dit_mixed",
-          "experts", "export")
+          "dit_focus", "i2v_focus", "experts", "export")
 EARLIER = ("vae", "decoder", "decoder_long", "vae_long")   # the first runs' VAE stages (TRAINING.md)
 
 
@@ -64,7 +64,8 @@ def run_stage(stage: str, args) -> None:
     elif stage == "latents":
         from .train_dit import cache_latents
         cache_latents(args.out, args.seed, args.resume)
-    elif stage in ("dit", "i2v", "dit_mixed", "experts"):
+    elif stage in ("dit", "i2v", "dit_mixed", "dit_focus", "i2v_focus",
+                   "experts"):
         from . import train_dit
         getattr(train_dit, "run_" + stage)(args.out, n, args.seed, args.resume)
     elif stage == "export":

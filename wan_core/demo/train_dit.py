@@ -1,5 +1,5 @@
-"""Stages ``latents``, ``dit``, ``i2v`` and ``experts``: the tiny Wan DiTs, trained with flow
-matching on cached latents of 17-frame 64x64 clips (latent 16 x 5 x 8 x 8 = 80 tokens).
+"""Stages ``latents``, ``dit``, ``i2v``, ``dit_mixed``, ``dit_focus``, ``i2v_focus`` and
+``experts``: the tiny Wan DiTs, trained with flow matching on cached latents of 17-frame 64x64 clips (latent 16 x 5 x 8 x 8 = 80 tokens).
 
 Objective (as Wan): ``x0`` = normalised latent, ``x1`` = Gaussian noise, ``sigma`` = shifted
 uniform (shift ``SHIFT``), ``x_t = (1 - sigma) x0 + sigma x1``, ``t = 1000 sigma``, the model
@@ -11,15 +11,25 @@ the CFG negative) with probability ``DROP``.
 - ``i2v``: Wan 2.2 I2V-A14B layout (in_dim 36, no CLIP branch), initialised from the T2V EMA
   with zero weights on the 20 new input channels; ``y`` = I2V mask + the latent of
   ``[first frame, gray frames]``, built as ``conditioning.build_i2v_conditioning`` builds it.
-- ``dit_mixed``: the shipped T2V. Wan 2.1 T2V layout again, initialised from the I2V EMA (its
+- ``dit_mixed``: Wan 2.1 T2V layout again, initialised from the I2V EMA (its
   16 latent input channels; the 20 conditioning channels dropped) and trained with *mixed
   per-frame noise levels* (``frame_sigmas``): a third of each batch at one level for all
   frames (as sampling uses), a third at independent levels per latent frame, a third with one
   random frame cleaner than the rest. Per-frame levels reach the model as per-token
   timesteps (the Wan 2.2 form of ``t``; the weights are the same). The partly clean frames
   make the direction word pay off in the loss, as the given first frame does for I2V.
+- ``dit_focus``: the shipped T2V. ``dit_mixed`` fine-tuned the same way (lr ``FOCUS_LR``),
+  with clips drawn in proportion to a per-background weight (``FOCUS``: white x12).
+  ``dit_mixed`` moved objects the right way on black, gray and blue backgrounds (0.9-1.0 on
+  training prompts) but not on white (0.3): its cross-attention sent white-background tokens
+  to the pad token (the attention sink; layer 2 margin +10.5 logits, saturated, so almost no
+  gradient reached that routing), and the direction word barely changed its prediction there
+  (x0 error with the opposite word +5 % at sigma 0.9, vs +23-26 % on black and blue). With
+  white clips twelve times as likely it learns the word there too (+20 %; white 0.92).
+- ``i2v_focus``: the shipped I2V, ``i2v`` fine-tuned with the same weights for the same reason.
 - ``experts``: Wan 2.2 T2V-A14B expert pair, both initialised from the final T2V EMA and
-  fine-tuned on ``t >= 875`` (high noise) and ``t < 875`` (low noise).
+  fine-tuned on ``t >= 875`` (high noise) and ``t < 875`` (low noise), clips drawn as for
+  ``dit_focus``.
 """
 from __future__ import annotations
 
@@ -43,6 +53,8 @@ QK_GAIN = 3.0
 PLACEMENTS = 6          # cached clips per training combination
 LR = 1e-3               # peak learning rate of the T2V and I2V stages
 FIRST_FRAME_WEIGHT = 5.0  # I2V: the first latent frame must reproduce the given image
+FOCUS = {"white": 12.0}   # dit_focus, i2v_focus: clip sampling weight per background (others 1)
+FOCUS_LR = 3e-4
 VAE_STAGE = "encoder_fit"  # whose encoder makes the cached latents (the shipped ``vae_fit``'s encoder)
 
 
@@ -168,12 +180,22 @@ def frame_sigmas(sigma: torch.Tensor, frames: int, g: torch.Generator) -> torch.
     return out
 
 
+def clip_weights(cache: dict, per_background: dict) -> torch.Tensor:
+    """Sampling weight [N] of each cached clip: ``per_background[its background]``, else 1."""
+    return torch.tensor([float(per_background.get(dataset.parse_caption(c).background, 1.0))
+                         for c in cache["captions"]])
+
+
 def make_batch(cache: dict, step: int, seed: int, image: bool, expert: str | None = None,
-               mixed: bool = False):
-    """``(x_t, t, context, y, target)``; ``t`` is [B], or [B, L] per token when ``mixed``."""
+               mixed: bool = False, weights: torch.Tensor | None = None):
+    """``(x_t, t, context, y, target)``; ``t`` is [B], or [B, L] per token when ``mixed``.
+    Clips are drawn uniformly, or in proportion to ``weights`` [N] when given."""
     g = torch.Generator().manual_seed(seed * 10**7 + step)
     n = cache["latents"].shape[0]
-    idx = torch.randint(n, (BATCH,), generator=g)
+    if weights is None:
+        idx = torch.randint(n, (BATCH,), generator=g)
+    else:
+        idx = torch.multinomial(weights, BATCH, replacement=True, generator=g)
     x0 = cache["latents"][idx].float()
     b, _, f, h, w = x0.shape
     lo, hi = u_range(expert)
@@ -195,10 +217,10 @@ def make_batch(cache: dict, step: int, seed: int, image: bool, expert: str | Non
     return xt, t, context, y, x1 - x0
 
 
-def flow_loss(model, cache, step, seed, image=False, expert=None, mixed=False):
+def flow_loss(model, cache, step, seed, image=False, expert=None, mixed=False, weights=None):
     """MSE of the velocity; for I2V the first latent frame (the given image) counts
     ``FIRST_FRAME_WEIGHT`` times."""
-    xt, t, context, y, target = make_batch(cache, step, seed, image, expert, mixed)
+    xt, t, context, y, target = make_batch(cache, step, seed, image, expert, mixed, weights)
     pred = model(xt, t, context, y=y)
     err = (pred - target).square()
     if not image:
@@ -209,13 +231,15 @@ def flow_loss(model, cache, step, seed, image=False, expert=None, mixed=False):
 
 
 def _train(stage: str, out: Path, model: WanDiT, steps: int, seed: int, resume: bool,
-           lr: float, warmup: int, image=False, expert=None, mixed=False) -> dict:
+           lr: float, warmup: int, image=False, expert=None, mixed=False,
+           per_background: dict | None = None) -> dict:
     stage_dir = Path(out) / stage
     cache = load(Path(out) / "latents" / "cache.pt")
+    weights = clip_weights(cache, per_background) if per_background else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     ema = EMA(model, 0.998)
     return train_loop(stage_dir, model, opt,
-                      lambda s: flow_loss(model, cache, s, seed, image, expert, mixed), steps,
+                      lambda s: flow_loss(model, cache, s, seed, image, expert, mixed, weights), steps,
                       lambda s: cosine_lr(s, steps, lr, warmup, 0.1), resume=resume,
                       seed=seed, ema=ema, save_every=50)
 
@@ -228,10 +252,14 @@ def stage_ema(out: Path, stage: str) -> dict:
     return done["ema"]
 
 
-def final_t2v_stage(out: Path) -> str:
-    """The T2V stage that is shipped and that the experts start from: ``dit_mixed`` once it
-    has finished, else ``dit``."""
-    return "dit_mixed" if finished(Path(out) / "dit_mixed") is not None else "dit"
+T2V_STAGES = ("dit_focus", "dit_mixed", "dit")    # refinements first
+I2V_STAGES = ("i2v_focus", "i2v")
+
+
+def final_stage(out: Path, chain: tuple) -> str:
+    """The first finished stage of ``chain`` (``T2V_STAGES`` or ``I2V_STAGES``): the one that
+    is shipped, and for T2V the one the experts start from."""
+    return next((s for s in chain if finished(Path(out) / s) is not None), chain[-1])
 
 
 def _from_stage(out: Path, source: str, model_type: str) -> WanDiT:
@@ -271,6 +299,22 @@ def run_dit_mixed(out: Path, steps: int, seed: int, resume: bool) -> dict:
                   lr=3e-4, warmup=50, mixed=True)
 
 
+def run_dit_focus(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    done = finished_already(Path(out) / "dit_focus", steps, resume)
+    if done is not None:
+        return done
+    return _train("dit_focus", out, _from_stage(out, "dit_mixed", "t2v"), steps, seed + 12,
+                  resume, lr=FOCUS_LR, warmup=50, mixed=True, per_background=FOCUS)
+
+
+def run_i2v_focus(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    done = finished_already(Path(out) / "i2v_focus", steps, resume)
+    if done is not None:
+        return done
+    return _train("i2v_focus", out, _from_stage(out, "i2v", "i2v"), steps, seed + 13, resume,
+                  lr=FOCUS_LR, warmup=50, image=True, per_background=FOCUS)
+
+
 def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:
     results = {}
     for expert, share in (("high", 0.4), ("low", 0.6)):
@@ -280,7 +324,7 @@ def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:
         if done is not None:
             results[expert] = done
             continue
-        model = _from_stage(out, final_t2v_stage(out), "t2v")
+        model = _from_stage(out, final_stage(out, T2V_STAGES), "t2v")
         results[expert] = _train(name, out, model, n, seed + 2 + (expert == "low"), resume,
-                                 lr=2e-4, warmup=20, expert=expert)
+                                 lr=2e-4, warmup=20, expert=expert, per_background=FOCUS)
     return results
