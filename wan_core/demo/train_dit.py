@@ -1,5 +1,6 @@
 """Stages ``latents``, ``dit``, ``i2v``, ``dit_mixed``, ``dit_focus``, ``i2v_focus`` and
-``experts``: the tiny Wan DiTs, trained with flow matching on cached latents of 17-frame 64x64 clips (latent 16 x 5 x 8 x 8 = 80 tokens).
+``experts``: the tiny Wan DiTs, trained with flow matching on cached latents of 17-frame 64x64
+clips (latent 16 x 5 x 8 x 8 = 80 tokens).
 
 Objective (as Wan): ``x0`` = normalised latent, ``x1`` = Gaussian noise, ``sigma`` = shifted
 uniform (shift ``SHIFT``), ``x_t = (1 - sigma) x0 + sigma x1``, ``t = 1000 sigma``, the model
@@ -20,7 +21,7 @@ the CFG negative) with probability ``DROP``.
   make the direction word pay off in the loss, as the given first frame does for I2V.
 - ``dit_focus``: the shipped T2V. ``dit_mixed`` fine-tuned the same way (lr ``FOCUS_LR``),
   with clips drawn in proportion to a per-background weight (``FOCUS``: white x12).
-  ``dit_mixed`` moved objects the right way on black, gray and blue backgrounds (0.9-1.0 on
+  ``dit_mixed`` moved objects the right way on black, gray and blue backgrounds (0.88-1.0 on
   training prompts) but not on white (0.3): its cross-attention sent white-background tokens
   to the pad token (the attention sink; layer 2 margin +10.5 logits, saturated, so almost no
   gradient reached that routing), and the direction word barely changed its prediction there
@@ -239,8 +240,8 @@ def _train(stage: str, out: Path, model: WanDiT, steps: int, seed: int, resume: 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     ema = EMA(model, 0.998)
     return train_loop(stage_dir, model, opt,
-                      lambda s: flow_loss(model, cache, s, seed, image, expert, mixed, weights), steps,
-                      lambda s: cosine_lr(s, steps, lr, warmup, 0.1), resume=resume,
+                      lambda s: flow_loss(model, cache, s, seed, image, expert, mixed, weights),
+                      steps, lambda s: cosine_lr(s, steps, lr, warmup, 0.1), resume=resume,
                       seed=seed, ema=ema, save_every=50)
 
 
