@@ -35,6 +35,7 @@ the CFG negative) with probability ``DROP``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -231,10 +232,16 @@ def flow_loss(model, cache, step, seed, image=False, expert=None, mixed=False, w
     return (err.mean((0, 1, 3, 4)) * weight).sum() / weight.sum(), {"frame0": err[:, :, 0].mean().detach()}
 
 
-def _train(stage: str, out: Path, model: WanDiT, steps: int, seed: int, resume: bool,
-           lr: float, warmup: int, image=False, expert=None, mixed=False,
+def _train(stage: str, out: Path, make_model: Callable[[], WanDiT], steps: int, seed: int,
+           resume: bool, lr: float, warmup: int, image=False, expert=None, mixed=False,
            per_background: dict | None = None) -> dict:
+    """Run (or, with ``resume``, skip when finished) one DiT stage; ``make_model()`` builds
+    its starting model only when it trains."""
     stage_dir = Path(out) / stage
+    done = finished_already(stage_dir, steps, resume)
+    if done is not None:
+        return done
+    model = make_model()
     cache = load(Path(out) / "latents" / "cache.pt")
     weights = clip_weights(cache, per_background) if per_background else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -277,43 +284,28 @@ def _from_stage(out: Path, source: str, model_type: str) -> WanDiT:
 
 
 def run_dit(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    done = finished_already(Path(out) / "dit", steps, resume)
-    if done is not None:
-        return done
-    model = init_weights(WanDiT(dit_config("t2v")), seed)
-    return _train("dit", out, model, steps, seed, resume, lr=LR, warmup=100)
+    return _train("dit", out, lambda: init_weights(WanDiT(dit_config("t2v")), seed), steps,
+                  seed, resume, lr=LR, warmup=100)
 
 
 def run_i2v(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    done = finished_already(Path(out) / "i2v", steps, resume)
-    if done is not None:
-        return done
-    return _train("i2v", out, _from_stage(out, "dit", "i2v"), steps, seed + 1, resume,
+    return _train("i2v", out, lambda: _from_stage(out, "dit", "i2v"), steps, seed + 1, resume,
                   lr=3e-4, warmup=30, image=True)
 
 
 def run_dit_mixed(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    done = finished_already(Path(out) / "dit_mixed", steps, resume)
-    if done is not None:
-        return done
-    return _train("dit_mixed", out, _from_stage(out, "i2v", "t2v"), steps, seed + 11, resume,
-                  lr=3e-4, warmup=50, mixed=True)
+    return _train("dit_mixed", out, lambda: _from_stage(out, "i2v", "t2v"), steps, seed + 11,
+                  resume, lr=3e-4, warmup=50, mixed=True)
 
 
 def run_dit_focus(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    done = finished_already(Path(out) / "dit_focus", steps, resume)
-    if done is not None:
-        return done
-    return _train("dit_focus", out, _from_stage(out, "dit_mixed", "t2v"), steps, seed + 12,
-                  resume, lr=FOCUS_LR, warmup=50, mixed=True, per_background=FOCUS)
+    return _train("dit_focus", out, lambda: _from_stage(out, "dit_mixed", "t2v"), steps,
+                  seed + 12, resume, lr=FOCUS_LR, warmup=50, mixed=True, per_background=FOCUS)
 
 
 def run_i2v_focus(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    done = finished_already(Path(out) / "i2v_focus", steps, resume)
-    if done is not None:
-        return done
-    return _train("i2v_focus", out, _from_stage(out, "i2v", "i2v"), steps, seed + 13, resume,
-                  lr=FOCUS_LR, warmup=50, image=True, per_background=FOCUS)
+    return _train("i2v_focus", out, lambda: _from_stage(out, "i2v", "i2v"), steps, seed + 13,
+                  resume, lr=FOCUS_LR, warmup=50, image=True, per_background=FOCUS)
 
 
 def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:
@@ -321,11 +313,8 @@ def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:
     for expert, share in (("high", 0.4), ("low", 0.6)):
         name = f"expert_{expert}"
         n = max(1, int(round(steps * share)))
-        done = finished_already(Path(out) / name, n, resume)
-        if done is not None:
-            results[expert] = done
-            continue
-        model = _from_stage(out, final_stage(out, T2V_STAGES), "t2v")
-        results[expert] = _train(name, out, model, n, seed + 2 + (expert == "low"), resume,
-                                 lr=2e-4, warmup=20, expert=expert, per_background=FOCUS)
+        results[expert] = _train(name, out,
+                                 lambda: _from_stage(out, final_stage(out, T2V_STAGES), "t2v"),
+                                 n, seed + 2 + (expert == "low"), resume, lr=2e-4, warmup=20,
+                                 expert=expert, per_background=FOCUS)
     return results
