@@ -43,8 +43,8 @@ def make_weights(folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from wan_core.configs import DiTConfig
-    from wan_core.dit import WanDiT
+    from wan_core.models.configs import DiTConfig
+    from wan_core.models.dit import WanDiT
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in WanDiT(DiTConfig(**CONFIG)).state_dict().items()}
@@ -82,7 +82,7 @@ def _dtype(name):
 # --------------------------------------------------------------------------------------------
 
 def setup_ours(path, dtype_name, latent, real_tokens):
-    from wan_core.dit import load_dit
+    from wan_core import load_dit
 
     model = load_dit(path)
     x, t, context = make_inputs(latent, _dtype(dtype_name), real_tokens)

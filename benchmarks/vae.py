@@ -57,7 +57,7 @@ def _latent(frames: int, h: int, w: int) -> torch.Tensor:
 # Each returns the zero-argument callable that harness.bench times; all decode the same latent.
 
 def setup_ours(path, frames, h, w, tile=False, max_memory=None):
-    from wan_core.vae import load_vae
+    from wan_core import load_vae
 
     vae = load_vae(path)
     z = _latent(frames, h, w)
@@ -73,7 +73,7 @@ def setup_official(path, frames, h, w):
         ref = mod.WanVAE_(**ARCH_21)
     ref.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
     ref.eval()
-    from wan_core.vae import wan21
+    from wan_core.models.vae import wan21
     scale = [torch.tensor(wan21.LATENT_MEAN), 1.0 / torch.tensor(wan21.LATENT_STD)]
     z = _latent(frames, h, w)
     return lambda: ref.decode(z, scale).clamp_(-1, 1)

@@ -35,10 +35,10 @@ class WanCoreDemoFirstFrame:
     def render(self, caption, placement_seed=0, size=64):
         import torch
 
-        from wan_core.demo import dataset
+        from wan_core.demo import clips
 
-        spec = dataset.place(dataset.parse_caption(caption), placement_seed)
-        frame = dataset.render(spec, frames=1, size=size)     # [1, H, W, 3] in 0..1
+        spec = clips.place(clips.parse_caption(caption), placement_seed)
+        frame = clips.render(spec, frames=1, size=size)     # [1, H, W, 3] in 0..1
         return (torch.from_numpy(frame),)
 
 

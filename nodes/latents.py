@@ -10,7 +10,7 @@ import torch
 
 
 def _stats(channels: int, like: torch.Tensor):
-    from wan_core.vae import latent_stats
+    from wan_core.models.vae import latent_stats
 
     mean, std = latent_stats(channels)
     shape = (1, channels, 1, 1, 1)

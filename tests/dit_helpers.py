@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from wan_core.configs import DiTConfig
-from wan_core.dit import WanDiT
+from wan_core.models.configs import DiTConfig
+from wan_core.models.dit import WanDiT
 
 TINY = dict(dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=64, freq_dim=32)
 

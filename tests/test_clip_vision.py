@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tests.reference import max_abs_err, report
-from wan_core.checkpoint import CheckpointError
-from wan_core.clip_vision import CLIP_MEAN, CLIP_STD, load_clip_vision
+from wan_core.loading.checkpoint import CheckpointError
+from wan_core import load_clip_vision
+from wan_core.models.clip_vision import CLIP_MEAN, CLIP_STD
 
 BOUND = 1e-5
 # Tiny ViT: width 128 -> 2 heads of 64 (the width/64 rule), 42 px images of 14 px patches.

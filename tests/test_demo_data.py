@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from wan_core.demo import dataset
-from wan_core.demo.analysis import analyse, check_prompt, psnr, video_to_frames
-from wan_core.demo.dataset import Combo, iter_combos, iter_specs, parse_caption, sample_clip
+from training import dataset
+from training.analysis import analyse, check_prompt, psnr, video_to_frames
+from training.dataset import Combo, iter_combos, iter_specs, parse_caption, sample_clip
 
 ATTRS = ("colour", "direction", "background", "shape")
 
@@ -161,13 +161,13 @@ def test_psnr():
 @pytest.fixture(scope="module")
 def spiece():
     pytest.importorskip("sentencepiece")
-    from wan_core.demo.tokenizer_train import train_tokenizer
+    from training.tokenizer_train import train_tokenizer
 
     return train_tokenizer()
 
 
 def test_tokenizer_training_is_deterministic(spiece):
-    from wan_core.demo.tokenizer_train import train_tokenizer
+    from training.tokenizer_train import train_tokenizer
 
     assert train_tokenizer() == spiece
     assert len(spiece) < 16_000       # no large normalisation tables in the embedded file
@@ -176,8 +176,8 @@ def test_tokenizer_training_is_deterministic(spiece):
 def test_every_caption_tokenizes_without_unknown_pieces(spiece):
     import sentencepiece as spm
 
-    from wan_core.demo.tokenizer_train import as_spiece_tensor
-    from wan_core.tokenizer import UMT5Tokenizer
+    from training.tokenizer_train import as_spiece_tensor
+    from wan_core.models.tokenizer import UMT5Tokenizer
 
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(spiece)

@@ -1,7 +1,7 @@
 """Quality of the shipped demo weights (issue 8): held-out prompt adherence, I2V first-frame
 PSNR, the MoE expert pair, and the demo command end to end.
 
-The weights were trained by ``python -m wan_core.demo.train all`` (TRAINING.md); every check
+The weights were trained by ``python -m training.train all`` (TRAINING.md); every check
 runs them through the normal loaders and ``wan_core.pipeline.generate``.
 """
 import subprocess
@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import ROOT
 from wan_core.demo import WEIGHTS_DIR, FILES, DemoModels
-from wan_core.demo.evaluate import evaluate
+from training.evaluate import evaluate
 
 # The issue's goals (TRAINING.md, "Results"), and regression floors set below the measured
 # figures and above chance (colour 1/6, direction 1/4, background 1/4).

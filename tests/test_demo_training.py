@@ -1,11 +1,11 @@
-"""The demo training code (wan_core.demo.train*): its training-only paths equal the inference
+"""The demo training code (training/): its training-only paths equal the inference
 paths of wan_core, and its exact reparametrisations are exact. Tiny and fast; no training run."""
 import dataclasses
 
 import torch
 
-from wan_core.demo import train_dit, train_vae
-from wan_core.vae.model import WanVAE
+from training import steps, train_dit, train_vae
+from wan_core.models.vae.model import WanVAE
 
 TINY_VAE = dataclasses.replace(train_vae.CONFIG, dim=4, decoder_dim=4)
 
@@ -51,7 +51,7 @@ def test_expert_noise_ranges_meet_at_the_boundary():
 
 
 def test_latent_targets_are_wan_shaped_unit_variance_and_invert_linearly():
-    from wan_core.demo import dataset, latent_targets
+    from training import dataset, latent_targets
 
     clips = torch.stack([dataset.sample_clip(i, frames=9, size=32)[0] for i in range(24)])
     basis = latent_targets.fit_basis(clips, z_dim=16)
@@ -72,7 +72,7 @@ def test_latent_targets_are_wan_shaped_unit_variance_and_invert_linearly():
 
 
 def test_spectral_weighting_is_an_exact_reparametrisation(monkeypatch):
-    from wan_core.demo import latent_targets
+    from training import latent_targets
 
     monkeypatch.setattr(train_vae, "CONFIG", TINY_VAE)
     vae = _vae(2).eval()
@@ -92,7 +92,7 @@ def test_a_finished_stage_asked_for_more_steps_continues_from_its_checkpoint(tmp
     """``--resume --steps N`` on a finished stage: ``finished`` reports it unfinished for a
     larger N and ``train_loop`` continues from ``ckpt.pt``; with a constant learning rate the
     result equals an uninterrupted run."""
-    from wan_core.demo.training import finished, train_loop
+    from training.training import finished, train_loop
 
     def run(stage_dir, steps):
         torch.manual_seed(0)
@@ -165,14 +165,14 @@ def test_focus_weights_draw_clips_by_background():
 def test_the_shipped_dit_is_the_last_finished_refinement(tmp_path):
     """Export and the experts take ``dit_focus`` over ``dit_mixed`` over ``dit`` (and
     ``i2v_focus`` over ``i2v``), whichever has finished."""
-    chain = train_dit.T2V_STAGES
-    assert train_dit.final_stage(tmp_path, chain) == "dit"
+    chain = steps.T2V_STAGES
+    assert steps.final_stage(tmp_path, chain) == "dit"
     for stage in ("dit", "dit_mixed"):
         (tmp_path / stage).mkdir()
         torch.save({"step": 1}, tmp_path / stage / "done.pt")
     (tmp_path / "dit_focus").mkdir()                       # started, not finished
     torch.save({"step": 1}, tmp_path / "dit_focus" / "ckpt.pt")
-    assert train_dit.final_stage(tmp_path, chain) == "dit_mixed"
+    assert steps.final_stage(tmp_path, chain) == "dit_mixed"
     torch.save({"step": 1}, tmp_path / "dit_focus" / "done.pt")
-    assert train_dit.final_stage(tmp_path, chain) == "dit_focus"
-    assert train_dit.final_stage(tmp_path, train_dit.I2V_STAGES) == "i2v"
+    assert steps.final_stage(tmp_path, chain) == "dit_focus"
+    assert steps.final_stage(tmp_path, steps.I2V_STAGES) == "i2v"

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from tests.dit_helpers import random_inputs, random_state_dict, tiny_config
 from tests.reference import max_abs_err, official, report
-from wan_core.attention import AttentionBackendError, attention
-from wan_core.dit import WanDiT, load_dit
+from wan_core.models.attention import AttentionBackendError, attention
+from wan_core.models.dit import WanDiT
+from wan_core import load_dit
 
 BOUND = 1e-4
 
@@ -164,7 +165,7 @@ def test_meta_build_allocates_nothing():
 
 
 def test_ffn_token_chunks_do_not_change_results(monkeypatch):
-    import wan_core.dit as dit_module
+    import wan_core.models.dit as dit_module
 
     cfg = tiny_config("ti2v")
     model = load_dit(random_state_dict(cfg), num_heads=cfg.num_heads)
@@ -181,7 +182,7 @@ def test_ffn_token_chunks_do_not_change_results(monkeypatch):
 @pytest.mark.parametrize("model_type", ["t2v", "i2v"])
 def test_text_padding_collapse_is_exact(monkeypatch, model_type):
     """One pad key with a log(count) logit bias == all the identical zero-pad keys."""
-    import wan_core.dit as dit_module
+    import wan_core.models.dit as dit_module
 
     cfg = tiny_config(model_type)
     model = load_dit(random_state_dict(cfg), num_heads=cfg.num_heads)

@@ -9,10 +9,11 @@ from safetensors.torch import save_file
 
 from tests.dit_helpers import random_inputs, random_state_dict, tiny_config
 from tests.reference import report
-from wan_core.checkpoint import CheckpointError
-from wan_core.configs import DEFAULTS, DiTConfig, detect_dit_config
-from wan_core.dit import WanDiT, load_dit
-from wan_core.dit_layouts import to_official_layout
+from wan_core.loading.checkpoint import CheckpointError
+from wan_core.models.configs import DEFAULTS, DiTConfig, detect_dit_config
+from wan_core.models.dit import WanDiT
+from wan_core import load_dit
+from wan_core.loading.dit_layouts import to_official_layout
 from wan_core.ops import Linear
 
 HEADS = {"num_heads": "4"}

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import wan_core
+
 from tests.conftest import ROOT, load_pack
-from wan_core import checkpoint
-from wan_core.checkpoint import CheckpointError
+from wan_core.loading import checkpoint
+from wan_core.loading.checkpoint import CheckpointError
 
 
 def test_pack_imports_without_comfyui():
@@ -24,6 +26,58 @@ def test_wan_core_never_imports_the_host():
     for path in (ROOT / "wan_core").rglob("*.py"):
         for line in path.read_text().splitlines():
             assert not pattern.match(line), f"{path}: {line}"
+
+
+# wan_core's layers, low to high: a module may import only from its own room or a lower layer.
+LAYERS = {"errors": 0, "prompts": 0, "video_io": 0, "ops": 1, "models": 2, "conditioning": 2,
+          "loading": 3, "sampling": 3, "pipeline": 4, "demo": 5, "__main__": 6}
+
+
+def _room(module: str) -> str:
+    """'wan_core.models.vae.blocks' -> 'models'; 'wan_core' -> '' (the lazy public face)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _wan_core_imports(path: Path) -> list:
+    """Absolute names of the wan_core / training / nodes modules ``path`` imports."""
+    import ast
+
+    rel = path.relative_to(ROOT).with_suffix("")
+    package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            found += [f"{mod}.{a.name}" if not node.module else mod for a in node.names]
+    return [m for m in found if m.split(".")[0] in ("wan_core", "training", "nodes")]
+
+
+def test_wan_core_layers_import_only_downwards():
+    """ops -> models -> loading -> sampling/pipeline -> demo -> CLI: no import from a higher
+    layer into a lower one, nothing in wan_core imports training/ or nodes/."""
+    for path in (ROOT / "wan_core").rglob("*.py"):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        room = _room(module)
+        if room in ("", "__init__"):
+            continue                      # the public face re-exports lazily
+        assert room in LAYERS, f"{path}: add its room '{room}' to LAYERS"
+        for target in _wan_core_imports(path):
+            assert target.split(".")[0] == "wan_core", f"{path} imports {target}"
+            other = _room(target)
+            if other not in LAYERS and other in wan_core._LAZY:   # a name of the public face
+                other = _room(wan_core._LAZY[other])
+            if other in ("", room):
+                continue
+            assert LAYERS[other] < LAYERS[room], (
+                f"{path} ({room}, layer {LAYERS[room]}) imports {target} "
+                f"({other}, layer {LAYERS[other]})")
 
 
 def test_cli_help_runs():

@@ -13,7 +13,7 @@ import torch
 from tests.conftest import ROOT
 from tests.reference import max_abs_err, official, report
 from wan_core.conditioning import VideoConditioning, i2v_mask
-from wan_core.dit import load_dit
+from wan_core import load_dit
 from wan_core.pipeline import MoEModel, draw_noise, generate
 
 BOUND = 1e-4

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from tests.reference import max_abs_err, official, report
-from wan_core.checkpoint import CheckpointError
-from wan_core.text_encoder import (TextEncoder, config_from_state_dict, load_text_encoder,
-                                   load_umt5, to_official_layout)
-from wan_core.tokenizer import UMT5Tokenizer, clean_prompt
+from wan_core.loading.checkpoint import CheckpointError
+from wan_core.loading.text_encoder import (config_from_state_dict, load_text_encoder, load_umt5,
+                                           to_official_layout)
+from wan_core.models.text_encoder import TextEncoder
+from wan_core.models.tokenizer import UMT5Tokenizer, clean_prompt
 
 BOUND = 1e-5
 # Tiny umT5: attention width (heads * d_kv = 4 * 12) differs from the model width on purpose.
@@ -259,7 +260,7 @@ def test_cleaning_matches_official():
     pytest.importorskip("ftfy")
     pytest.importorskip("regex")
     tok = official("modules.tokenizers")
-    from wan_core import tokenizer as ours_mod
+    from wan_core.models import tokenizer as ours_mod
 
     for prompt in PROMPTS + ["tab\tand\r\nnewlines \x00control\x7f", "&amp;amp; twice"]:
         expected = tok.whitespace_clean(tok.basic_clean(prompt))

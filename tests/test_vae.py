@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from tests.reference import max_abs_err, official, report
-from wan_core.checkpoint import CheckpointError, identify
-from wan_core.vae import blocks, diffusers_to_official, load_vae
-from wan_core.vae.tiling import TilePlan, decode_tiled, plan_tiles
+from wan_core.loading.checkpoint import CheckpointError, identify
+from wan_core import load_vae
+from wan_core.loading.vae import diffusers_to_official
+from wan_core.models.vae import blocks
+from wan_core.models.vae.tiling import TilePlan, decode_tiled, plan_tiles
 
 PARITY_BOUND = 1e-4
 TINY = dict(dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
@@ -266,8 +268,8 @@ def test_decode_cache_does_not_grow_with_length(pair, monkeypatch):
 def test_automatic_tiles_fit_the_budget():
     """Full-size 2.1 decoder (meta tensors): the planner picks the largest square tile whose
     estimate, weights copy included, fits the budget."""
-    from wan_core.vae.model import VAEConfig, WanVAE
-    from wan_core.vae.tiling import pass_peak_bytes
+    from wan_core.models.vae.model import VAEConfig, WanVAE
+    from wan_core.models.vae.tiling import pass_peak_bytes
 
     cfg = VAEConfig("2.1", 96, 96, 16, (1, 2, 4, 4), 2, (False, True, True))
     with torch.device("meta"):
@@ -284,8 +286,8 @@ def test_training_path_gradients_match_finite_differences():
     """The grad-enabled branches of the VAE blocks (used to train the demo VAE) give the
     gradient of what they compute: directional derivatives of an encode + decode through
     the causal streams agree with central finite differences."""
-    from wan_core.demo.train_vae import decode_raw, encode_posterior
-    from wan_core.vae.model import VAEConfig, WanVAE
+    from training.train_vae import decode_raw, encode_posterior
+    from wan_core.models.vae.model import VAEConfig, WanVAE
 
     cfg = VAEConfig("2.1", 8, 8, 4, (1, 2, 2, 2), 1, (False, True, True))
     torch.manual_seed(0)

@@ -116,7 +116,7 @@ def test_i2v_model_without_image_is_refused(folders, tmp_path):
 
 
 def test_demo_first_frame_node_draws_the_clip_start_and_names_bad_captions():
-    from wan_core.demo import dataset
+    from training import dataset
 
     node = load_pack().NODE_CLASS_MAPPINGS["WanCoreDemoFirstFrame"]()
     caption = "a yellow triangle moving down on a gray background"

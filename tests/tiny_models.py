@@ -55,8 +55,8 @@ def _random(model: torch.nn.Module, seed: int, scale: float = 0.05) -> dict:
 
 def dit_state_dict(model_type: str, seed: int, in_dim=None, out_dim=16, image=False,
                    pos_tokens=0) -> dict:
-    from wan_core.configs import DiTConfig
-    from wan_core.dit import WanDiT
+    from wan_core.models.configs import DiTConfig
+    from wan_core.models.dit import WanDiT
 
     in_dim = in_dim or out_dim
     cfg = DiTConfig(model_type=model_type, in_dim=in_dim, out_dim=out_dim,
@@ -82,7 +82,7 @@ def to_fp8_scaled(sd: dict) -> dict:
 
 
 def vae_state_dict(version: str, seed: int) -> dict:
-    from wan_core.vae import VAEConfig, WanVAE
+    from wan_core.models.vae import VAEConfig, WanVAE
 
     z = 16 if version == "2.1" else 48
     cfg = VAEConfig(version=version, dim=VAE["dim"], decoder_dim=VAE["dim"] + 4 * (version == "2.2"),

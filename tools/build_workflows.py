@@ -288,7 +288,7 @@ def workflows() -> dict:
              "background'.",
              "Settings it was trained for: 64x64, 17 frames, 20 steps, cfg 4, shift 3, "
              "empty negative prompt, 8 fps.",
-             "Its quality is limited (see wan_core/demo/TRAINING.md)."]))
+             "Its quality is limited (see training/TRAINING.md)."]))
     caption = "a red circle moving right on a blue background"
     out["wancore_demo_i2v"] = build("wancore_demo_i2v", "WanCore demo: tiny image to video (CPU)", [
         *loaders([("dit", f"{DEMO}/dit_i2v.safetensors")], f"{DEMO}/vae.safetensors",
@@ -311,7 +311,7 @@ def workflows() -> dict:
              "background.",
              "Settings it was trained for: 64x64, 17 frames, 20 steps, cfg 4, shift 3, "
              "empty negative prompt, 8 fps.",
-             "Its quality is limited (see wan_core/demo/TRAINING.md)."]))
+             "Its quality is limited (see training/TRAINING.md)."]))
     return out
 
 

@@ -13,11 +13,11 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_dit": "wan_core.dit",
-    "load_vae": "wan_core.vae",
-    "load_text_encoder": "wan_core.text_encoder",
-    "load_clip_vision": "wan_core.clip_vision",
-    "CheckpointError": "wan_core.checkpoint",
+    "load_dit": "wan_core.loading.dit",
+    "load_vae": "wan_core.loading.vae",
+    "load_text_encoder": "wan_core.loading.text_encoder",
+    "load_clip_vision": "wan_core.loading.clip_vision",
+    "CheckpointError": "wan_core.errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -98,17 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_image(path: str):
-    """An image file -> ``[3, H, W]`` in [-1, 1]."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    with Image.open(path) as img:
-        data = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(data).permute(2, 0, 1) * 2 - 1
-
-
 def _tile_option(text: str):
     if text == "auto":
         return None
@@ -125,10 +114,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from wan_core import load_clip_vision, load_dit, load_text_encoder, load_vae
     from wan_core.conditioning import (VideoConditioning, build_i2v_conditioning,
                                        build_ti2v_conditioning, check_video_size)
-    from wan_core.configs import DEFAULTS
+    from wan_core.models.configs import DEFAULTS
     from wan_core.pipeline import MoEModel, default_boundary, generate, vae_stride_for
     from wan_core.sampling import OffloadIdleExpert
-    from wan_core.video_io import video_to_frames, write_video
+    from wan_core.video_io import load_image, video_to_frames, write_video
 
     if args.task in ("i2v", "flf2v") and not args.image:
         raise SystemExit(f"--task {args.task} needs --image (the start frame)")
@@ -181,12 +170,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.task == "t2v" or (args.task == "ti2v" and not args.image):
         cond = VideoConditioning(width, height, frames)
     elif args.task == "ti2v":
-        cond = build_ti2v_conditioning(vae, _load_image(args.image).to(device), width, height,
+        cond = build_ti2v_conditioning(vae, load_image(args.image).to(device), width, height,
                                        frames)
     else:
         clip = load_clip_vision(args.clip_vision, device=device) if args.clip_vision else None
-        end = _load_image(args.end_image) if args.task == "flf2v" else None
-        cond = build_i2v_conditioning(vae, _load_image(args.image).to(device), width, height,
+        end = load_image(args.end_image) if args.task == "flf2v" else None
+        cond = build_i2v_conditioning(vae, load_image(args.image).to(device), width, height,
                                       frames, end=end, clip_vision=clip)
         del clip
 

@@ -94,3 +94,12 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
         fps = float(stream.average_rate or 16)
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     return np.stack(frames), fps
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """An image file -> ``[3, H, W]`` float32 in [-1, 1] (RGB)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        data = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(data).permute(2, 0, 1) * 2 - 1

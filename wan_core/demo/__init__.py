@@ -1,8 +1,8 @@
 """The embedded demo: a tiny trained Wan model that makes real videos on any CPU in seconds.
 
-The weights in ``weights/`` are trained by ``python -m wan_core.demo.train all`` (see
-TRAINING.md) and use the official Wan layouts, so they go through the same loaders, variant
-detection and pipeline as real checkpoints:
+The weights in ``weights/`` use the official Wan layouts, so they go through the same loaders,
+variant detection and pipeline as real checkpoints. They are trained by ``python -m
+training.train all`` from a clone of the repository (``training/TRAINING.md``; not installed).
 
     python -m wan_core demo --prompt "a green square moving up on a black background"
     python -m wan_core demo --task i2v --image first.png --prompt "... moving left ..."
@@ -102,7 +102,7 @@ def generate_video(models: DemoModels, prompt: str, task: str = "t2v",
 
 
 def run(args) -> int:
-    from ..video_io import video_to_frames, write_video
+    from ..video_io import load_image, video_to_frames, write_video
 
     started = time.perf_counter()
     missing = [n for n in ("vae", "text_encoder", "t2v") if not weights_path(n).exists()]
@@ -116,9 +116,7 @@ def run(args) -> int:
         if not getattr(args, "image", None):
             print("error: --task i2v needs --image FILE (the first frame)")
             return 2
-        from ..__main__ import _load_image
-
-        image = _load_image(args.image)
+        image = load_image(args.image)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     video = generate_video(DemoModels(), args.prompt, task, image,
                            steps=getattr(args, "steps", None) or STEPS,

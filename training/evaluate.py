@@ -1,7 +1,7 @@
 """Held-out evaluation of the demo weights: prompt adherence and I2V first-frame PSNR.
 
-    python -m wan_core.demo.evaluate --task t2v --steps 20 --cfg 4
-    python -m wan_core.demo.evaluate --task i2v
+    python -m training.evaluate --task t2v --steps 20 --cfg 4
+    python -m training.evaluate --task i2v
 
 Every held-out combination (never trained on) is generated through the normal pipeline and read
 back with ``analysis.check_prompt`` (colour, direction, background; ``prompt`` = all three).
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from . import CFG, STEPS, DemoModels, generate_video
+from wan_core.demo import CFG, STEPS, DemoModels, generate_video
 from . import analysis, dataset
 
 
@@ -58,7 +58,7 @@ def evaluate(models: DemoModels, task: str = "t2v", count: int = 32, steps: int 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wan_core.demo.evaluate")
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate")
     parser.add_argument("--task", choices=("t2v", "i2v", "moe"), default="t2v")
     parser.add_argument("--count", type=int, default=32)
     parser.add_argument("--steps", type=int, default=STEPS)

@@ -1,7 +1,7 @@
 """Train the embedded demo model on 2 CPU cores (see TRAINING.md).
 
-    python -m wan_core.demo.train all --out runs/demo --resume
-    python -m wan_core.demo.train {text,encoder_fit,decoder_fit,vae_fit,latents,dit,i2v,dit_mixed,dit_focus,i2v_focus,experts,export,all} --out DIR --resume
+    python -m training.train all --out runs/demo --resume
+    python -m training.train {text,encoder_fit,decoder_fit,vae_fit,latents,dit,i2v,dit_mixed,dit_focus,i2v_focus,experts,export,all} --out DIR --resume
 
 Stages write their checkpoints under ``DIR/<stage>/``; ``--resume`` continues an interrupted
 stage from its last checkpoint and skips finished ones. ``export`` writes the shipped files to
@@ -21,7 +21,7 @@ EARLIER = ("vae", "decoder", "decoder_long", "vae_long")   # the first runs' VAE
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wan_core.demo.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=STAGES + EARLIER + ("all",))
     parser.add_argument("--out", required=True, type=Path, help="run folder")

@@ -1,8 +1,8 @@
-"""The Wan 2.1 / 2.2 diffusion transformer (DiT) and its loader.
+"""The Wan 2.1 / 2.2 diffusion transformer (DiT).
 
 Parameter names follow the official checkpoints (``blocks.N.self_attn.q.weight``,
 ``head.head.weight``, ``img_emb.proj.0.weight`` ...), so official state dicts load as they are;
-other layouts are renamed by ``wan_core.dit_layouts`` first.
+other layouts are renamed by ``wan_core.loading.dit_layouts`` first (loader: ``wan_core.loading.dit``).
 
 Numerics follow the official model: the sinusoidal time embedding and the RoPE angles are built
 in float64, time embedding / modulation / norms / residual stream are float32, and the large
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .attention import attention, resolve_backend, supports_bias
 from .configs import DiTConfig
-from .ops import Linear
+from ..ops import Linear
 
 Context = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -537,133 +537,4 @@ class WanDiT(nn.Module):
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, -1, f * pt, h * ph, w * pw)
 
 
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-_DTYPE_NAMES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-}
-
-
-def parse_dtype(dtype) -> Optional[torch.dtype]:
-    """None, a torch float dtype, or one of 'fp32', 'bf16', 'fp16' (and long names)."""
-    if dtype is None or dtype == "auto" or dtype == "default":
-        return None
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"compute dtype must be float32, bfloat16 or float16, not {dtype}")
-        return dtype
-    try:
-        return _DTYPE_NAMES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use 'fp32', 'bf16' or 'fp16'") from None
-
-
-def stored_dtype(sd) -> torch.dtype:
-    """The dtype most of the matrix weights are stored in."""
-    counts: dict = {}
-    for key, value in sd.items():
-        if key.endswith(".weight") and value.dim() >= 2:
-            counts[value.dtype] = counts.get(value.dtype, 0) + value.numel()
-    return max(counts, key=counts.get) if counts else torch.float32
-
-
-def default_compute_dtype(stored: torch.dtype) -> torch.dtype:
-    """fp32 / bf16 / fp16 files compute in their own dtype; fp8 (and others) in bf16."""
-    return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
-
-
-def _read_metadata(source) -> dict:
-    """Extra config for the head count: safetensors ``__metadata__`` or a config.json next to
-    a sharded checkpoint / inside a model folder."""
-    import json
-    from pathlib import Path
-
-    from .checkpoint import read_safetensors_header
-
-    if not isinstance(source, (str, bytes)) and not hasattr(source, "__fspath__"):
-        return {}
-    path = Path(source)
-    meta: dict = {}
-    if path.is_file() and path.suffix in (".safetensors", ".sft"):
-        meta.update(read_safetensors_header(path).get("__metadata__") or {})
-    folder = path if path.is_dir() else path.parent if path.name.endswith(".index.json") else None
-    if folder is not None and (folder / "config.json").is_file():
-        try:
-            meta.update(json.loads((folder / "config.json").read_text()))
-        except (ValueError, OSError):
-            pass
-    return meta
-
-
-def _convert_tensors(sd: dict, model: nn.Module, dtype: torch.dtype, device) -> None:
-    """Cast every tensor of ``sd`` (in place, one at a time, so the old one can be freed):
-    fp8 weights of ``ops.Linear`` layers stay fp8 (their ``scale_weight`` kept), any other fp8
-    tensor is dequantised with its scale, everything else goes to ``dtype``."""
-    from .ops import is_fp8
-
-    linears = {n for n, m in model.named_modules() if isinstance(m, Linear)}
-    for key in list(sd):
-        if key.endswith(".scale_input") or key == "scaled_fp8":
-            del sd[key]
-    for key in list(sd):
-        value = sd[key]
-        if key.endswith(".scale_weight"):
-            continue
-        layer = key.rsplit(".", 1)[0]
-        if is_fp8(value.dtype):
-            if layer in linears and key.endswith(".weight"):
-                sd[key] = value.to(device)
-                continue
-            value = value.to(device=device, dtype=torch.float32)
-            scale = sd.pop(layer + ".scale_weight", None)
-            if scale is not None:
-                value = value * scale.to(device=device, dtype=torch.float32)
-        sd[key] = value.to(device=device, dtype=dtype)
-    for key in [k for k in sd if k.endswith(".scale_weight")]:
-        if not is_fp8(sd.get(key[: -len("scale_weight")] + "weight", torch.empty(0)).dtype):
-            del sd[key]          # weight was upcast already; its scale would apply twice
-
-
-def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
-             num_heads: Optional[int] = None) -> WanDiT:
-    """Load a Wan DiT from a file, folder, index json or state dict.
-
-    dtype: compute dtype ('fp32', 'bf16', 'fp16' or a torch dtype); None keeps the file's
-    dtype for fp32/bf16/fp16 files and computes fp8 files in bf16. fp8 matrix weights stay
-    fp8 in memory and are cast one layer at a time. num_heads: only needed for custom models
-    whose dim is not a multiple of 128 and whose file carries no ``num_heads`` metadata.
-    The model is built on the meta device and the loaded tensors are assigned to it.
-    """
-    from .checkpoint import CheckpointError, load_state_dict, require_kind, source_name
-    from .configs import ConfigError, detect_dit_config
-    from .dit_layouts import LayoutError, to_official_layout
-
-    resolve_backend(attention)
-    compute = parse_dtype(dtype)
-    metadata = _read_metadata(source)
-    sd = load_state_dict(source)
-    require_kind(sd, "dit", source)
-    try:
-        sd = to_official_layout(sd)
-        cfg = detect_dit_config(sd, num_heads=num_heads, metadata=metadata)
-    except (ConfigError, LayoutError) as e:
-        raise CheckpointError(f"{source_name(source)}: {e}") from None
-    compute = compute or default_compute_dtype(stored_dtype(sd))
-    with torch.device("meta"):
-        model = WanDiT(cfg, compute, attention)
-    _convert_tensors(sd, model, compute, device)
-    try:
-        from .ops import assign_state_dict
-
-        assign_state_dict(model, sd, dtype=None, device=device)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise CheckpointError(f"{source_name(source)} does not match the detected "
-                              f"{cfg.variant} ({cfg.model_type}) architecture: "
-                              f"{' '.join(lines[:4])[:600]}") from None
-    del sd
-    return model.eval().requires_grad_(False)
+#

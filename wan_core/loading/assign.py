@@ -1,12 +1,7 @@
-"""Layers whose weights may be stored in a smaller dtype than they are computed in.
+"""Putting a state dict into a model built on the meta device, without a second weight copy.
 
-Wan checkpoints are often shipped as fp8 (``float8_e4m3fn`` / ``float8_e5m2``), optionally
-"scaled" the ComfyUI way: an fp32 ``scale_weight`` per layer such that the real weight is
-``weight.to(dtype) * scale_weight``. Keeping such weights fp8 in memory and casting one layer
-at a time at compute time halves the memory of a bf16 model.
-
-``Linear`` here is a drop-in ``nn.Linear`` that does that cast; ``assign_state_dict`` puts a
-state dict into a model built on the meta device without copying the tensors more than needed.
+fp8 matrix weights of ``wan_core.ops.Linear`` layers stay fp8 (scaled fp8 keeps its per-layer
+``scale_weight``); every other tensor is converted to the compute dtype as it is assigned.
 """
 from __future__ import annotations
 
@@ -14,37 +9,9 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-
-
-def is_fp8(dtype: torch.dtype) -> bool:
-    return dtype in FP8_DTYPES
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` that casts its stored weight to the input's dtype at call time.
-
-    ``scale_weight`` (a 0-d or 1-element fp32 tensor, or None) multiplies the cast weight:
-    ComfyUI's ``fp8_scaled`` format.
-    """
-
-    scale_weight: torch.Tensor | None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register_buffer("scale_weight", None, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if w.dtype != x.dtype or self.scale_weight is not None:
-            w = w.to(x.dtype)
-            if self.scale_weight is not None:
-                w = w * self.scale_weight.to(device=w.device, dtype=x.dtype)
-        if b is not None and b.dtype != x.dtype:
-            b = b.to(x.dtype)
-        return F.linear(x, w, b)
+from ..ops import Linear, is_fp8
+from .checkpoint import CheckpointError, source_name
 
 
 def assign_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
@@ -92,8 +59,6 @@ def build_from_state_dict(build, sd: Mapping[str, torch.Tensor], *, dtype: torch
     A state dict that does not fit the architecture inferred from it raises a CheckpointError
     naming the file, ``what`` was expected and the first mismatch PyTorch reported.
     """
-    from .checkpoint import CheckpointError, source_name
-
     with torch.device("meta"):
         model = build()
     try:
@@ -102,3 +67,30 @@ def build_from_state_dict(build, sd: Mapping[str, torch.Tensor], *, dtype: torch
         raise CheckpointError(f"{source_name(source)} does not fit {what} inferred from its "
                               f"shapes: {str(e).splitlines()[0]} ...") from None
     return model
+
+
+def convert_tensors(sd: dict, model: nn.Module, dtype: torch.dtype, device) -> None:
+    """Cast every tensor of ``sd`` (in place, one at a time, so the old one can be freed):
+    fp8 weights of ``ops.Linear`` layers stay fp8 (their ``scale_weight`` kept), any other fp8
+    tensor is dequantised with its scale, everything else goes to ``dtype``."""
+    linears = {n for n, m in model.named_modules() if isinstance(m, Linear)}
+    for key in list(sd):
+        if key.endswith(".scale_input") or key == "scaled_fp8":
+            del sd[key]
+    for key in list(sd):
+        value = sd[key]
+        if key.endswith(".scale_weight"):
+            continue
+        layer = key.rsplit(".", 1)[0]
+        if is_fp8(value.dtype):
+            if layer in linears and key.endswith(".weight"):
+                sd[key] = value.to(device)
+                continue
+            value = value.to(device=device, dtype=torch.float32)
+            scale = sd.pop(layer + ".scale_weight", None)
+            if scale is not None:
+                value = value * scale.to(device=device, dtype=torch.float32)
+        sd[key] = value.to(device=device, dtype=dtype)
+    for key in [k for k in sd if k.endswith(".scale_weight")]:
+        if not is_fp8(sd.get(key[: -len("scale_weight")] + "weight", torch.empty(0)).dtype):
+            del sd[key]          # weight was upcast already; its scale would apply twice

@@ -23,7 +23,7 @@ CHANNELS_LAST = torch.channels_last_3d
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Architecture of one Wan VAE, inferred from its weights (see ``loading.infer_config``)."""
+    """Architecture of one Wan VAE, inferred from its weights (see ``wan_core.loading.vae.infer_config``)."""
     version: str                          # "2.1" | "2.2"
     dim: int                              # encoder base width (96 for 2.1, 160 for 2.2)
     decoder_dim: int                      # decoder base width (96 for 2.1, 256 for 2.2)

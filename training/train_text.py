@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..text_encoder import UMT5Config, UMT5Encoder
-from ..tokenizer import UMT5Tokenizer
+from wan_core.models.text_encoder import UMT5Config, UMT5Encoder
+from wan_core.models.tokenizer import UMT5Tokenizer
 from . import dataset
 from .tokenizer_train import train_tokenizer
 from .training import cosine_lr, finished_already, train_loop

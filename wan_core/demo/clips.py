@@ -1,32 +1,23 @@
-"""A procedural video dataset: one plain shape moving in a straight line over a plain background.
+"""The demo's world: one plain shape moving in a straight line over a plain background.
 
-Every clip is described by a :class:`ClipSpec`: *what* it shows (shape, colour, direction,
-background; the :class:`Combo`, which the caption names) and *where* (start position, size).
-Everything is derived from integer seeds, so a clip is reproducible anywhere::
+A clip is a :class:`ClipSpec`: *what* it shows (shape, colour, direction, background: the
+:class:`Combo`, which the caption names) and *where* (start position, size), in fractions of the
+frame so the same spec renders at any size. Over a clip the object travels ``TRAVEL`` of the
+frame (about 29 px at 64 px) and always stays inside it.
 
-    video, caption, spec = sample_clip(7)               # a training clip
-    video, caption, spec = sample_clip(spec)            # the same clip again
-    # video: torch.float32 [3, T, H, W] in [-1, 1]
-    # caption: "a red circle moving left on a blue background"
+The demo needs this to draw an I2V start image from a caption (``WanCore Demo First Frame``):
 
-Geometry is expressed in fractions of the frame, so the same spec renders at any size. Over a
-clip the object travels ``TRAVEL`` of the frame width (about 29 px at 64 px, ~1.8 px per frame
-at 17 frames) and always stays inside the frame.
+    frame = render(place(parse_caption("a red circle moving left on a blue background"), 0), 1)
 
-A fixed set of held-out combinations (``iter_combos("heldout")``) is never used for training;
-every single attribute and every pair of attributes of a held-out combination still occurs in
-training, so the held-out prompts test composition, not unseen words.
+The training set built from it (combinations, held-out split, clips) is ``training/dataset.py``.
 """
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass
-from itertools import product
-from typing import Iterator, Union
 
 import numpy as np
-import torch
 
 SHAPES = ("circle", "square", "triangle")
 # Object colours sit near corners of the RGB cube so they stay apart after blur and noise.
@@ -50,8 +41,6 @@ TRAVEL = 0.45                 # distance travelled over the whole clip, fraction
 HALF_SIZE = (0.11, 0.14)      # half the bounding-box side, fraction of the frame
 MARGIN = 0.02                 # gap kept between the object and the frame edge
 SUPERSAMPLE = 4               # anti-aliasing factor of the renderer
-HELDOUT_COUNT = 32
-HELDOUT_SEED = 2024
 
 CAPTION = "a {colour} {shape} moving {direction} on a {background} background"
 _CAPTION_RE = re.compile(
@@ -90,52 +79,6 @@ class ClipSpec:
     caption = property(lambda self: self.combo.caption)
 
 
-# --------------------------------------------------------------------------------------------
-# Combinations and the held-out split
-# --------------------------------------------------------------------------------------------
-
-def all_combos() -> list[Combo]:
-    """Every valid combination (object colour never equals the background colour), sorted."""
-    return sorted(Combo(s, c, d, b) for s, c, d, b in product(SHAPES, COLOURS, DIRECTIONS,
-                                                             BACKGROUNDS) if c != b)
-
-
-def _heldout_combos() -> frozenset:
-    """HELDOUT_COUNT combinations drawn with a fixed seed, each chosen only while every
-    attribute pair it contains is still covered by the remaining training combinations."""
-    rng = random.Random(HELDOUT_SEED)
-    pool = all_combos()
-    rng.shuffle(pool)
-    train = set(all_combos())
-    heldout = []
-
-    def pairs(c: Combo):
-        v = (c.shape, c.colour, c.direction, c.background)
-        return {(i, j, v[i], v[j]) for i in range(4) for j in range(i + 1, 4)}
-
-    for combo in pool:
-        if len(heldout) == HELDOUT_COUNT:
-            break
-        rest = train - {combo}
-        covered = set().union(*(pairs(c) for c in rest))
-        if pairs(combo) <= covered:
-            heldout.append(combo)
-            train = rest
-    return frozenset(heldout)
-
-
-_HELDOUT = _heldout_combos()
-
-
-def iter_combos(split: str = "train") -> Iterator[Combo]:
-    """Combinations of a split, sorted: 'train', 'heldout' or 'all'."""
-    if split not in ("train", "heldout", "all"):
-        raise ValueError(f"split must be 'train', 'heldout' or 'all' (got {split!r})")
-    for combo in all_combos():
-        if split == "all" or (combo in _HELDOUT) == (split == "heldout"):
-            yield combo
-
-
 def parse_caption(caption: str) -> Combo:
     """The :class:`Combo` a caption names; ValueError when it is not a dataset caption."""
     m = _CAPTION_RE.match(caption)
@@ -154,9 +97,6 @@ def parse_caption(caption: str) -> Combo:
     return combo
 
 
-# --------------------------------------------------------------------------------------------
-# Specs
-# --------------------------------------------------------------------------------------------
 
 def place(combo: Combo, seed: int) -> ClipSpec:
     """A random placement of ``combo`` (size and start point) that keeps the whole path in frame."""
@@ -177,22 +117,6 @@ def place(combo: Combo, seed: int) -> ClipSpec:
     return ClipSpec(combo, x0, y0, half)
 
 
-def random_spec(seed: int, split: str = "train") -> ClipSpec:
-    """The clip of ``seed``: a combination of ``split`` chosen uniformly, then placed."""
-    combos = list(iter_combos(split))
-    combo = combos[random.Random(f"combo/{split}/{seed}").randrange(len(combos))]
-    return place(combo, seed)
-
-
-def iter_specs(split: str = "train", seed: int = 0) -> Iterator[ClipSpec]:
-    """One placed spec per combination of ``split`` (sorted), placements drawn from ``seed``."""
-    for i, combo in enumerate(iter_combos(split)):
-        yield place(combo, seed * 100_003 + i)
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering
-# --------------------------------------------------------------------------------------------
 
 def coverage(shape: str, cx: float, cy: float, half: float, size: int) -> np.ndarray:
     """Anti-aliased coverage [size, size] in 0..1 of a shape centred at (cx, cy) (fractions)."""
@@ -223,19 +147,3 @@ def render(spec: ClipSpec, frames: int = 17, size: int = 64) -> np.ndarray:
         a = coverage(combo.shape, spec.x0 + dx * p, spec.y0 + dy * p, spec.half, size)
         out[t] = bg + a[..., None] * (fg - bg)
     return out
-
-
-def sample_clip(seed_or_spec: Union[int, ClipSpec, Combo], frames: int = 17, size: int = 64,
-                split: str = "train"):
-    """``(video, caption, spec)``: video float32 [3, T, H, W] in [-1, 1].
-
-    ``seed_or_spec``: an int (a random clip of ``split``), a :class:`Combo` (placed with seed 0)
-    or a :class:`ClipSpec`."""
-    if isinstance(seed_or_spec, ClipSpec):
-        spec = seed_or_spec
-    elif isinstance(seed_or_spec, Combo):
-        spec = place(seed_or_spec, 0)
-    else:
-        spec = random_spec(int(seed_or_spec), split)
-    video = torch.from_numpy(render(spec, frames, size)).permute(3, 0, 1, 2) * 2.0 - 1.0
-    return video.contiguous(), spec.caption, spec

@@ -6,9 +6,10 @@ from collections import defaultdict
 
 import torch
 
-from ..checkpoint import CheckpointError, load_state_dict, require_kind, source_name, strip_prefix
-from ..ops import build_from_state_dict, is_fp8
-from .model import VAEConfig, WanVAE
+from ..models.vae import VAEConfig, WanVAE
+from ..ops import is_fp8
+from .assign import build_from_state_dict
+from .checkpoint import CheckpointError, load_state_dict, require_kind, source_name, strip_prefix
 
 # Prefixes some repackaged files put in front of the official keys.
 VAE_PREFIXES = ("first_stage_model.", "vae.", "model.")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..vae.blocks import Stream
-from ..vae.model import VAEConfig, WanVAE
+from wan_core.models.vae.blocks import Stream
+from wan_core.models.vae.model import VAEConfig, WanVAE
 from . import dataset
 from .training import EMA, atomic_save, cosine_lr, finished, finished_already, load, train_loop
 
@@ -240,7 +240,7 @@ def _finetune_decoder(out: Path, stage_name: str, base_name: str, batch, steps: 
     base = finished(Path(out) / base_name)
     if base is None:
         raise RuntimeError(f"run the '{base_name}' stage first: "
-                           f"python -m wan_core.demo.train {base_name} ...")
+                           f"python -m training.train {base_name} ...")
     vae = WanVAE(CONFIG)
     vae.load_state_dict(base["final"])
     for name, p in vae.named_parameters():
@@ -333,7 +333,7 @@ def run_vae_long(out: Path, steps: int, seed: int, resume: bool, lr: float = 3e-
     base = finished(Path(out) / "decoder_long")
     if base is None:
         raise RuntimeError("run the 'decoder_long' stage first: "
-                           "python -m wan_core.demo.train decoder_long ...")
+                           "python -m training.train decoder_long ...")
     vae = WanVAE(CONFIG)
     vae.load_state_dict(base["final"])
     if done is not None and resume:
@@ -358,7 +358,7 @@ def run_vae_long(out: Path, steps: int, seed: int, resume: bool, lr: float = 3e-
 def print_reconstruction(out: Path, stage: str) -> dict:
     """Load the finished VAE of ``stage`` through ``load_vae`` and print
     :func:`reconstruction_report` (held-out clips)."""
-    from ..vae import load_vae
+    from wan_core import load_vae
     from .export import vae_state
 
     report = reconstruction_report(load_vae(vae_state(out, stage), dtype=torch.float32))
@@ -369,7 +369,7 @@ def print_reconstruction(out: Path, stage: str) -> dict:
 
 @torch.no_grad()
 def reconstruction_report(vae, count: int = 16, seed: int = 5) -> dict:
-    """How well the loaded VAE (``wan_core.vae.WanVAE``) reproduces ``count`` held-out clips
+    """How well the loaded VAE (``wan_core.models.vae.WanVAE``) reproduces ``count`` held-out clips
     through ``decode(encode(clip))``: ``analysis.check_prompt`` accuracy per attribute and
     PSNR (dB, 0..1 range) over whole clips and over frame 0 (the I2V condition)."""
     from . import analysis
@@ -518,7 +518,7 @@ def merge_halves(out: Path) -> dict:
     halves = {name: finished(Path(out) / name) for name in ("encoder_fit", "decoder_fit")}
     for name, done in halves.items():
         if done is None:
-            raise RuntimeError(f"run the '{name}' stage first: python -m wan_core.demo.train {name} ...")
+            raise RuntimeError(f"run the '{name}' stage first: python -m training.train {name} ...")
     encoder, decoder = halves["encoder_fit"]["final"], halves["decoder_fit"]["final"]
     final = {k: (decoder if k.startswith(("decoder.", "conv2.")) else encoder)[k].clone()
              for k in encoder}

@@ -8,7 +8,7 @@ model's normaliser (A-Z only), so "A Red Circle" reads like "a red circle".
 
 Training is deterministic: one thread, fixed random seed, the corpus in a fixed order.
 
-    python -m wan_core.demo.tokenizer_train out/spiece.model
+    python -m training.tokenizer_train out/spiece.model
 """
 from __future__ import annotations
 

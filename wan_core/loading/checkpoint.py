@@ -19,6 +19,8 @@ from typing import Iterable, Mapping, Union
 
 import torch
 
+from ..errors import CheckpointError
+
 StateDict = dict  # dict[str, torch.Tensor]
 Source = Union[str, os.PathLike, Mapping]
 
@@ -26,8 +28,6 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be used; the message says why and what to do instead."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""umT5 text encoder (the encoder half of umT5-XXL) and its loader.
+"""umT5 text encoder (the encoder half of umT5-XXL).
 
 umT5 is a T5 encoder whose every layer owns a relative-position bias table (plain T5 has one
 table in layer 0, shared by all layers; such files are refused with a clear error). Each layer:
@@ -6,26 +6,23 @@ table in layer 0, shared by all layers; such files are refused with a clear erro
     x = x + ffn(rms_norm(x))       # fc2(gelu_tanh(gate(x)) * fc1(x))
 followed by a final RMS norm. Module names follow the official Wan checkpoint
 (``models_t5_umt5-xxl-enc-bf16.pth``), so that file loads without renaming; the Hugging Face /
-ComfyUI layout (``encoder.block.N.layer...``) is renamed on load.
+ComfyUI layout (``encoder.block.N.layer...``) is renamed on load (``wan_core.loading.text_encoder``).
 
-Public entry points: :func:`load_text_encoder` -> :class:`TextEncoder` with
-``encode(prompts) -> list[Tensor [L_i, dim]]``.
+:class:`TextEncoder` (network + tokenizer + prompt cache): ``encode(prompts) -> list[Tensor [L_i, dim]]``.
 """
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from .ops import Linear, build_from_state_dict
-from .tokenizer import UMT5Tokenizer, find_tokenizer_near, missing_tokenizer_error
+from ..ops import Linear
+from .tokenizer import UMT5Tokenizer
 
 # --------------------------------------------------------------------------------------------
 # Model
@@ -174,107 +171,6 @@ class UMT5Encoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# State dict layouts
-# --------------------------------------------------------------------------------------------
-
-# Prefixes seen in combined or repackaged files; removed when every key carries one.
-_PREFIXES = ("text_encoders.umt5xxl.transformer.", "umt5xxl.transformer.", "text_encoder.",
-             "transformer.", "model.", "t5.", "umt5.")
-# Hugging Face (T5/UMT5 *EncoderModel, as ComfyUI stores it) -> official names.
-_HF_RENAMES = (
-    (re.compile(r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\."),
-     r"blocks.\1.pos_embedding.embedding."),
-    (re.compile(r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\."), r"blocks.\1.attn.\2."),
-    (re.compile(r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\."), r"blocks.\1.norm1."),
-    (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\."), r"blocks.\1.ffn.gate.0."),
-    (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\."), r"blocks.\1.ffn.fc1."),
-    (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\."), r"blocks.\1.ffn.fc2."),
-    (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\."), r"blocks.\1.norm2."),
-    (re.compile(r"^encoder\.final_layer_norm\."), "norm."),
-)
-# Parts of full encoder-decoder files that the encoder does not use.
-_UNUSED = re.compile(r"^(decoder\.|lm_head\.|head\.)")
-
-
-def to_official_layout(sd: Mapping) -> dict:
-    """Rename a umT5 encoder state dict to the official Wan names (views, no copies).
-
-    Accepts the official layout, the Hugging Face / ComfyUI layout and prefixed variants of both.
-    Decoder weights of full T5 files and the ``spiece_model`` tensor are dropped.
-    """
-    sd = ckpt.strip_prefix(dict(sd), _PREFIXES)
-    out = {}
-    for key, value in sd.items():
-        if key == "spiece_model" or _UNUSED.match(key):
-            continue
-        if key.startswith(("shared.", "encoder.embed_tokens.")):
-            # HF files hold the embedding as shared.* and often a tied copy as embed_tokens.*
-            name = "token_embedding." + key.rsplit(".", 1)[1]
-            if key.startswith("shared.") or name not in out:
-                out[name] = value
-            continue
-        for pattern, repl in _HF_RENAMES:
-            new, n = pattern.subn(repl, key)
-            if n:
-                key = new
-                break
-        if key.startswith("encoder.") and not key.startswith("encoder.block"):
-            key = key[len("encoder."):]  # official full-model files: encoder.blocks...
-        out[key] = value
-    return out
-
-
-def config_from_state_dict(sd: Mapping) -> UMT5Config:
-    """Every dimension of the encoder from an official-layout state dict's shapes."""
-    try:
-        vocab, dim = sd["token_embedding.weight"].shape
-        attn_dim = sd["blocks.0.attn.q.weight"].shape[0]
-        ffn_dim = sd["blocks.0.ffn.fc1.weight"].shape[0]
-        num_buckets, num_heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
-    except KeyError as e:
-        raise ckpt.CheckpointError(
-            f"umT5 weights are incomplete: missing {e.args[0]} "
-            "(a truncated file, or another model's weights)") from None
-    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    num_layers = max(layers) + 1
-    if num_layers > 1 and "blocks.1.pos_embedding.embedding.weight" not in sd:
-        raise ckpt.CheckpointError(
-            f"this is a T5 encoder (position bias only in its first layer, vocabulary {vocab}), "
-            "such as t5xxl for Flux / SD3, not umT5-XXL. Wan needs the umT5-XXL encoder: "
-            "umt5_xxl_fp8_e4m3fn_scaled.safetensors / umt5_xxl_fp16.safetensors (ComfyUI) or "
-            "models_t5_umt5-xxl-enc-bf16.pth (official)")
-    if attn_dim % num_heads:
-        raise ckpt.CheckpointError(f"umT5 attention width {attn_dim} is not a multiple of the "
-                                   f"{num_heads} heads read from the position-bias table")
-    return UMT5Config(vocab_size=vocab, dim=dim, attn_dim=attn_dim, ffn_dim=ffn_dim,
-                      num_heads=num_heads, num_layers=num_layers, num_buckets=num_buckets)
-
-
-def _default_dtype(sd: Mapping) -> torch.dtype:
-    """fp32 files compute in fp32; half-precision and fp8 files compute in bf16 (umT5's
-    activations overflow fp16)."""
-    dtype = sd["blocks.0.attn.q.weight"].dtype
-    return torch.float32 if dtype == torch.float32 else torch.bfloat16
-
-
-def load_umt5(source, dtype: Optional[torch.dtype] = None, device="cpu") -> UMT5Encoder:
-    """Build the umT5 encoder network from a file or state dict (no tokenizer needed).
-
-    fp8 linear weights stay fp8 in memory (scaled fp8 keeps its per-layer scale); everything is
-    computed in ``dtype`` (default: fp32 for fp32 files, else bf16).
-    """
-    sd = source if isinstance(source, Mapping) else ckpt.load_state_dict(source)
-    sd = ckpt.strip_prefix(dict(sd), _PREFIXES)
-    ckpt.require_kind(sd, "text_encoder", source)
-    sd = to_official_layout(sd)
-    cfg = config_from_state_dict(sd)
-    dtype = dtype or _default_dtype(sd)
-    model = build_from_state_dict(lambda: UMT5Encoder(cfg), sd, dtype=dtype, device=device,
-                                  source=source, what=f"the umT5 encoder ({cfg})")
-    return model.eval().requires_grad_(False)
-
-
-# --------------------------------------------------------------------------------------------
 # Text encoder = tokenizer + network + cache
 # --------------------------------------------------------------------------------------------
 
@@ -349,43 +245,3 @@ class TextEncoder:
     __call__ = encode
 
 
-def _resolve_tokenizer(tokenizer, spiece: Optional[torch.Tensor], source) -> UMT5Tokenizer:
-    if isinstance(tokenizer, UMT5Tokenizer):
-        return tokenizer
-    if isinstance(tokenizer, (bytes, bytearray)):
-        return UMT5Tokenizer.from_spiece_bytes(tokenizer, origin="tokenizer bytes")
-    if tokenizer is not None:
-        return UMT5Tokenizer.from_file(tokenizer)
-    if spiece is not None:
-        return UMT5Tokenizer.from_spiece_tensor(spiece)
-    path = None if isinstance(source, Mapping) else source
-    if path is not None:
-        found = find_tokenizer_near(path)
-        if found is not None:
-            return UMT5Tokenizer.from_file(found)
-    raise missing_tokenizer_error(ckpt.source_name(source), path)
-
-
-def load_text_encoder(path_or_state_dict, dtype: Optional[torch.dtype] = None, device="cpu",
-                      tokenizer=None) -> TextEncoder:
-    """Load a umT5 text encoder with its tokenizer.
-
-    ``path_or_state_dict``: the official ``models_t5_umt5-xxl-enc-bf16.pth``, a ComfyUI / Hugging
-    Face file (``umt5_xxl_fp16.safetensors``, ``umt5_xxl_fp8_e4m3fn_scaled.safetensors``, ...),
-    or a state dict in either layout. ``tokenizer``: a ``spiece.model`` / ``tokenizer.json`` path
-    or folder, SentencePiece bytes, or a :class:`UMT5Tokenizer`; by default the ``spiece_model``
-    tensor embedded in the file, else a tokenizer next to the file (also in ``google/umt5-xxl/``).
-    ``dtype``: compute dtype (default fp32 for fp32 files, else bf16); fp8 weights stay fp8.
-    """
-    source = path_or_state_dict
-    sd = source if isinstance(source, Mapping) else ckpt.load_state_dict(source)
-    sd = ckpt.strip_prefix(dict(sd), _PREFIXES)
-    ckpt.require_kind(sd, "text_encoder", source)
-    spiece = sd.pop("spiece_model", None)
-    tok = _resolve_tokenizer(tokenizer, spiece, source)
-    model = load_umt5(sd, dtype=dtype, device=device)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ckpt.CheckpointError(
-            f"the tokenizer ({tok.origin}) has {tok.vocab_size} tokens but the encoder's embedding "
-            f"only {model.config.vocab_size}; this tokenizer belongs to another model")
-    return TextEncoder(model, tok)

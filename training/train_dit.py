@@ -39,10 +39,11 @@ from typing import Callable
 
 import torch
 
-from ..conditioning import i2v_mask, i2v_pixel_video, per_token_timesteps
-from ..configs import DiTConfig
-from ..dit import WanDiT
+from wan_core.conditioning import i2v_mask, i2v_pixel_video, per_token_timesteps
+from wan_core.models.configs import DiTConfig
+from wan_core.models.dit import WanDiT
 from . import dataset
+from .steps import T2V_STAGES, final_stage
 from .training import EMA, cosine_lr, finished, finished_already, load, train_loop
 
 DIM, FFN, LAYERS, FREQ = 128, 512, 6, 256
@@ -100,14 +101,14 @@ def init_weights(model: WanDiT, seed: int) -> WanDiT:
 
 def _load_vae(out: Path):
     from .export import vae_state
-    from ..vae import load_vae
+    from wan_core import load_vae
 
     return load_vae(vae_state(out, VAE_STAGE), dtype=torch.float32)
 
 
 def _load_text(out: Path):
     from .export import text_state
-    from ..text_encoder import load_text_encoder
+    from wan_core import load_text_encoder
 
     return load_text_encoder(text_state(out), dtype=torch.float32)
 
@@ -255,19 +256,9 @@ def _train(stage: str, out: Path, make_model: Callable[[], WanDiT], steps: int, 
 def stage_ema(out: Path, stage: str) -> dict:
     done = finished(Path(out) / stage)
     if done is None:
-        raise RuntimeError(f"train the '{stage}' stage first: python -m wan_core.demo.train "
+        raise RuntimeError(f"train the '{stage}' stage first: python -m training.train "
                            f"{stage} --out {out} --resume")
     return done["ema"]
-
-
-T2V_STAGES = ("dit_focus", "dit_mixed", "dit")    # refinements first
-I2V_STAGES = ("i2v_focus", "i2v")
-
-
-def final_stage(out: Path, chain: tuple) -> str:
-    """The first finished stage of ``chain`` (``T2V_STAGES`` or ``I2V_STAGES``): the one that
-    is shipped, and for T2V the one the experts start from."""
-    return next((s for s in chain if finished(Path(out) / s) is not None), chain[-1])
 
 
 def _from_stage(out: Path, source: str, model_type: str) -> WanDiT:

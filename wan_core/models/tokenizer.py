@@ -25,7 +25,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .checkpoint import CheckpointError
+from ..errors import CheckpointError
 
 logger = logging.getLogger("wan_core")
 
@@ -123,7 +123,7 @@ class UMT5Tokenizer:
         """From a ``spiece.model`` / ``*.model`` SentencePiece file or a ``tokenizer.json``."""
         path = Path(path)
         if path.is_dir():
-            found = _tokenizer_file_in(path)
+            found = tokenizer_file_in(path)
             if found is None:
                 raise CheckpointError(f"{path} holds neither tokenizer.json nor spiece.model")
             path = found
@@ -166,27 +166,10 @@ class UMT5Tokenizer:
         return [self(p) for p in prompts]
 
 
-def _tokenizer_file_in(folder: Path) -> Path | None:
+def tokenizer_file_in(folder: Path) -> Path | None:
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
             return folder / name
     return None
 
 
-def find_tokenizer_near(checkpoint: Union[str, os.PathLike]) -> Path | None:
-    """A tokenizer file in the checkpoint's folder or in the usual sub-folders next to it."""
-    base = Path(checkpoint).parent
-    for sub in TOKENIZER_DIRS:
-        found = _tokenizer_file_in(base / sub)
-        if found is not None:
-            return found
-    return None
-
-
-def missing_tokenizer_error(source_name: str, checkpoint: Union[str, os.PathLike, None]) -> CheckpointError:
-    where = Path(checkpoint).parent if checkpoint is not None else Path("<checkpoint folder>")
-    return CheckpointError(
-        f"{source_name} holds umT5 weights but no tokenizer. Either use ComfyUI's repackaged file "
-        f"(e.g. umt5_xxl_fp8_e4m3fn_scaled.safetensors, which embeds the tokenizer), or put the "
-        f"umT5 tokenizer (spiece.model or tokenizer.json from google/umt5-xxl) in {where} or in "
-        f"{where / 'google' / 'umt5-xxl'}, or pass tokenizer=<path> to load_text_encoder.")

@@ -19,9 +19,11 @@ from typing import Optional
 
 import torch
 
+from wan_core.demo import WEIGHTS_DIR as WEIGHTS
+
+from .steps import I2V_STAGES, T2V_STAGES, final_stage
 from .training import load
 
-WEIGHTS = Path(__file__).parent / "weights"
 BUDGET_BYTES = 40 * 1024 * 1024
 DIT_FILES = {"dit": "dit_t2v", "i2v": "dit_i2v", "expert_high": "dit_high_noise",
              "expert_low": "dit_low_noise"}
@@ -82,10 +84,7 @@ def dit_state(out: Path, stage: str) -> dict:
 def export(out: Path, weights: Optional[Path] = None) -> dict:
     from safetensors.torch import save_file
 
-    from ..dit import load_dit
-    from ..text_encoder import load_text_encoder
-    from ..vae import load_vae
-    from .train_dit import I2V_STAGES, T2V_STAGES, final_stage
+    from wan_core import load_dit, load_text_encoder, load_vae
 
     weights = Path(weights or WEIGHTS)
     weights.mkdir(parents=True, exist_ok=True)
@@ -96,7 +95,7 @@ def export(out: Path, weights: Optional[Path] = None) -> dict:
     sizes = {}
     for name, sd in files.items():
         path = weights / f"{name}.safetensors"
-        meta = {"format": "pt", "source": "wan_core demo (python -m wan_core.demo.train)"}
+        meta = {"format": "pt", "source": "wan_core demo (python -m training.train)"}
         save_file(sd, str(path), metadata=meta)
         sizes[name] = path.stat().st_size
     load_vae(weights / "vae.safetensors")

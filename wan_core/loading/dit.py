@@ -1,0 +1,103 @@
+"""Wan DiT files -> :class:`~wan_core.models.dit.WanDiT`: key layout, variant and dtype."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..models.attention import resolve_backend
+from ..models.configs import ConfigError, detect_dit_config
+from ..models.dit import WanDiT
+from .assign import assign_state_dict, convert_tensors
+from .checkpoint import (CheckpointError, load_state_dict, read_safetensors_header, require_kind,
+                         source_name)
+from .dit_layouts import LayoutError, to_official_layout
+
+_DTYPE_NAMES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    """None, a torch float dtype, or one of 'fp32', 'bf16', 'fp16' (and long names)."""
+    if dtype is None or dtype == "auto" or dtype == "default":
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute dtype must be float32, bfloat16 or float16, not {dtype}")
+        return dtype
+    try:
+        return _DTYPE_NAMES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use 'fp32', 'bf16' or 'fp16'") from None
+
+
+def stored_dtype(sd) -> torch.dtype:
+    """The dtype most of the matrix weights are stored in."""
+    counts: dict = {}
+    for key, value in sd.items():
+        if key.endswith(".weight") and value.dim() >= 2:
+            counts[value.dtype] = counts.get(value.dtype, 0) + value.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def default_compute_dtype(stored: torch.dtype) -> torch.dtype:
+    """fp32 / bf16 / fp16 files compute in their own dtype; fp8 (and others) in bf16."""
+    return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def _read_metadata(source) -> dict:
+    """Extra config for the head count: safetensors ``__metadata__`` or a config.json next to
+    a sharded checkpoint / inside a model folder."""
+    if not isinstance(source, (str, bytes)) and not hasattr(source, "__fspath__"):
+        return {}
+    path = Path(source)
+    meta: dict = {}
+    if path.is_file() and path.suffix in (".safetensors", ".sft"):
+        meta.update(read_safetensors_header(path).get("__metadata__") or {})
+    folder = path if path.is_dir() else path.parent if path.name.endswith(".index.json") else None
+    if folder is not None and (folder / "config.json").is_file():
+        try:
+            meta.update(json.loads((folder / "config.json").read_text()))
+        except (ValueError, OSError):
+            pass
+    return meta
+
+
+def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
+             num_heads: Optional[int] = None) -> WanDiT:
+    """Load a Wan DiT from a file, folder, index json or state dict.
+
+    dtype: compute dtype ('fp32', 'bf16', 'fp16' or a torch dtype); None keeps the file's
+    dtype for fp32/bf16/fp16 files and computes fp8 files in bf16. fp8 matrix weights stay
+    fp8 in memory and are cast one layer at a time. num_heads: only needed for custom models
+    whose dim is not a multiple of 128 and whose file carries no ``num_heads`` metadata.
+    The model is built on the meta device and the loaded tensors are assigned to it.
+    """
+    resolve_backend(attention)
+    compute = parse_dtype(dtype)
+    metadata = _read_metadata(source)
+    sd = load_state_dict(source)
+    require_kind(sd, "dit", source)
+    try:
+        sd = to_official_layout(sd)
+        cfg = detect_dit_config(sd, num_heads=num_heads, metadata=metadata)
+    except (ConfigError, LayoutError) as e:
+        raise CheckpointError(f"{source_name(source)}: {e}") from None
+    compute = compute or default_compute_dtype(stored_dtype(sd))
+    with torch.device("meta"):
+        model = WanDiT(cfg, compute, attention)
+    convert_tensors(sd, model, compute, device)
+    try:
+        assign_state_dict(model, sd, dtype=None, device=device)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise CheckpointError(f"{source_name(source)} does not match the detected "
+                              f"{cfg.variant} ({cfg.model_type}) architecture: "
+                              f"{' '.join(lines[:4])[:600]}") from None
+    del sd
+    return model.eval().requires_grad_(False)
