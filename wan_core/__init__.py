@@ -17,6 +17,7 @@ _LAZY = {
     "load_vae": "wan_core.loading.vae",
     "load_text_encoder": "wan_core.loading.text_encoder",
     "load_clip_vision": "wan_core.loading.clip_vision",
+    "apply_loras": "wan_core.loading.lora",
     "CheckpointError": "wan_core.errors",
 }
 

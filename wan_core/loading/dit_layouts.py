@@ -83,6 +83,17 @@ def _diffusers_key(key: str) -> str:
     raise LayoutError(f"unknown diffusers key '{key}'")
 
 
+def diffusers_module_name(name: str) -> str:
+    """The official name of a diffusers module or parameter (``blocks.0.attn1.to_q`` ->
+    ``blocks.0.self_attn.q``), as LoRA files name them. Raises LayoutError when unknown."""
+    if name in _DIFFUSERS_EXACT:
+        return _DIFFUSERS_EXACT[name]
+    m = _BLOCK_RE.match(name)
+    if m and m.group(2) == "scale_shift_table":
+        return f"blocks.{m.group(1)}.modulation"
+    return _diffusers_key(name + ".weight")[: -len(".weight")]
+
+
 def diffusers_to_official(sd: Mapping) -> dict:
     """Rename a diffusers ``WanTransformer3DModel`` state dict to official names."""
     return {_diffusers_key(k): v for k, v in sd.items()}
