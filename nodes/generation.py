@@ -6,7 +6,7 @@ from .latents import from_comfy_latent, to_comfy_latent
 
 from wan_core.prompts import OFFICIAL_NEGATIVE_PROMPT
 
-SOLVERS = ["unipc", "dpm++", "euler"]
+SOLVERS = ["unipc", "dpm++", "euler", "distilled"]
 MAX_SIZE = 4096
 
 
@@ -203,7 +203,10 @@ class WanCoreSampler:
                                                "2.2 I2V), 3.0 (2.1 I2V 480P), 12.0 (2.2 T2V), "
                                                "16.0 (FLF2V)."}),
                 "solver": (SOLVERS, {"default": "unipc",
-                                     "tooltip": "unipc (official default), dpm++ or euler."}),
+                                     "tooltip": "unipc (official default), dpm++ or euler. "
+                                                "distilled: Euler on the grid the 4-step "
+                                                "distilled LoRAs (LightX2V, Lightning) were "
+                                                "trained on; use 4 steps, cfg 1, shift 5."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                       "tooltip": "Below 1: video-to-video from the input latent."}),
             },

@@ -11,6 +11,7 @@ Environment for the stand-alone fallback: ``WANCORE_MODELS_DIR`` (default ``./mo
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 try:  # pragma: no cover - exercised only inside ComfyUI
@@ -38,7 +39,7 @@ MODEL_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".gguf
 # folder name, so the demo workflow runs without any download.
 EMBEDDED_FOLDER = "wancore-demo"
 EMBEDDED = {"diffusion_models": ("t2v", "i2v", "high_noise", "low_noise"), "vae": ("vae",),
-            "text_encoders": ("text_encoder",)}
+            "text_encoders": ("text_encoder",), "loras": ("fast_lora",)}
 
 
 def embedded_models(kind: str) -> dict[str, Path]:
@@ -139,8 +140,13 @@ class ProgressBar:
             self._bar.update_absolute(step, self.total, preview)
 
 
+# module -> its ComfyUI ModelPatcher. Kept here, not on the module, so that copies of a model
+# (a LoRA-patched one shares the base's tensors) never carry the base's patcher along.
+_PATCHERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _patcher(module):
-    """The ComfyUI ModelPatcher managing ``module`` (created once and kept on the module).
+    """The ComfyUI ModelPatcher managing ``module`` (created once per module).
 
     The patcher writes bookkeeping attributes (``device``, loaded-memory counters) onto the
     model it manages, so it manages a plain container holding our module rather than the
@@ -148,13 +154,13 @@ def _patcher(module):
     import torch
     import comfy.model_patcher  # pragma: no cover - only inside ComfyUI
 
-    patcher = getattr(module, "_wancore_patcher", None)
+    patcher = _PATCHERS.get(module)
     if patcher is None:
         holder = torch.nn.Module()
         holder.add_module("wancore", module)
         patcher = comfy.model_patcher.ModelPatcher(
             holder, load_device=torch_device(), offload_device=offload_device())
-        object.__setattr__(module, "_wancore_patcher", patcher)
+        _PATCHERS[module] = patcher
     return patcher
 
 
@@ -175,9 +181,8 @@ def load_for_compute(module):
 
 def release(module) -> None:
     """Move ``module`` off the compute device (the idle Wan 2.2 expert, the text encoder)."""
-    if _model_management is not None and getattr(module, "_wancore_patcher", None) is not None:
-        patcher = module._wancore_patcher
-        patcher.detach()
+    if _model_management is not None and module in _PATCHERS:
+        _PATCHERS[module].detach()
         return
     module.to(offload_device())
 

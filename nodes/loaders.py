@@ -1,4 +1,4 @@
-"""Loader nodes: diffusion model, VAE, text encoder, CLIP vision.
+"""Loader nodes: diffusion model, VAE, text encoder, CLIP vision, and the LoRA node.
 
 Loaded models are cached per (file, modification time, options), so re-queuing a workflow, or
 two loader nodes pointing at the same file, reuse one copy; ComfyUI's own output cache keeps
@@ -168,15 +168,61 @@ class WanCoreCLIPVisionLoader:
         return (CACHE.get(path, ("clip",), lambda: load_clip_vision(path)),)
 
 
+LORA_EXPERTS = ["both", "high_noise", "low_noise"]
+
+
+class WanCoreLoRA:
+    CATEGORY = "WanCore/loaders"
+    DESCRIPTION = ("Applies a LoRA to a WanCore model; chain several (their effects add). Reads "
+                   "every published Wan LoRA layout (ComfyUI, LightX2V, kohya / musubi, "
+                   "diffusers, LoKr / LoHa). The incoming model is not changed and no copy of it "
+                   "is made, so changing the strength re-runs only this node; fp8 models keep "
+                   "the full LoRA effect.")
+    RETURN_TYPES = ("WANCORE_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the LoRA applied (for another WanCore LoRA, WanCore MoE "
+                       "or WanCore Sampler).",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("WANCORE_MODEL", {
+                "tooltip": "A WanCore diffusion model, a LoRA node's output, or a WanCore MoE "
+                           "pair."}),
+            "lora_name": (host.list_models("loras"), {
+                "tooltip": "A Wan LoRA from models/loras. For 4-step generation use a "
+                           "distilled LoRA (LightX2V, Wan2.2-Lightning) with the sampler's "
+                           "'distilled' solver, 4 steps, cfg 1, shift 5."}),
+            "strength": ("FLOAT", {
+                "default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                "tooltip": "Multiplies the LoRA's effect (1 = as trained, 0 = off, negative "
+                           "inverts it)."}),
+            "expert": (LORA_EXPERTS, {
+                "default": "both",
+                "tooltip": "For a WanCore MoE pair: which Wan 2.2 expert gets the LoRA "
+                           "(Lightning and LightX2V ship one LoRA per expert). Ignored for a "
+                           "single model."}),
+        }}
+
+    def apply(self, model, lora_name, strength=1.0, expert="both"):
+        from wan_core import apply_loras
+
+        path = host.model_path("loras", lora_name)
+        return (apply_loras(model, [(path, strength)], expert=expert),)
+
+
 NODE_CLASS_MAPPINGS = {
     "WanCoreModelLoader": WanCoreModelLoader,
     "WanCoreVAELoader": WanCoreVAELoader,
     "WanCoreTextEncoderLoader": WanCoreTextEncoderLoader,
     "WanCoreCLIPVisionLoader": WanCoreCLIPVisionLoader,
+    "WanCoreLoRA": WanCoreLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "WanCoreModelLoader": "WanCore Load Diffusion Model",
     "WanCoreVAELoader": "WanCore Load VAE",
     "WanCoreTextEncoderLoader": "WanCore Load Text Encoder",
     "WanCoreCLIPVisionLoader": "WanCore Load CLIP Vision",
+    "WanCoreLoRA": "WanCore LoRA",
 }

@@ -363,3 +363,48 @@ def test_bad_strength_is_an_error(strength):
     lora = comfy_layout(_factors(sd, LINEARS[:1], RANK, seed=1))
     with pytest.raises(ValueError, match="strength must be"):
         apply_loras(load_dit(sd, num_heads=cfg.num_heads), [(lora, strength)])
+
+
+# -- the node -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory):
+    from tests.tiny_models import write_models
+
+    return write_models(tmp_path_factory.mktemp("models"))
+
+
+def test_lora_node_chains_leaves_its_input_alone_and_never_reloads_the_base(lora_folder,
+                                                                            monkeypatch):
+    from tests.conftest import load_pack
+    import wan_core.loading.dit as dit_loading
+
+    pack = load_pack()
+    monkeypatch.setenv("WANCORE_MODELS_DIR", str(lora_folder))
+    nodes = pack.NODE_CLASS_MAPPINGS
+    high = nodes["WanCoreModelLoader"]().load(     # fp8 weights, fp32 compute
+        "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "fp32")["result"][0]
+    low = nodes["WanCoreModelLoader"]().load(
+        "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", "fp32")["result"][0]
+    names = nodes["WanCoreLoRA"].INPUT_TYPES()["required"]["lora_name"][0]
+    assert "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors" in names
+    assert "wancore-demo/fast_lora.safetensors" in names               # the embedded demo LoRA
+    monkeypatch.setattr(dit_loading, "load_dit", lambda *a, **k: pytest.fail("base reloaded"))
+    node = nodes["WanCoreLoRA"]()
+    lora_high = "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors"
+    x = torch.randn(1, 16, 1, 4, 4)
+    ctx = [torch.randn(5, high.config.text_dim)]
+    t = torch.tensor([900.0])
+    with torch.no_grad():
+        before = high(x, t, ctx)
+        (once,) = node.apply(high, lora_high, 1.0)
+        (twice,) = node.apply(once, lora_high, 1.0)         # chained: the effect adds up
+        (double,) = node.apply(high, lora_high, 2.0)        # a new strength: only this node
+        assert torch.equal(high(x, t, ctx), before)
+        assert max_abs_err(once(x, t, ctx), before) > 1e-3
+        assert max_abs_err(twice(x, t, ctx), double(x, t, ctx)) < 1e-5
+    (pair,) = nodes["WanCoreMoE"]().combine(high, low, 0.875, 1.0, 1.0)
+    (only_low,) = node.apply(pair, "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors",
+                             1.0, "low_noise")
+    assert only_low.high_noise is high and only_low.low_noise is not low
+    assert only_low.guide_scales == (1.0, 1.0) and only_low.offload is pair.offload

@@ -39,6 +39,9 @@ FILES = {
     "vae22": "vae/wan2.2_vae.safetensors",
     "umt5": "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
     "clip": "clip_vision/clip_vision_h.safetensors",
+    "lora_t2v_high": "loras/wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+    "lora_t2v_low": "loras/wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors",
+    "lora_i2v": "loras/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
 }
 
 
@@ -65,6 +68,29 @@ def dit_state_dict(model_type: str, seed: int, in_dim=None, out_dim=16, image=Fa
     with torch.device("meta"):
         model = WanDiT(cfg)
     return _random(model, seed)
+
+
+def distill_lora_state_dict(dit_sd: dict, seed: int, rank: int = 4, scale: float = 0.02) -> dict:
+    """A LoRA in the LightX2V step-distill layout for the DiT whose state dict is ``dit_sd``:
+    ``lora_down`` / ``lora_up`` (no alpha) on every 2-D block / image-branch weight, full
+    ``.diff`` on norm weights and the head, ``.diff_b`` on biases, ``blocks.N.diff_m`` on the
+    modulation; all under ``diffusion_model.``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in dit_sd.items():
+        module, leaf = key.rsplit(".", 1)
+        r = lambda *s: torch.randn(*s, generator=gen) * scale   # noqa: E731
+        if leaf == "weight" and value.dim() == 2 and (key.startswith("blocks.") or
+                                                      key.startswith("img_emb.")):
+            out[f"diffusion_model.{module}.lora_down.weight"] = r(rank, value.shape[1])
+            out[f"diffusion_model.{module}.lora_up.weight"] = r(value.shape[0], rank)
+        elif leaf == "weight" and ("norm" in module or module == "head.head"):
+            out[f"diffusion_model.{module}.diff"] = r(*value.shape)
+        elif leaf == "bias" and key.startswith("blocks."):
+            out[f"diffusion_model.{module}.diff_b"] = r(*value.shape)
+        elif leaf == "modulation" and key.startswith("blocks."):
+            out[f"diffusion_model.{module}.diff_m"] = r(*value.shape)
+    return out
 
 
 def to_fp8_scaled(sd: dict) -> dict:
@@ -152,6 +178,10 @@ def write_models(root: Path) -> Path:
           fp16)
     _save(root, "dit_t2v_high", to_fp8_scaled(dit_state_dict("t2v", 4)))
     _save(root, "dit_t2v_low", to_fp8_scaled(dit_state_dict("t2v", 5)))
+    _save(root, "lora_t2v_high", distill_lora_state_dict(dit_state_dict("t2v", 4), 13), bf16)
+    _save(root, "lora_t2v_low", distill_lora_state_dict(dit_state_dict("t2v", 5), 14), bf16)
+    _save(root, "lora_i2v", distill_lora_state_dict(
+        dit_state_dict("i2v", 2, in_dim=36, image=True), 15), bf16)
     _save(root, "dit_i2v_high", dit_state_dict("i2v", 6, in_dim=36), fp16)
     _save(root, "dit_i2v_low", dit_state_dict("i2v", 7, in_dim=36), fp16)
     _save(root, "dit_ti2v", dit_state_dict("ti2v", 8, out_dim=48), fp16)

@@ -37,6 +37,7 @@ OUTPUTS = {
     "WanCoreEmptyVideo": [("video_cond", "WANCORE_VIDEO_COND")],
     "WanCoreImageToVideo": [("video_cond", "WANCORE_VIDEO_COND")],
     "WanCoreMoE": [("model", "WANCORE_MODEL")],
+    "WanCoreLoRA": [("model", "WANCORE_MODEL")],
     "WanCoreSampler": [("latent", "LATENT")],
     "WanCoreVAEDecode": [("images", "IMAGE")],
     "WanCoreSaveVideo": [],
@@ -175,8 +176,18 @@ def note(title, files, tips):
     return "\n".join(lines)
 
 
-def sampler(steps, cfg, shift, seed=42):
-    return [seed, "fixed", steps, cfg, shift, "unipc", 1.0]
+def sampler(steps, cfg, shift, seed=42, solver="unipc"):
+    return [seed, "fixed", steps, cfg, shift, solver, 1.0]
+
+
+# What the step-distilled LoRAs were trained with (wan_core.sampling.DISTILLED_*).
+DISTILLED = dict(steps=4, cfg=1.0, shift=5.0, solver="distilled")
+
+
+def lora(key, model_key, file, title="", column=1, expert="both"):
+    return Node(key, "WanCoreLoRA", [file, 1.0, expert],
+                {"model": (model_key, 0, "WANCORE_MODEL")}, column=column, group="1. Models",
+                title=title)
 
 
 def workflows() -> dict:
@@ -273,6 +284,54 @@ def workflows() -> dict:
             ["Uses the Wan 2.2 VAE (wan2.2_vae.safetensors): sizes are multiples of 32.",
              "Official settings: 1280x704, 121 frames at 24 fps, 50 steps, cfg 5, shift 5.",
              "For text-only generation replace WanCore Image To Video with WanCore Empty Video."]))
+    hi, lo = ("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+              "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors")
+    lhi, llo = ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+                "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors")
+    out["wan22_t2v_A14B_4step_lora"] = build(
+        "wan22_t2v_A14B_4step_lora", "Wan 2.2 text to video A14B in 4 steps (distilled LoRAs)", [
+            *loaders([("high", hi), ("low", lo)], VAE21),
+            lora("lora_high", "high", lhi, "High-noise 4-step LoRA"),
+            lora("lora_low", "low", llo, "Low-noise 4-step LoRA"),
+            Node("moe", "WanCoreMoE", [0.875, 1.0, 1.0],
+                 {"high_noise_model": ("lora_high", 0, "WANCORE_MODEL"),
+                  "low_noise_model": ("lora_low", 0, "WANCORE_MODEL")}, column=2,
+                 group="3. Sample"),
+            text("A red fox runs through fresh snow in a birch forest, slow motion, golden hour."),
+            Node("video", "WanCoreEmptyVideo", [1280, 720, 81], column=1, group="2. Prompt & video"),
+            *tail("moe", "video", sampler(**DISTILLED), 16, "WanCore/wan22_t2v_4step"),
+        ], note("Wan 2.2 T2V A14B, 4 steps (LightX2V / Lightning LoRAs)",
+                [("diffusion_models", hi), ("diffusion_models", lo), ("loras", lhi),
+                 ("loras", llo), ("vae", VAE21), ("text_encoders", UMT5)],
+                ["A step- and CFG-distilled LoRA per expert: 4 steps at cfg 1 instead of 40 at "
+                 "cfg 4 / 3 (20x fewer model evaluations).",
+                 "Sampler settings the LoRAs were trained with: solver 'distilled', 4 steps, "
+                 "cfg 1 (MoE cfg 1 / 1), shift 5; the experts switch after step 2.",
+                 "Any Wan 2.2 A14B 4-step pair works (Wan2.2-Lightning, LightX2V); fp8 models "
+                 "keep the full LoRA effect."]))
+
+    f = "wan2.1_i2v_480p_14B_bf16.safetensors"
+    lf = "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"
+    out["wan21_i2v_14B_480p_4step_lora"] = build(
+        "wan21_i2v_14B_480p_4step_lora", "Wan 2.1 image to video 14B 480P in 4 steps (LightX2V)", [
+            *loaders([("dit", f)], VAE21, clip=True),
+            lora("lora", "dit", lf, "LightX2V 4-step LoRA", column=2),
+            Node("image", "LoadImage", ["example.png", "image"], column=1, group="2. Prompt & video"),
+            text("The cat in the picture turns its head and looks at the camera."),
+            Node("i2v", "WanCoreImageToVideo", [832, 480, 81, "i2v"],
+                 {"vae": ("vae", 0, "WANCORE_VAE"), "start_image": ("image", 0, "IMAGE"),
+                  "clip_vision": ("clip", 0, "WANCORE_CLIP_VISION")}, column=1,
+                 group="2. Prompt & video"),
+            *tail("lora", "i2v", sampler(**DISTILLED), 16, "WanCore/wan21_i2v_4step"),
+        ], note("Wan 2.1 I2V 14B 480P, 4 steps (LightX2V LoRA)",
+                [("diffusion_models", f), ("loras", lf), ("vae", VAE21),
+                 ("text_encoders", UMT5), ("clip_vision", CLIP)],
+                ["LightX2V's StepDistill-CfgDistill LoRA: 4 steps at cfg 1 instead of 40 at "
+                 "cfg 5 (20x fewer model evaluations).",
+                 "Sampler settings it was trained with: solver 'distilled', 4 steps, cfg 1, "
+                 "shift 5.",
+                 "Any rank of the LightX2V re-extractions (4 to 256) works."]))
+
     out["wancore_demo_t2v"] = build("wancore_demo_t2v", "WanCore demo: tiny text to video (CPU)", [
         *loaders([("dit", f"{DEMO}/dit_t2v.safetensors")], f"{DEMO}/vae.safetensors",
                  text_encoder=f"{DEMO}/text_encoder.safetensors"),
@@ -312,6 +371,22 @@ def workflows() -> dict:
              "Settings it was trained for: 64x64, 17 frames, 20 steps, cfg 4, shift 3, "
              "empty negative prompt, 8 fps.",
              "Its quality is limited (see training/TRAINING.md)."]))
+    out["wancore_demo_t2v_fast"] = build(
+        "wancore_demo_t2v_fast", "WanCore demo: tiny text to video in 4 steps (CPU)", [
+            *loaders([("dit", f"{DEMO}/dit_t2v.safetensors")], f"{DEMO}/vae.safetensors",
+                     text_encoder=f"{DEMO}/text_encoder.safetensors"),
+            lora("lora", "dit", f"{DEMO}/fast_lora.safetensors", "Demo 4-step LoRA", column=2),
+            text("a green square moving up on a black background", negative=""),
+            Node("video", "WanCoreEmptyVideo", [64, 64, 17], column=1, group="2. Prompt & video"),
+            *tail("lora", "video", sampler(**DISTILLED, seed=0), 8, "WanCore/demo_fast"),
+        ], note("WanCore demo in 4 steps (embedded, no download)", [],
+                ["The tiny demo T2V with its step-distilled LoRA (shipped in the pack): 4 "
+                 "steps, cfg 1, the 'distilled' solver, shift 5, like the LightX2V / Lightning "
+                 "LoRAs of the real models.",
+                 "Prompts like 'a red circle moving left on a blue background' (see the other "
+                 "demo workflow's note for the vocabulary).",
+                 "Set the LoRA strength to 0 to see what the base model does in 4 steps "
+                 "without CFG."]))
     return out
 
 

@@ -24,8 +24,8 @@ def heldout_specs(count: int = 32, seed: int = 1):
     return list(dataset.iter_specs("heldout", seed=seed))[:count]
 
 
-def evaluate(models: DemoModels, task: str = "t2v", count: int = 32, steps: int = STEPS,
-             cfg: float = CFG, seed: int = 0, verbose: bool = False) -> dict:
+def evaluate(models: DemoModels, task: str = "t2v", count: int = 32, steps=None, cfg=None,
+             seed: int = 0, verbose: bool = False, fast: bool = False) -> dict:
     """Accuracy per attribute (and ``prompt``) over ``count`` held-out prompts; for i2v also
     ``psnr`` (mean first-frame PSNR, dB) and ``psnr_min``."""
     totals: dict = {}
@@ -36,7 +36,7 @@ def evaluate(models: DemoModels, task: str = "t2v", count: int = 32, steps: int 
         if task == "i2v":
             image = dataset.sample_clip(spec)[0][:, 0]
         video = generate_video(models, spec.caption, task, image, steps=steps, cfg=cfg,
-                               seed=seed + i)
+                               seed=seed + i, fast=fast)
         frames = analysis.video_to_frames(video)
         ok = analysis.check_prompt(frames, spec)
         for k, v in ok.items():
@@ -61,8 +61,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate")
     parser.add_argument("--task", choices=("t2v", "i2v", "moe"), default="t2v")
     parser.add_argument("--count", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--cfg", type=float, default=CFG)
+    parser.add_argument("--steps", type=int, default=None, help=f"default {STEPS} (--fast: 4)")
+    parser.add_argument("--cfg", type=float, default=None, help=f"default {CFG} (--fast: 1)")
+    parser.add_argument("--fast", action="store_true",
+                        help="the T2V with its distilled LoRA (4 steps, CFG 1, distilled sampler)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", default=None, help="weights folder (default: shipped)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -72,8 +74,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     result = evaluate(DemoModels(args.weights), args.task, args.count, args.steps, args.cfg,
-                      args.seed, args.verbose)
-    print(f"{args.task} steps {args.steps} cfg {args.cfg}: " +
+                      args.seed, args.verbose, args.fast)
+    print(f"{args.task}{' fast' if args.fast else ''} steps {args.steps} cfg {args.cfg}: " +
           " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                    for k, v in result.items()) +
           f" ({time.perf_counter() - started:.0f}s)")

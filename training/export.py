@@ -7,7 +7,9 @@ Files (``wan_core/demo/weights/``):
   (``encoder.block.N.layer...``, ``shared.weight``), fp32, with the demo SentencePiece model
   embedded as the uint8 ``spiece_model`` tensor, as ComfyUI's umT5 files carry it;
 - ``dit_t2v``, ``dit_i2v``, ``dit_high_noise``, ``dit_low_noise`` ``.safetensors``: official
-  Wan DiT keys, bf16 (EMA weights).
+  Wan DiT keys, bf16 (EMA weights);
+- ``fast_lora.safetensors``: the T2V's 4-step distilled LoRA (stage ``fast_lora``), ComfyUI
+  LoRA layout, bf16.
 
 Every file is loaded back through ``load_vae`` / ``load_text_encoder`` / ``load_dit`` and the
 total size is checked against the 40 MB budget.
@@ -84,7 +86,9 @@ def dit_state(out: Path, stage: str) -> dict:
 def export(out: Path, weights: Optional[Path] = None) -> dict:
     from safetensors.torch import save_file
 
-    from wan_core import load_dit, load_text_encoder, load_vae
+    from wan_core import apply_loras, load_dit, load_text_encoder, load_vae
+
+    from .train_fast import fast_lora_state
 
     weights = Path(weights or WEIGHTS)
     weights.mkdir(parents=True, exist_ok=True)
@@ -92,6 +96,7 @@ def export(out: Path, weights: Optional[Path] = None) -> dict:
     for stage, name in DIT_FILES.items():
         chain = {"dit": T2V_STAGES, "i2v": I2V_STAGES}.get(stage)
         files[name] = dit_state(out, final_stage(out, chain) if chain else stage)
+    files["fast_lora"] = fast_lora_state(out)
     sizes = {}
     for name, sd in files.items():
         path = weights / f"{name}.safetensors"
@@ -99,6 +104,7 @@ def export(out: Path, weights: Optional[Path] = None) -> dict:
         save_file(sd, str(path), metadata=meta)
         sizes[name] = path.stat().st_size
     load_vae(weights / "vae.safetensors")
+    apply_loras(load_dit(weights / "dit_t2v.safetensors"), [(weights / "fast_lora.safetensors", 1.0)])
     load_text_encoder(weights / "text_encoder.safetensors")
     expected = {"dit_t2v": "t2v", "dit_i2v": "i2v", "dit_high_noise": "t2v",
                 "dit_low_noise": "t2v"}

@@ -16,7 +16,7 @@ from pathlib import Path
 from .training import setup_threads
 
 STAGES = ("text", "encoder_fit", "decoder_fit", "vae_fit", "latents", "dit", "i2v", "dit_mixed",
-          "dit_focus", "i2v_focus", "experts", "export")
+          "dit_focus", "i2v_focus", "experts", "fast_lora", "export")
 EARLIER = ("vae", "decoder", "decoder_long", "vae_long")   # the first runs' VAE stages (TRAINING.md)
 
 
@@ -68,6 +68,9 @@ def run_stage(stage: str, args) -> None:
                    "experts"):
         from . import train_dit
         getattr(train_dit, "run_" + stage)(args.out, n, args.seed, args.resume)
+    elif stage == "fast_lora":
+        from .train_fast import run_fast_lora
+        run_fast_lora(args.out, n, args.seed, args.resume, args.weights)
     elif stage == "export":
         from .export import export
         export(args.out, args.weights)

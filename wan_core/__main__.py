@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 TASKS = ("t2v", "i2v", "flf2v", "ti2v")
 
@@ -23,6 +24,17 @@ def _size(text: str) -> tuple[int, int]:
         return int(w), int(h)
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 832x480 (got {text!r})")
+
+
+def _lora(text: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:STRENGTH`` -> (file, strength); strength defaults to 1."""
+    path, sep, strength = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass                      # a ':' inside the path (e.g. C:\\loras\\x.safetensors)
+    return text, 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MoE: guidance scale of the low-noise expert (default: the model's)")
     gen.add_argument("--boundary", type=float,
                      help="MoE: switch experts at t = boundary x 1000 (default 0.875 T2V, 0.900 I2V)")
-    gen.add_argument("--solver", choices=("unipc", "dpm++", "euler"), default="unipc",
-                     help="sampling solver (default: unipc, the official one)")
+    gen.add_argument("--solver", choices=("unipc", "dpm++", "euler", "distilled"), default="unipc",
+                     help="sampling solver (default: unipc, the official one). distilled: Euler "
+                          "on the grid of the 4-step distilled LoRAs (LightX2V, Wan2.2-Lightning); "
+                          "steps / shift / cfg then default to 4 / 5 / 1")
+    gen.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:STRENGTH]",
+                     help="apply a LoRA (repeatable; strength default 1). With --dit-low-noise it "
+                          "goes on the high-noise expert")
+    gen.add_argument("--lora-low-noise", action="append", type=_lora, default=[],
+                     metavar="FILE[:STRENGTH]",
+                     help="apply a LoRA to the Wan 2.2 low-noise expert (repeatable)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     gen.add_argument("--fps", type=float, help="frames per second of the file (default: the model's)")
     gen.add_argument("--out", default="video.mp4", help="output file: .mp4, .webm or .webp")
@@ -95,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=64,
                       help="width and height in pixels, a multiple of 16 (default 64)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.add_argument("--fast", action="store_true",
+                      help="t2v in 4 steps without CFG: the demo's step-distilled LoRA "
+                           "(fast_lora.safetensors) through apply_loras, the distilled sampler")
     return parser
 
 
@@ -111,18 +134,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from wan_core import load_clip_vision, load_dit, load_text_encoder, load_vae
+    from wan_core import apply_loras, load_clip_vision, load_dit, load_text_encoder, load_vae
     from wan_core.conditioning import (VideoConditioning, build_i2v_conditioning,
                                        build_ti2v_conditioning, check_video_size)
     from wan_core.models.configs import DEFAULTS
     from wan_core.pipeline import MoEModel, default_boundary, generate, vae_stride_for
-    from wan_core.sampling import OffloadIdleExpert
+    from wan_core.sampling import (DISTILLED_CFG, DISTILLED_SHIFT, DISTILLED_STEPS,
+                                   OffloadIdleExpert)
     from wan_core.video_io import load_image, video_to_frames, write_video
 
     if args.task in ("i2v", "flf2v") and not args.image:
         raise SystemExit(f"--task {args.task} needs --image (the start frame)")
     if args.task == "flf2v" and not args.end_image:
         raise SystemExit("--task flf2v needs --end-image (the last frame)")
+    if args.lora_low_noise and not args.dit_low_noise:
+        raise ValueError("--lora-low-noise needs --dit-low-noise (a Wan 2.2 expert pair); for "
+                         "one model use --lora")
+    for path, _ in args.lora + args.lora_low_noise:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"LoRA file not found: {path}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
 
@@ -135,9 +165,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     defaults = DEFAULTS.get(variant, DEFAULTS["custom"])
     width, height = args.size or defaults.size
     frames = args.frames or defaults.frames
-    steps = args.steps or defaults.steps
-    shift = args.shift if args.shift is not None else defaults.shift
-    cfg = args.cfg if args.cfg is not None else defaults.guide
+    distilled = args.solver == "distilled"
+    steps = args.steps or (DISTILLED_STEPS if distilled else defaults.steps)
+    shift = args.shift if args.shift is not None else (
+        DISTILLED_SHIFT if distilled else defaults.shift)
+    cfg = args.cfg if args.cfg is not None else (DISTILLED_CFG if distilled else defaults.guide)
     fps = args.fps or defaults.fps
     check_video_size(width, height, frames, vae_stride_for(config.out_dim))
     if config.model_type in ("i2v", "flf2v") and not args.image:
@@ -149,11 +181,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"model: {variant} ({config.model_type}), {width}x{height}, {frames} frames, "
           f"{steps} steps, shift {shift}, cfg {cfg}, solver {args.solver}, seed {args.seed}")
 
+    if args.lora:
+        dit = apply_loras(dit, args.lora)
     model = dit
     if moe:
         low = load_dit(args.dit_low_noise, dtype=args.dtype, device="cpu")
+        if args.lora_low_noise:
+            low = apply_loras(low, args.lora_low_noise)
         cfg_low = args.cfg_low_noise if args.cfg_low_noise is not None else (
-            defaults.guide_low if defaults.guide_low is not None else cfg)
+            cfg if distilled or defaults.guide_low is None else defaults.guide_low)
         boundary = args.boundary or defaults.boundary or default_boundary(config.model_type)
         model = MoEModel(dit, low, boundary, (cfg, cfg_low), offload=OffloadIdleExpert(device))
 

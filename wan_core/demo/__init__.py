@@ -7,6 +7,7 @@ training.train all`` from a clone of the repository (``training/TRAINING.md``; n
     python -m wan_core demo --prompt "a green square moving up on a black background"
     python -m wan_core demo --task i2v --image first.png --prompt "... moving left ..."
     python -m wan_core demo --task moe --prompt "..."     # Wan 2.2 high/low-noise expert pair
+    python -m wan_core demo --fast --prompt "..."         # 4 steps, no CFG: the distilled LoRA
 
 The model knows one plain shape (circle, square, triangle) in one of six colours (red, green,
 blue, yellow, white, purple) moving left, right, up or down over a black, gray, white or blue
@@ -23,7 +24,8 @@ import torch
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 FILES = {"vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors",
          "t2v": "dit_t2v.safetensors", "i2v": "dit_i2v.safetensors",
-         "high_noise": "dit_high_noise.safetensors", "low_noise": "dit_low_noise.safetensors"}
+         "high_noise": "dit_high_noise.safetensors", "low_noise": "dit_low_noise.safetensors",
+         "fast_lora": "fast_lora.safetensors"}
 TASKS = ("t2v", "i2v", "moe")
 
 # Sampling defaults, chosen by the held-out evaluation (TRAINING.md).
@@ -36,6 +38,8 @@ SIZE = 64
 FPS = 8
 MOE_BOUNDARY = 0.875
 NEGATIVE = ""           # the models are trained with the empty prompt as the CFG negative
+# --fast: the T2V with its step-distilled LoRA, sampled as the published distilled Wan LoRAs are.
+FAST = {"steps": 4, "cfg": 1.0, "shift": 5.0, "solver": "distilled"}
 
 
 def weights_path(name: str) -> Path:
@@ -66,26 +70,43 @@ class DemoModels:
             self._cache[name] = model
         return self._cache[name]
 
-    def dit(self, task: str):
+    def dit(self, task: str, fast: bool = False):
         from ..pipeline import MoEModel
 
+        if fast:
+            if task != "t2v":
+                raise ValueError("--fast is the distilled text-to-video demo; use it with "
+                                 "--task t2v")
+            if "t2v_fast" not in self._cache:
+                from .. import apply_loras
+
+                self._cache["t2v_fast"] = apply_loras(self.get("t2v"),
+                                                      [(self.path("fast_lora"), 1.0)])
+            return self._cache["t2v_fast"]
         if task == "moe":
             return MoEModel(self.get("high_noise"), self.get("low_noise"), MOE_BOUNDARY)
         return self.get("i2v" if task == "i2v" else "t2v")
 
 
 def generate_video(models: DemoModels, prompt: str, task: str = "t2v",
-                   image: Optional[torch.Tensor] = None, steps: int = STEPS, cfg: float = CFG,
-                   shift: float = SHIFT, seed: int = 0, frames: int = FRAMES, size: int = SIZE,
-                   solver: str = SOLVER) -> torch.Tensor:
+                   image: Optional[torch.Tensor] = None, steps: Optional[int] = None,
+                   cfg: Optional[float] = None, shift: Optional[float] = None, seed: int = 0,
+                   frames: int = FRAMES, size: int = SIZE, solver: Optional[str] = None,
+                   fast: bool = False) -> torch.Tensor:
     """One demo video: ``[3, frames, size, size]`` in [-1, 1] (float32).
 
-    ``image``: the first frame ``[3, H, W]`` in [-1, 1] for ``task='i2v'``."""
+    ``image``: the first frame ``[3, H, W]`` in [-1, 1] for ``task='i2v'``. ``fast``: the T2V
+    with its distilled LoRA; steps / cfg / shift / solver then default to ``FAST``."""
     from ..conditioning import VideoConditioning, build_i2v_conditioning
     from ..pipeline import generate
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)} (got {task!r})")
+    defaults = FAST if fast else {"steps": STEPS, "cfg": CFG, "shift": SHIFT, "solver": SOLVER}
+    steps = defaults["steps"] if steps is None else steps
+    cfg = defaults["cfg"] if cfg is None else cfg
+    shift = defaults["shift"] if shift is None else shift
+    solver = solver or defaults["solver"]
     vae = models.get("vae")
     te = models.get("text_encoder")
     context, negative = te.encode([prompt, NEGATIVE])
@@ -95,7 +116,7 @@ def generate_video(models: DemoModels, prompt: str, task: str = "t2v",
         cond = build_i2v_conditioning(vae, image, size, size, frames)
     else:
         cond = VideoConditioning(size, size, frames)
-    latent = generate(models.dit(task), [context], [negative] if cfg != 1 else None, cond,
+    latent = generate(models.dit(task, fast), [context], [negative] if cfg != 1 else None, cond,
                       steps=steps, guide_scale=cfg, shift=shift, solver=solver, seed=seed)
     with torch.no_grad():
         return vae.decode(latent, tile=False)[0]
@@ -105,7 +126,9 @@ def run(args) -> int:
     from ..video_io import load_image, video_to_frames, write_video
 
     started = time.perf_counter()
-    missing = [n for n in ("vae", "text_encoder", "t2v") if not weights_path(n).exists()]
+    fast = bool(getattr(args, "fast", False))
+    needed = ("vae", "text_encoder", "t2v") + (("fast_lora",) if fast else ())
+    missing = [n for n in needed if not weights_path(n).exists()]
     if missing:
         print("wan_core demo: the embedded demo weights are missing "
               f"({', '.join(FILES[n] for n in missing)} in {WEIGHTS_DIR}). Nothing was generated.")
@@ -118,9 +141,12 @@ def run(args) -> int:
             return 2
         image = load_image(args.image)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    if fast and task != "t2v":
+        print("error: --fast is the distilled text-to-video demo; use it with --task t2v")
+        return 2
     video = generate_video(DemoModels(), args.prompt, task, image,
-                           steps=getattr(args, "steps", None) or STEPS,
-                           cfg=getattr(args, "cfg", None) or CFG,
+                           steps=getattr(args, "steps", None),
+                           cfg=getattr(args, "cfg", None), fast=fast,
                            seed=getattr(args, "seed", 0) or 0,
                            frames=getattr(args, "frames", None) or FRAMES,
                            size=getattr(args, "size", None) or SIZE)

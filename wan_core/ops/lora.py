@@ -33,7 +33,7 @@ class WeightPatch(nn.Module):
 
     def _keep(self, **tensors: Optional[torch.Tensor]) -> None:
         for name, value in tensors.items():
-            self.register_buffer(name, None if value is None else value.detach(), persistent=False)
+            self.register_buffer(name, value, persistent=False)
 
     def full(self, device) -> torch.Tensor:
         """The unscaled delta in float32, in the factors' natural shape."""

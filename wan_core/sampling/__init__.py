@@ -6,14 +6,15 @@
     latent = sample(velocity, noise, schedule, solver="unipc", callback=progress)
 """
 from .guidance import OffloadIdleExpert, guide, make_velocity_fn
-from .schedule import (NUM_TRAIN_TIMESTEPS, OFFICIAL_SIGMA_MAX, Schedule, flow_schedule,
+from .schedule import (DISTILLED_CFG, DISTILLED_SHIFT, DISTILLED_STEPS, NUM_TRAIN_TIMESTEPS,
+                       OFFICIAL_SIGMA_MAX, Schedule, distilled_schedule, flow_schedule,
                        flow_sigmas, schedule_from_sigmas, shift_sigmas, solver_schedule,
                        timesteps_for)
 from .solvers import SOLVERS, SamplingCancelled, noise_latent, sample
 
 __all__ = [
-    "NUM_TRAIN_TIMESTEPS", "OFFICIAL_SIGMA_MAX", "OffloadIdleExpert", "SOLVERS",
+    "DISTILLED_CFG", "DISTILLED_SHIFT", "DISTILLED_STEPS", "NUM_TRAIN_TIMESTEPS", "OFFICIAL_SIGMA_MAX", "OffloadIdleExpert", "SOLVERS",
     "SamplingCancelled", "Schedule", "flow_schedule", "flow_sigmas", "guide",
-    "make_velocity_fn", "noise_latent", "sample", "schedule_from_sigmas", "shift_sigmas",
+    "distilled_schedule", "make_velocity_fn", "noise_latent", "sample", "schedule_from_sigmas", "shift_sigmas",
     "solver_schedule", "timesteps_for",
 ]

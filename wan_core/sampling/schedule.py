@@ -23,6 +23,12 @@ OFFICIAL_SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
 # The official `dpm++` path builds its grid with linspace(1, 0) (get_sampling_sigmas).
 SIGMA_MAX_BY_SOLVER = {"unipc": OFFICIAL_SIGMA_MAX, "euler": OFFICIAL_SIGMA_MAX, "dpm++": 1.0}
 
+# Step-distilled Wan LoRAs (LightX2V, Wan2.2-Lightning) were trained with Euler updates at these
+# settings: 4 steps, shift 5, no CFG (the Wan 2.2 pairs switch experts after step 2).
+DISTILLED_STEPS = 4
+DISTILLED_SHIFT = 5.0
+DISTILLED_CFG = 1.0
+
 SigmaLike = Union[torch.Tensor, np.ndarray, Sequence[float]]
 
 
@@ -31,7 +37,8 @@ class Schedule:
     """A sampling schedule of N steps.
 
     sigmas:    float32 [N + 1]; step i goes from sigmas[i] to sigmas[i + 1] (last is usually 0).
-    timesteps: int64 [N]; the model is evaluated at timesteps[i] during step i.
+    timesteps: [N]; the model is evaluated at timesteps[i] during step i: int64 for the official
+               grids, float32 for the step-distilled grid (:func:`distilled_schedule`).
     """
 
     sigmas: torch.Tensor
@@ -115,9 +122,32 @@ def flow_sigmas(steps: int, shift: float = 1.0, sigma_max: float | None = None,
     return flow_schedule(steps, shift, sigma_max, sigma_min).sigmas
 
 
+def distilled_schedule(steps: int = DISTILLED_STEPS, shift: float = DISTILLED_SHIFT) -> Schedule:
+    """The grid of the step-distilled Wan LoRAs: the training timesteps ``1000 * (1 - i/steps)``
+    (4 steps: 1000, 750, 500, 250) looked up on a 1000-point float32 grid ``linspace(1, 0)``
+    shifted by ``shift`` (4 steps at shift 5: t = 1000, 937.5, 833.3, 625), then a final 0.
+
+    Unlike the official grids, the model is evaluated at these float timesteps (not truncated).
+    """
+    if int(steps) != steps or not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"steps must be an integer in [1, {NUM_TRAIN_TIMESTEPS}] (got {steps})")
+    if not shift > 0:
+        raise ValueError(f"shift must be positive (got {shift})")
+    grid = torch.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float32)[:-1]
+    grid = shift * grid / (1 + (shift - 1) * grid)
+    index = [NUM_TRAIN_TIMESTEPS - round(NUM_TRAIN_TIMESTEPS * (1 - i / steps))
+             for i in range(int(steps))]
+    levels = grid[index]
+    return Schedule(torch.cat([levels, levels.new_zeros(1)]), levels * NUM_TRAIN_TIMESTEPS)
+
+
 def solver_schedule(solver: str, steps: int, shift: float) -> Schedule:
     """The grid the official code pairs with ``solver`` (``unipc``: 0.999.. start; ``dpm++``:
-    1.0 start). ``euler`` (not an official Wan solver) uses the UniPC grid."""
+    1.0 start). ``euler`` (not an official Wan solver) uses the UniPC grid; ``distilled`` is
+    Euler on :func:`distilled_schedule`."""
+    if solver == "distilled":
+        return distilled_schedule(steps, shift)
     if solver not in SIGMA_MAX_BY_SOLVER:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SIGMA_MAX_BY_SOLVER)}")
+        raise ValueError(f"unknown solver {solver!r}; choose one of "
+                         f"{sorted(SIGMA_MAX_BY_SOLVER) + ['distilled']}")
     return flow_schedule(steps, shift, sigma_max=SIGMA_MAX_BY_SOLVER[solver])

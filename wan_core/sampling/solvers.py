@@ -115,7 +115,8 @@ def unipc_step(x, v, x0s, sigmas, i, memory):
     return _unipc_predictor(x, x0s, sigmas, i, order)
 
 
-SOLVERS = {"euler": euler_step, "unipc": unipc_step, "dpm++": dpmpp_step}
+# "distilled": Euler updates on the step-distilled grid (see schedule.distilled_schedule).
+SOLVERS = {"euler": euler_step, "unipc": unipc_step, "dpm++": dpmpp_step, "distilled": euler_step}
 
 
 # --- the loop ----------------------------------------------------------------------------
@@ -129,13 +130,14 @@ def sample(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: Schedule | Sigm
     """Integrate the flow ODE from ``sigmas[0]`` down to ``sigmas[-1]``.
 
     velocity_fn: ``velocity_fn(x, t)`` with x like ``noise`` and t a float32 [B] tensor of the
-        schedule's integer timestep (what the DiT is conditioned on); returns the velocity.
+        schedule's timestep (what the DiT is conditioned on); returns the velocity.
         :func:`wan_core.sampling.make_velocity_fn` builds one with CFG and MoE switching.
     noise: [B, C, F, H, W] the starting latent, i.e. pure noise for sigmas[0] ~ 1, or
         :func:`noise_latent` of an input latent for a shortened (vid2vid) schedule.
     sigmas: a :class:`Schedule` (exact official timesteps, e.g. from ``flow_schedule``) or
         N + 1 sigma values (timesteps are then ``trunc(sigma * 1000)``).
-    solver: ``"unipc"`` (official default), ``"dpm++"`` or ``"euler"``.
+    solver: ``"unipc"`` (official default), ``"dpm++"``, ``"euler"`` or ``"distilled"`` (Euler;
+        pair it with :func:`wan_core.sampling.distilled_schedule`).
     callback: ``callback(step, total, x, x0)`` after each step, step = 1..total, with the new
         sample and the clean-latent prediction of that step (for progress and previews).
     cancel: checked before every model evaluation; when it returns True,
