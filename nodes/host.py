@@ -65,8 +65,12 @@ def list_models(kind: str) -> list[str]:
         for folder in MODEL_FOLDERS[kind]:
             try:
                 names.extend(_folder_paths.get_filename_list(folder))
+                roots = _folder_paths.get_folder_paths(folder)
             except KeyError:
                 continue
+            # ComfyUI's lists leave out .gguf (not a registered model extension): add them
+            names.extend(p.relative_to(root).as_posix() for root in map(Path, roots)
+                         if root.is_dir() for p in root.rglob("*.gguf") if p.is_file())
     else:
         root = _standalone_models_dir() / MODEL_FOLDERS[kind][0]
         if root.is_dir():

@@ -71,8 +71,10 @@ class WanCoreModelLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model_name": (host.list_models("diffusion_models"), {
-                "tooltip": "A Wan diffusion model file from models/diffusion_models (official, "
-                           "ComfyUI repackaged, diffusers, fp8 or fp8_scaled)."}),
+                "tooltip": "A Wan diffusion model file from models/diffusion_models or "
+                           "models/unet (official, ComfyUI repackaged, diffusers, fp8, "
+                           "fp8_scaled, or GGUF Q2_K..Q8_0: kept quantised, dequantised per "
+                           "layer)."}),
             "weight_dtype": (WEIGHT_DTYPES, {
                 "default": "default",
                 "tooltip": "Dtype the weights are kept in. 'default' keeps the file's dtype "

@@ -31,3 +31,11 @@ def load_pack():
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """A ComfyUI ``models`` folder of tiny random checkpoints (tests/tiny_models.py)."""
+    from tests.tiny_models import write_models
+
+    return write_models(tmp_path_factory.mktemp("models"))

@@ -3,16 +3,13 @@ Euler loop over it, CFG 1 without the unconditional pass, the MoE switch after s
 CLI's --lora / --solver distilled."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT
 from tests.dit_helpers import random_state_dict, tiny_config
 from tests.reference import max_abs_err, report
+from tests.test_pipeline import _cli as pipeline_cli
 from wan_core import load_dit
 from wan_core.conditioning import VideoConditioning
 from wan_core.pipeline import MoEModel, draw_noise, generate
@@ -109,21 +106,11 @@ def test_cfg_above_1_still_runs_the_negative():
 
 # -- CLI --------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from tests.tiny_models import write_models
-
-    return write_models(tmp_path_factory.mktemp("models"))
+HIGH = "diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
 
 
 def _cli(models, out, *extra):
-    cmd = [sys.executable, "-m", "wan_core", "generate", "--task", "t2v",
-           "--dit", str(models / "diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"),
-           "--vae", str(models / "vae/wan_2.1_vae.safetensors"),
-           "--text-encoder", str(models / "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
-           "--prompt", "a red circle moving left", "--size", "64x48", "--frames", "9",
-           "--out", str(out), *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return pipeline_cli(models, out, *extra, dit=HIGH, steps=None)
 
 
 def test_cli_runs_a_wan22_pair_with_a_lora_per_expert_in_4_distilled_steps(models, tmp_path):

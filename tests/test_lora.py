@@ -367,20 +367,13 @@ def test_bad_strength_is_an_error(strength):
 
 # -- the node -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def lora_folder(tmp_path_factory):
-    from tests.tiny_models import write_models
-
-    return write_models(tmp_path_factory.mktemp("models"))
-
-
-def test_lora_node_chains_leaves_its_input_alone_and_never_reloads_the_base(lora_folder,
+def test_lora_node_chains_leaves_its_input_alone_and_never_reloads_the_base(models,
                                                                             monkeypatch):
     from tests.conftest import load_pack
     import wan_core.loading.dit as dit_loading
 
     pack = load_pack()
-    monkeypatch.setenv("WANCORE_MODELS_DIR", str(lora_folder))
+    monkeypatch.setenv("WANCORE_MODELS_DIR", str(models))
     nodes = pack.NODE_CLASS_MAPPINGS
     high = nodes["WanCoreModelLoader"]().load(     # fp8 weights, fp32 compute
         "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "fp32")["result"][0]

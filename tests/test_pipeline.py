@@ -140,20 +140,15 @@ def test_vid2vid_denoise_starts_from_the_input_latent():
     assert max_abs_err(near, init) < max_abs_err(far, init)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from tests.tiny_models import write_models
-
-    return write_models(tmp_path_factory.mktemp("models"))
-
-
-def _cli(models, out, *extra):
+def _cli(models, out, *extra, dit="diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors",
+         steps="3"):
+    """Run ``python -m wan_core generate`` on the tiny models (``steps=None``: the default)."""
     cmd = [sys.executable, "-m", "wan_core", "generate", "--task", "t2v",
-           "--dit", str(models / "diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors"),
+           "--dit", str(models / dit),
            "--vae", str(models / "vae/wan_2.1_vae.safetensors"),
            "--text-encoder", str(models / "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
            "--prompt", "a red circle moving left", "--size", "64x48", "--frames", "9",
-           "--steps", "3", "--out", str(out), *extra]
+           *(["--steps", steps] if steps else []), "--out", str(out), *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 

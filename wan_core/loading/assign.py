@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import Linear, is_fp8
+from ..ops.gguf import QuantizedTensor
 from .checkpoint import CheckpointError, source_name
 
 
@@ -37,6 +38,9 @@ def assign_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], dtype: t
 
     for key, value in list(tensors.items()):
         layer = key.rsplit(".", 1)[0]
+        if isinstance(value, QuantizedTensor):
+            tensors[key] = _keep_quantized(model, key, value, device)
+            continue
         keep = keep_fp8 and is_fp8(value.dtype) and layer in fp8_linear and key.endswith(".weight")
         target_dtype = value.dtype if keep or dtype is None else dtype
         if is_fp8(value.dtype) and not keep:
@@ -50,6 +54,21 @@ def assign_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], dtype: t
         module = model.get_submodule(layer)
         if isinstance(module, Linear):
             module.scale_weight = scale.to(device=device, dtype=torch.float32).reshape(())
+
+
+def _keep_quantized(model: nn.Module, key: str, value: QuantizedTensor, device) -> torch.Tensor:
+    """Put a GGUF-quantised Linear weight into its layer as raw bytes (dequantised per call)."""
+    layer, leaf = key.rsplit(".", 1)
+    module = model.get_submodule(layer)
+    if not isinstance(module, Linear) or leaf != "weight":
+        raise RuntimeError(f"quantised tensor {key} is not a Linear weight")
+    if tuple(value.shape) != module.weight_shape:
+        raise RuntimeError(f"size mismatch for {key}: copying a param with shape "
+                           f"{tuple(value.shape)}, the model has {module.weight_shape}")
+    raw = nn.Parameter(value.raw.to(device), requires_grad=False)
+    module.weight = raw
+    module.qtype = value.qtype
+    return raw
 
 
 def build_from_state_dict(build, sd: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None,
@@ -82,6 +101,10 @@ def convert_tensors(sd: dict, model: nn.Module, dtype: torch.dtype, device) -> N
         if key.endswith(".scale_weight"):
             continue
         layer = key.rsplit(".", 1)[0]
+        if isinstance(value, QuantizedTensor):
+            if not (layer in linears and key.endswith(".weight")):
+                sd[key] = value.dequantize(dtype, device)   # small tensors: once, at load
+            continue
         if is_fp8(value.dtype):
             if layer in linears and key.endswith(".weight"):
                 sd[key] = value.to(device)

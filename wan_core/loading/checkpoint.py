@@ -38,8 +38,9 @@ def load_state_dict(source: Source) -> StateDict:
     """Return the tensors of ``source`` as a flat ``{name: tensor}`` dict.
 
     ``source`` may be a state dict (returned as a shallow copy), a ``.safetensors`` file, a
-    pickled ``.pth``/``.pt``/``.ckpt``/``.bin`` file, a ``*.safetensors.index.json`` file, or a
-    folder holding one safetensors file or a sharded set with its index json.
+    pickled ``.pth``/``.pt``/``.ckpt``/``.bin`` file, a ``*.safetensors.index.json`` file, a
+    folder holding one safetensors file or a sharded set with its index json, or a Wan ``.gguf``
+    file (quantised tensors come back as ``wan_core.ops.gguf.QuantizedTensor``).
     """
     if isinstance(source, Mapping):
         return dict(source)
@@ -52,9 +53,9 @@ def load_state_dict(source: Source) -> StateDict:
     if name.endswith(".index.json"):
         return _load_sharded(path)
     if name.endswith(".gguf"):
-        raise CheckpointError(
-            f"{path.name} is a GGUF file; GGUF quantised weights are not supported yet. "
-            "Use a .safetensors file (bf16, fp16, fp8 or fp8_scaled) instead.")
+        from .gguf import read_gguf       # quantised tensors stay quantised (QuantizedTensor)
+
+        return read_gguf(path)
     if name.endswith(SAFETENSORS_SUFFIXES):
         return _load_safetensors(path)
     if name.endswith(PICKLE_SUFFIXES):

@@ -103,7 +103,11 @@ class _ModuleNames:
     """Resolves a LoRA's module name to the official parameter it targets in ``model``."""
 
     def __init__(self, model: nn.Module, diffusers: bool):
-        self.params = dict(model.named_parameters())
+        # parameter name -> logical shape (a GGUF Linear stores bytes; its weight_shape counts)
+        self.params = {name: p.shape for name, p in model.named_parameters()}
+        for name, module in model.named_modules():
+            if isinstance(module, Linear):
+                self.params[f"{name}.weight" if name else "weight"] = module.weight_shape
         self.diffusers = diffusers
         self.modules = {name.rsplit(".", 1)[0] for name in self.params} | set(self.params)
         self.kohya = {m.replace(".", "_"): m for m in self.modules}
@@ -218,10 +222,10 @@ def lora_patches(sd: Mapping[str, torch.Tensor], model: nn.Module, strength: flo
             if target is None:
                 unmatched.append(f"{raw}{_suffix_of(role)}")
                 continue
-            param = names.params[target]
-            if patch.expected_numel() != param.numel():
+            shape = names.params[target]
+            if patch.expected_numel() != math.prod(shape):
                 raise LoRAError(
-                    f"{name}: layer {target} has shape {tuple(param.shape)} in this model but "
+                    f"{name}: layer {target} has shape {tuple(shape)} in this model but "
                     f"{_patch_shape(patch)} in the LoRA: the LoRA was made for another model "
                     f"size or variant (e.g. 14B vs 1.3B, I2V vs T2V)")
             patches[target].append(patch)

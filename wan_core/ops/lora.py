@@ -22,10 +22,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class WeightPatch(nn.Module):
     """A delta for one weight: ``delta(shape, device) -> float32 tensor of shape``."""
+
+    low_rank = False     # True: a Linear applies it to its activations (add_to_output)
 
     def __init__(self, scale: float):
         super().__init__()
@@ -62,11 +65,26 @@ def _product(a: torch.Tensor, b: torch.Tensor, device) -> torch.Tensor:
 
 
 class LowRank(WeightPatch):
-    """LoRA: ``scale * up @ down``; up ``[out, r]`` (or ``[out, r, 1, ...]``), down ``[r, in...]``."""
+    """LoRA: ``scale * up @ down``; up ``[out, r]`` (or ``[out, r, 1, ...]``), down ``[r, in...]``.
+
+    On a Linear it never builds the ``[out, in]`` delta: ``add_to_output`` adds
+    ``scale * (x @ down^T) @ up^T`` in the activations' dtype (2 r (in + out) multiply-adds per
+    token instead of rebuilding the weight)."""
+
+    low_rank = True
 
     def __init__(self, up: torch.Tensor, down: torch.Tensor, scale: float):
         super().__init__(scale)
         self._keep(up=up, down=down)
+
+    def add_to_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y + scale * (x @ down^T) @ up^T`` for a Linear's input x ``[..., in]``, output y."""
+        down = self.down.to(device=x.device, dtype=x.dtype).flatten(1)
+        up = self.up.to(device=x.device, dtype=x.dtype).flatten(1)
+        update = F.linear(F.linear(x, down), up)
+        if torch.is_grad_enabled():
+            return y + update * self.scale
+        return y.add_(update, alpha=self.scale)
 
     def full(self, device=None) -> torch.Tensor:
         return _product(self.up, self.down, device)
