@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import full_size
 from benchmarks.harness import _hwm_mb, _rss_mb
 
-CONFIG = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096, freq_dim=256)
 LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
            "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 
@@ -28,40 +28,19 @@ LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_at
 def write_files(folder: Path, rank: int) -> dict:
     from safetensors.torch import save_file
 
-    from wan_core.models.configs import DiTConfig
-    from wan_core.models.dit import WanDiT
-
-    cfg = DiTConfig(model_type="t2v", **CONFIG)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in WanDiT(cfg).state_dict().items()}
-    gen = torch.Generator().manual_seed(0)
-    bf16, fp8 = {}, {}
-    for key, shape in shapes.items():
-        value = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-        bf16[key] = value
-        if value.dim() == 2 and key.startswith("blocks."):
-            scale = value.float().abs().max() / 448
-            fp8[key] = (value.float() / scale).to(torch.float8_e4m3fn)
-            fp8[key[:-len("weight")] + "scale_weight"] = scale.reshape(1)
-        else:
-            fp8[key] = value
-    fp8["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    shape_of = full_size.shapes()
+    files = full_size.write_bf16_and_fp8(folder, shape_of)
+    gen = torch.Generator().manual_seed(1)
     lora = {}
-    for n in range(cfg.num_layers):
+    for n in range(full_size.T2V_1_3B["num_layers"]):
         for name in LINEARS:
-            w = shapes[f"blocks.{n}.{name}.weight"]
+            out_features, in_features = shape_of[f"blocks.{n}.{name}.weight"]
             prefix = f"diffusion_model.blocks.{n}.{name}"
-            lora[f"{prefix}.lora_down.weight"] = (torch.randn(rank, w[1], generator=gen)
+            lora[f"{prefix}.lora_down.weight"] = (torch.randn(rank, in_features, generator=gen)
                                                   * 0.01).to(torch.bfloat16)
-            lora[f"{prefix}.lora_up.weight"] = (torch.randn(w[0], rank, generator=gen)
+            lora[f"{prefix}.lora_up.weight"] = (torch.randn(out_features, rank, generator=gen)
                                                 * 0.01).to(torch.bfloat16)
-    files = {"bf16": folder / "wan2.1_t2v_1.3B_bf16.safetensors",
-             "fp8": folder / "wan2.1_t2v_1.3B_fp8_scaled.safetensors",
-             "lora": folder / f"lora_rank{rank}.safetensors"}
-    save_file(bf16, str(files["bf16"]))
-    del bf16
-    save_file(fp8, str(files["fp8"]))
-    del fp8
+    files["lora"] = folder / f"lora_rank{rank}.safetensors"
     save_file(lora, str(files["lora"]))
     return files
 
