@@ -92,7 +92,7 @@ def server(tmp_path_factory):
         "wancore_test:\n"
         f"  base_path: {models}\n"
         "  diffusion_models: diffusion_models\n  vae: vae\n"
-        "  text_encoders: text_encoders\n  clip_vision: clip_vision\n")
+        "  text_encoders: text_encoders\n  clip_vision: clip_vision\n  loras: loras\n")
     link = Path(COMFYUI_ROOT) / "custom_nodes" / "ComfyUI-WanCore"
     if not link.exists():
         link.symlink_to(ROOT)
@@ -132,6 +132,10 @@ def test_object_info_lists_every_node(server):
     loader = info["WanCoreModelLoader"]["input"]["required"]["model_name"][0]
     assert "wan2.1_t2v_1.3B_bf16.safetensors" in loader
     assert "wancore-demo/dit_t2v.safetensors" in loader           # the embedded demo model
+    assert "wan2.1-t2v-1.3b-Q8_0.gguf" in loader                  # ComfyUI's own lists omit .gguf
+    loras = info["WanCoreLoRA"]["input"]["required"]["lora_name"][0]
+    assert "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors" in loras
+    assert "wancore-demo/fast_lora.safetensors" in loras
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)

@@ -11,6 +11,7 @@ import torch
 from tests.dit_helpers import random_inputs, random_state_dict, tiny_config
 from tests.reference import max_abs_err, report
 from tests.test_dit import _official_forward, _official_model
+from tests.tiny_models import write_gguf
 from wan_core import CheckpointError, apply_loras, load_dit
 from wan_core.ops.gguf import QTYPES
 
@@ -19,56 +20,6 @@ Q = gguf.GGMLQuantizationType
 BOUND = 1e-4
 # K-quants need rows of 256: dim 256, ffn 512 (text_dim / freq_dim stay unquantised inputs)
 CFG = dict(dim=256, ffn_dim=512, num_heads=2)
-NUMPY_QUANTIZE = {Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0}
-# fp16 fields of each K-quant block (byte offsets) and a scale that gives weights ~0.05
-K_FIELDS = {Q.Q2_K: ([80, 82], 2e-3), Q.Q3_K: ([108], 4e-4), Q.Q4_K: ([0, 2], 1e-4),
-            Q.Q5_K: ([0, 2], 6e-5), Q.Q6_K: ([208], 6.1e-5)}
-
-
-def quantize(value: np.ndarray, qtype, rng) -> np.ndarray:
-    """Bytes of ``value`` in ``qtype``: gguf's quantiser where it has one; for K-quants random
-    blocks with fp16 scales in a sane range (the reference dequantises the same bytes)."""
-    if qtype in NUMPY_QUANTIZE:
-        return gguf.quants.quantize(value, qtype)
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    rows, cols = value.shape
-    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
-    fields, scale = K_FIELDS[qtype]
-    for offset in fields:
-        d = (np.abs(rng.standard_normal(len(raw))) * scale + scale / 4).astype(np.float16)
-        raw[:, offset:offset + 2] = d.reshape(-1, 1).view(np.uint8)
-    return raw.reshape(rows, -1)
-
-
-def is_quantised_target(key: str, value: torch.Tensor) -> bool:
-    """What published Wan GGUFs quantise: 2-D block weights (not the embeddings / head)."""
-    return key.startswith("blocks.") and key.endswith(".weight") and value.dim() == 2
-
-
-def write_gguf(path, sd, choose, arch="wan", seed=0):
-    """Write ``sd`` as a GGUF; ``choose(key)`` gives each quantised tensor's type. Returns the
-    state dict as gguf's numpy dequantisation reads the file back (the reference weights)."""
-    rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(str(path), arch)
-    reference = {}
-    for key, value in sd.items():
-        array = value.float().numpy()
-        if is_quantised_target(key, value):
-            qtype = choose(key)
-            data = quantize(array, qtype, rng)
-            writer.add_tensor(key, data, raw_shape=data.shape, raw_dtype=qtype)
-            back = gguf.quants.dequantize(data, qtype).astype(np.float32).reshape(array.shape)
-        else:
-            writer.add_tensor(key, array)
-            back = array
-        reference[key] = torch.from_numpy(np.ascontiguousarray(back))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return reference
-
-
 TYPES = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K,
          Q.Q5_K, Q.Q6_K]
 
@@ -200,3 +151,16 @@ def test_supported_types_are_the_published_wan_quants():
     names = {name for name, _, _ in QTYPES.values()}
     assert {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
             "Q4_K", "Q5_K", "Q6_K"} <= names
+
+
+def test_the_model_loader_node_lists_and_loads_gguf_files(models, monkeypatch):
+    from tests.conftest import load_pack
+
+    monkeypatch.setenv("WANCORE_MODELS_DIR", str(models))
+    loader = load_pack().NODE_CLASS_MAPPINGS["WanCoreModelLoader"]
+    names = loader.INPUT_TYPES()["required"]["model_name"][0]
+    assert "wan2.1-t2v-1.3b-Q8_0.gguf" in names
+    out = loader().load("wan2.1-t2v-1.3b-Q8_0.gguf")
+    model = out["result"][0]
+    assert model.blocks[0].ffn[0].qtype == int(Q.Q8_0)
+    assert out["ui"]["wancore_variant"][0]["variant"] == "custom"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -42,6 +43,7 @@ FILES = {
     "lora_t2v_high": "loras/wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
     "lora_t2v_low": "loras/wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors",
     "lora_i2v": "loras/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
+    "dit_t2v_gguf": "diffusion_models/wan2.1-t2v-1.3b-Q8_0.gguf",
 }
 
 
@@ -91,6 +93,60 @@ def distill_lora_state_dict(dit_sd: dict, seed: int, rank: int = 4, scale: float
         elif leaf == "modulation" and key.startswith("blocks."):
             out[f"diffusion_model.{module}.diff_m"] = r(*value.shape)
     return out
+
+
+# -- GGUF, written the way published Wan GGUFs are ----------------------------------------------
+# fp16 fields of each K-quant block (byte offsets) and a scale that gives weights ~0.05
+K_FIELDS = {"Q2_K": ([80, 82], 2e-3), "Q3_K": ([108], 4e-4), "Q4_K": ([0, 2], 1e-4),
+            "Q5_K": ([0, 2], 6e-5), "Q6_K": ([208], 6.1e-5)}
+
+
+def quantize(value: np.ndarray, qtype, rng) -> np.ndarray:
+    """Bytes of ``value`` in ``qtype``: gguf's quantiser where it has one; for K-quants random
+    blocks with fp16 scales in a sane range (the reference dequantises the same bytes)."""
+    import gguf
+
+    if qtype.name not in K_FIELDS:                    # F16, BF16, Q4_0 ... Q8_0
+        return gguf.quants.quantize(value, qtype)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = value.shape
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    fields, scale = K_FIELDS[qtype.name]
+    for offset in fields:
+        d = (np.abs(rng.standard_normal(len(raw))) * scale + scale / 4).astype(np.float16)
+        raw[:, offset:offset + 2] = d.reshape(-1, 1).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def is_quantised_target(key: str, value: torch.Tensor) -> bool:
+    """What published Wan GGUFs quantise: 2-D block weights (not the embeddings / head)."""
+    return key.startswith("blocks.") and key.endswith(".weight") and value.dim() == 2
+
+
+def write_gguf(path, sd, choose, arch="wan", seed=0):
+    """Write ``sd`` as a GGUF; ``choose(key)`` gives each quantised tensor's type. Returns the
+    state dict as gguf's numpy dequantisation reads the file back (the reference weights)."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), arch)
+    reference = {}
+    for key, value in sd.items():
+        array = value.float().numpy()
+        if is_quantised_target(key, value):
+            qtype = choose(key)
+            data = quantize(array, qtype, rng)
+            writer.add_tensor(key, data, raw_shape=data.shape, raw_dtype=qtype)
+            back = gguf.quants.dequantize(data, qtype).astype(np.float32).reshape(array.shape)
+        else:
+            writer.add_tensor(key, array)
+            back = array
+        reference[key] = torch.from_numpy(np.ascontiguousarray(back))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return reference
 
 
 def to_fp8_scaled(sd: dict) -> dict:
@@ -189,4 +245,11 @@ def write_models(root: Path) -> Path:
     _save(root, "vae22", vae_state_dict("2.2", 10))
     _save(root, "umt5", umt5_state_dict(11))
     _save(root, "clip", clip_state_dict(12), fp16)
+    try:
+        import gguf
+
+        write_gguf(root / FILES["dit_t2v_gguf"], dit_state_dict("t2v", 1),
+                   lambda key: gguf.GGMLQuantizationType.Q8_0)
+    except ImportError:
+        pass
     return root

@@ -42,6 +42,14 @@ class UMT5Config:
     eps: float = 1e-6
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding``; built on the meta device (by the loaders, which assign the weights)
+    it skips the random init, whose first ``normal_`` on meta costs ~1.3 s of lazy imports."""
+    if torch.empty(0).device.type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
+
+
 class RMSNorm(nn.Module):
     """T5 layer norm: x / rms(x) * weight, the statistics in float32, no mean, no bias."""
 
@@ -83,7 +91,7 @@ class RelativePositionBias(nn.Module):
     def __init__(self, num_buckets: int, num_heads: int, max_distance: int):
         super().__init__()
         self.num_buckets, self.max_distance = num_buckets, max_distance
-        self.embedding = nn.Embedding(num_buckets, num_heads)
+        self.embedding = _embedding(num_buckets, num_heads)
 
     def forward(self, length: int) -> torch.Tensor:
         """Bias to add to the attention logits: [1, heads, L, L]."""
@@ -152,7 +160,7 @@ class UMT5Encoder(nn.Module):
     def __init__(self, cfg: UMT5Config):
         super().__init__()
         self.config = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.eps)
 
