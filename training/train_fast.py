@@ -32,7 +32,7 @@ from . import dataset
 from .training import atomic_save, cosine_lr, finished_already, load, train_loop
 
 RANK = 16
-SEEDS = 4               # noise seeds per training caption
+SEEDS = 8               # noise seeds per training caption
 BATCH = 32
 LR = 1e-3
 LATENT = (16, 5, 8, 8)  # the demo's 17-frame 64x64 latent
