@@ -22,7 +22,7 @@ FLOOR_BACKGROUND = 0.90     # measured 0.97 (t2v, i2v, moe; 32 prompts, 20 steps
 FLOOR_COLOUR = 0.70         # measured 0.97 (t2v, i2v, moe)
 FLOOR_I2V_DIRECTION = 0.75  # measured 0.97 / 1.00 (32 prompts, 20 steps, two seeds)
 FLOOR_T2V_DIRECTION = 0.75  # measured 0.94 / 1.00 (32 prompts, 20 steps, two seeds); chance 0.25
-GOAL_FAST_ADHERENCE = 0.90  # issue 18: the distilled LoRA at 4 steps, CFG 1 (measured below)
+GOAL_FAST_ADHERENCE = 0.90  # issue 18: the distilled LoRA at 4 steps, CFG 1; measured 0.938 / 0.969
 PROMPTS = 32                # held-out prompts per seed (the goal asks for at least 24)
 SEEDS = (0, 100)            # the adherence figure is the mean over both
 STEPS = 20                  # the demo's default
@@ -107,18 +107,15 @@ def test_fast_lora_heldout_prompt_adherence_goal(fast_result):
 
 
 def test_the_lora_is_what_makes_4_steps_without_cfg_work(models, fast_result):
-    """The base T2V sampled the same way (4 distilled steps, cfg 1) without the LoRA."""
-    from wan_core.demo import FAST, generate_video
-    from training import analysis
-    from training.evaluate import heldout_specs
+    """The base T2V sampled the same way (4 distilled steps, cfg 1, same prompts and seeds)
+    without the LoRA follows the prompt clearly less often."""
+    from wan_core.demo import FAST
 
-    hits = 0
-    specs = heldout_specs(16)
-    for i, spec in enumerate(specs):
-        video = generate_video(models, spec.caption, "t2v", seed=i, **FAST)
-        hits += analysis.check_prompt(analysis.video_to_frames(video), spec)["prompt"]
-    print(f"\nDEMO base T2V at 4 distilled steps, cfg 1, no LoRA: {hits / len(specs):.3f}")
-    assert fast_result["prompt"] >= hits / len(specs) + 0.10   # measured 0.72 -> 0.89
+    runs = [evaluate(models, "t2v", count=PROMPTS, seed=seed, **FAST) for seed in SEEDS]
+    base = sum(r["prompt"] for r in runs) / len(runs)
+    print(f"\nDEMO base T2V at 4 distilled steps, cfg 1, no LoRA: {base:.3f} "
+          f"(per seed {[r['prompt'] for r in runs]})")
+    assert fast_result["prompt"] >= base + 0.10      # measured 0.656 -> 0.953
 
 
 def test_demo_command_writes_a_video(tmp_path):
@@ -143,6 +140,6 @@ def test_fast_demo_command_writes_a_video(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     frames, _ = read_video(out)
     assert frames.shape == (17, 64, 64, 3)
-    refused = subprocess.run(cmd[:3] + ["--task", "moe"] + cmd[3:], cwd=ROOT,
+    refused = subprocess.run(cmd[:4] + ["--task", "moe"] + cmd[4:], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--fast is the distilled text-to-video demo" in refused.stdout

@@ -25,9 +25,10 @@ def heldout_specs(count: int = 32, seed: int = 1):
 
 
 def evaluate(models: DemoModels, task: str = "t2v", count: int = 32, steps=None, cfg=None,
-             seed: int = 0, verbose: bool = False, fast: bool = False) -> dict:
+             seed: int = 0, verbose: bool = False, fast: bool = False, **sampler) -> dict:
     """Accuracy per attribute (and ``prompt``) over ``count`` held-out prompts; for i2v also
-    ``psnr`` (mean first-frame PSNR, dB) and ``psnr_min``."""
+    ``psnr`` (mean first-frame PSNR, dB) and ``psnr_min``. ``sampler``: ``shift`` / ``solver``
+    for ``generate_video``."""
     totals: dict = {}
     psnrs = []
     specs = heldout_specs(count)
@@ -36,7 +37,7 @@ def evaluate(models: DemoModels, task: str = "t2v", count: int = 32, steps=None,
         if task == "i2v":
             image = dataset.sample_clip(spec)[0][:, 0]
         video = generate_video(models, spec.caption, task, image, steps=steps, cfg=cfg,
-                               seed=seed + i, fast=fast)
+                               seed=seed + i, fast=fast, **sampler)
         frames = analysis.video_to_frames(video)
         ok = analysis.check_prompt(frames, spec)
         for k, v in ok.items():
