@@ -48,13 +48,18 @@ def test_weights_load_through_the_normal_loaders_and_fit_the_budget(models):
     assert models.get("text_encoder").tokenizer.vocab_size <= models.get("text_encoder").config.vocab_size
 
 
+def heldout_t2v(models, label: str, **kw) -> dict:
+    """T2V held-out figures averaged over ``SEEDS`` (``kw``: evaluate's sampler options)."""
+    runs = [evaluate(models, "t2v", count=PROMPTS, seed=seed, **kw) for seed in SEEDS]
+    result = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
+    print(f"\nDEMO {label} held-out adherence {result['prompt']:.3f} ({PROMPTS} prompts x "
+          f"seeds {SEEDS}): {result}; per seed {[r['prompt'] for r in runs]}")
+    return result
+
+
 @pytest.fixture(scope="module")
 def t2v_result(models):
-    runs = [evaluate(models, "t2v", count=PROMPTS, steps=STEPS, seed=seed) for seed in SEEDS]
-    result = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
-    print(f"\nDEMO t2v held-out adherence {result['prompt']:.3f} ({PROMPTS} prompts x seeds "
-          f"{SEEDS}, {STEPS} steps): {result}; per seed {[r['prompt'] for r in runs]}")
-    return result
+    return heldout_t2v(models, f"t2v ({STEPS} steps)", steps=STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +100,7 @@ def test_moe_expert_pair_runs(models):
 
 @pytest.fixture(scope="module")
 def fast_result(models):
-    runs = [evaluate(models, "t2v", count=PROMPTS, seed=seed, fast=True) for seed in SEEDS]
-    result = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
-    print(f"\nDEMO fast (LoRA, 4 steps, cfg 1) held-out adherence {result['prompt']:.3f} "
-          f"({PROMPTS} prompts x seeds {SEEDS}): {result}; per seed {[r['prompt'] for r in runs]}")
-    return result
+    return heldout_t2v(models, "fast (LoRA, 4 steps, cfg 1)", fast=True)
 
 
 def test_fast_lora_heldout_prompt_adherence_goal(fast_result):
@@ -111,10 +112,7 @@ def test_the_lora_is_what_makes_4_steps_without_cfg_work(models, fast_result):
     without the LoRA follows the prompt clearly less often."""
     from wan_core.demo import FAST
 
-    runs = [evaluate(models, "t2v", count=PROMPTS, seed=seed, **FAST) for seed in SEEDS]
-    base = sum(r["prompt"] for r in runs) / len(runs)
-    print(f"\nDEMO base T2V at 4 distilled steps, cfg 1, no LoRA: {base:.3f} "
-          f"(per seed {[r['prompt'] for r in runs]})")
+    base = heldout_t2v(models, "base T2V at 4 distilled steps, cfg 1, no LoRA", **FAST)["prompt"]
     assert fast_result["prompt"] >= base + 0.10      # measured 0.656 -> 0.953
 
 
