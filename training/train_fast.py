@@ -81,28 +81,36 @@ class LoRAFactors(torch.nn.Module):
     def __init__(self, dit: torch.nn.Module, rank: int, seed: int):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.names = [n for n, m in dit.named_modules() if isinstance(m, Linear)]
         self.factors = torch.nn.ParameterDict()
-        for name in self.names:
+        for name in (n for n, m in dit.named_modules() if isinstance(m, Linear)):
             layer = dit.get_submodule(name)
             key = name.replace(".", "__")
             down = torch.randn(rank, layer.in_features, generator=gen) / layer.in_features ** 0.5
             self.factors[key + "__down"] = torch.nn.Parameter(down)
             self.factors[key + "__up"] = torch.nn.Parameter(torch.zeros(layer.out_features, rank))
 
-    def lora(self, dtype=None, scale: float = 1.0) -> dict:
-        """The LoRA as a state dict (live tensors unless ``dtype`` is given); ``scale`` goes
-        into ``alpha`` (alpha = scale * rank)."""
-        out = {}
-        for name in self.names:
-            key = name.replace(".", "__")
-            down, up = self.factors[key + "__down"], self.factors[key + "__up"]
-            if dtype is not None:
-                down, up = down.detach().to(dtype).contiguous(), up.detach().to(dtype).contiguous()
-            out[f"diffusion_model.{name}.lora_down.weight"] = down
-            out[f"diffusion_model.{name}.lora_up.weight"] = up
-            out[f"diffusion_model.{name}.alpha"] = torch.tensor(scale * down.shape[0])
-        return out
+    def lora(self) -> dict:
+        """The LoRA as a state dict of the live (trained) tensors."""
+        return comfy_lora(self.factors)
+
+
+def comfy_lora(factors, dtype=None, scale: float = 1.0) -> dict:
+    """``{"<layer with __>__down" / "__up": tensor}`` -> the ComfyUI LoRA layout
+    (``diffusion_model.<layer>.lora_down/up.weight`` + ``alpha`` = ``scale`` * rank); tensors
+    stay live unless ``dtype`` is given."""
+    out = {}
+    for key in factors:
+        if not key.endswith("__down"):
+            continue
+        stem = key[: -len("__down")]
+        name = stem.replace("__", ".")
+        down, up = factors[key], factors[stem + "__up"]
+        if dtype is not None:
+            down, up = down.detach().to(dtype).contiguous(), up.detach().to(dtype).contiguous()
+        out[f"diffusion_model.{name}.lora_down.weight"] = down
+        out[f"diffusion_model.{name}.lora_up.weight"] = up
+        out[f"diffusion_model.{name}.alpha"] = torch.tensor(scale * down.shape[0])
+    return out
 
 
 def run_fast_lora(out: Path, steps: int, seed: int, resume: bool,
@@ -149,8 +157,7 @@ def _train_fast_lora(out: Path, steps: int, seed: int, resume: bool) -> dict:
     optimizer = torch.optim.AdamW(factors.parameters(), lr=LR, weight_decay=0.0)
     return train_loop(stage, factors, optimizer, loss_fn, steps,
                       lambda s: cosine_lr(s, steps, LR, warmup=50), resume=resume, seed=seed,
-                      log_every=50, save_every=200,
-                      extra_state={"names": factors.names, "rank": RANK})
+                      log_every=50, save_every=200, extra_state={"rank": RANK})
 
 
 def save_fast_lora(out: Path, weights: Path | None = None) -> Path:
@@ -172,10 +179,6 @@ def save_fast_lora(out: Path, weights: Path | None = None) -> Path:
 def fast_lora_state(out: Path) -> dict:
     """The trained LoRA in the ComfyUI layout, bf16, alpha carrying ``SHIPPED_SCALE`` (what
     ``export`` ships)."""
-    done = load(Path(out) / "fast_lora" / "done.pt")
-    factors = LoRAFactors.__new__(LoRAFactors)
-    torch.nn.Module.__init__(factors)
-    factors.names = done["names"]
-    factors.factors = torch.nn.ParameterDict(
-        {k.split(".", 1)[1]: torch.nn.Parameter(v) for k, v in done["model"].items()})
-    return factors.lora(torch.bfloat16, SHIPPED_SCALE)
+    trained = load(Path(out) / "fast_lora" / "done.pt")["model"]     # "factors.<key>": tensor
+    return comfy_lora({k.split(".", 1)[1]: v for k, v in trained.items()}, torch.bfloat16,
+                      SHIPPED_SCALE)

@@ -12,7 +12,6 @@ build cannot dequantise (named), a text-encoder GGUF given to the DiT loader.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -26,20 +25,6 @@ GGUF_MAGIC = b"GGUF"
 PLAIN = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 # What other architectures are, for the error message.
 TEXT_ENCODER_ARCHS = ("t5", "t5encoder", "umt5")
-
-
-def is_gguf(source) -> bool:
-    """Whether ``source`` is a path to a GGUF file (by suffix or magic)."""
-    if not isinstance(source, (str, os.PathLike)):
-        return False
-    path = Path(source)
-    if path.suffix.lower() == ".gguf":
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
 
 
 def _reader(path: Path):

@@ -73,14 +73,6 @@ class LoRAError(CheckpointError):
     """A LoRA file cannot be applied to this model; the message says why."""
 
 
-@dataclasses.dataclass
-class LoRAReport:
-    """What one file did: how many parameters it patched, which of its keys matched nothing."""
-    name: str
-    patched: int
-    unmatched: list
-
-
 def _split_key(key: str):
     for suffix, role in SUFFIXES:
         if key.endswith(suffix):
@@ -188,8 +180,8 @@ def _build_patches(module: str, roles: dict, strength: float, where: str) -> lis
 
 
 def lora_patches(sd: Mapping[str, torch.Tensor], model: nn.Module, strength: float,
-                 name: str = "LoRA") -> tuple[dict, LoRAReport]:
-    """Read one LoRA state dict against ``model``: ``({param name: [WeightPatch]}, report)``.
+                 name: str = "LoRA") -> dict:
+    """Read one LoRA state dict against ``model``: ``{param name: [WeightPatch]}``.
 
     Raises :class:`LoRAError` for a file that is not a Wan DiT LoRA, whose shapes belong to
     another model size, or that uses an adapter kind not supported; warns (logging) with the
@@ -238,7 +230,7 @@ def lora_patches(sd: Mapping[str, torch.Tensor], model: nn.Module, strength: flo
     if unmatched:
         logger.warning("%s: %d of %d keys match no layer of this model and were not applied "
                        "(first: %s)", name, len(unmatched), len(sd), ", ".join(unmatched[:5]))
-    return dict(patches), LoRAReport(name, len(patches), unmatched)
+    return dict(patches)
 
 
 _KIND_NAMES = {"dit": "a Wan diffusion model checkpoint", "vae": "a Wan VAE",
@@ -319,7 +311,7 @@ def apply_loras(model, loras: Sequence, expert: str = "both"):
         if strength == 0.0:
             continue
         name = source_name(source) if not isinstance(source, Mapping) else "the LoRA"
-        patches, _ = lora_patches(read_lora(source), patched, strength, name)
+        patches = lora_patches(read_lora(source), patched, strength, name)
         for target, items in patches.items():
             _attach(patched, target, items)
     return patched

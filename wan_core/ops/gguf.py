@@ -41,15 +41,6 @@ def qtype_name(qtype: int) -> str:
     return QTYPES[qtype][0] if qtype in QTYPES else f"type {qtype}"
 
 
-def row_bytes(qtype: int, columns: int) -> int:
-    """Bytes one row of ``columns`` elements takes in ``qtype``."""
-    _, block, size = QTYPES[qtype]
-    if columns % block:
-        raise ValueError(f"{qtype_name(qtype)} rows must be a multiple of {block} elements "
-                         f"(got {columns})")
-    return columns // block * size
-
-
 def _f16(raw: torch.Tensor) -> torch.Tensor:
     """[..., 2k] uint8 -> [..., k] float32 (little-endian fp16)."""
     return raw.contiguous().view(torch.float16).float()
@@ -185,7 +176,6 @@ class QuantizedTensor:
         self.raw, self.qtype, self.shape = raw, int(qtype), torch.Size(shape)
 
     dtype = torch.uint8
-    ndim = property(lambda self: len(self.shape))
 
     def dim(self) -> int:
         return len(self.shape)
