@@ -152,7 +152,12 @@ class WanCoreMoE:
         }}
 
     def combine(self, high_noise_model, low_noise_model, boundary, cfg_high_noise, cfg_low_noise):
-        from wan_core.pipeline import MoEModel, default_boundary
+        from wan_core.pipeline import MoEModel, StepCached, default_boundary, unwrap_cache
+
+        # A WanCore Step Cache on the experts caches the pair (the high-noise one's settings).
+        high_noise_model, cache_high = unwrap_cache(high_noise_model)
+        low_noise_model, cache_low = unwrap_cache(low_noise_model)
+        cache = cache_high or cache_low
 
         hi, lo = high_noise_model.config, low_noise_model.config
         if (hi.in_dim, hi.out_dim, hi.model_type) != (lo.in_dim, lo.out_dim, lo.model_type):
@@ -160,14 +165,66 @@ class WanCoreMoE:
                              f"{hi.variant} ({hi.model_type}, {hi.in_dim} ch), low-noise is "
                              f"{lo.variant} ({lo.model_type}, {lo.in_dim} ch)")
         boundary = boundary or default_boundary(hi.model_type)
-        return (MoEModel(high_noise_model, low_noise_model, boundary,
-                         (cfg_high_noise, cfg_low_noise), offload=_swap_experts),)
+        pair = MoEModel(high_noise_model, low_noise_model, boundary,
+                        (cfg_high_noise, cfg_low_noise), offload=_swap_experts)
+        return (pair if cache is None else StepCached(pair, cache),)
 
 
 def _swap_experts(active, idle):
     if idle is not None:
         host.release(idle)
     host.load_for_compute(active)
+
+
+class WanCoreStepCache:
+    CATEGORY = "WanCore"
+    DESCRIPTION = ("Step caching: the sampler skips whole model evaluations where the output "
+                   "barely changes between steps and reuses (extrapolates) the last ones "
+                   "instead; about 2x faster at the defaults. Put it right before WanCore "
+                   "Sampler (after WanCore LoRA / WanCore MoE); it also works before a LoRA node "
+                   "or on the experts before WanCore MoE. The model is not copied.")
+    RETURN_TYPES = ("WANCORE_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same model carrying the cache settings, for WanCore Sampler.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from wan_core.sampling import CACHE_METHODS
+        from wan_core.sampling.cache import DEFAULTS
+
+        default = DEFAULTS[CACHE_METHODS[0]]
+        thresholds = ", ".join(f"{name} {DEFAULTS[name].threshold:g}" for name in CACHE_METHODS)
+        return {"required": {
+            "model": ("WANCORE_MODEL", {"tooltip": "A diffusion model, a WanCore LoRA output or "
+                                                   "a WanCore MoE pair."}),
+            "method": (list(CACHE_METHODS), {
+                "default": CACHE_METHODS[0],
+                "tooltip": "easycache: training-free, works for every model. magcache / "
+                           "teacache need calibration data for the model (shipped for the "
+                           "demo; TeaCache's published coefficients for Wan 2.1)."}),
+            "threshold": ("FLOAT", {
+                "default": default.threshold, "min": 0.001, "max": 10.0, "step": 0.005,
+                "tooltip": f"Skip steps while the estimated accumulated change stays below "
+                           f"this: higher = faster, less faithful. Defaults: {thresholds}."}),
+            "start": ("FLOAT", {
+                "default": default.start, "min": 0.0, "max": 1.0, "step": 0.01,
+                "tooltip": "Fraction of the steps at the start that always run (the layout of "
+                           "the video is decided there)."}),
+            "end": ("FLOAT", {
+                "default": default.end, "min": 0.0, "max": 1.0, "step": 0.01,
+                "tooltip": "Steps after this fraction always run (1 = caching up to the end)."}),
+        }}
+
+    def apply(self, model, method, threshold, start, end):
+        from dataclasses import replace
+
+        from wan_core.pipeline import StepCached, unwrap_cache
+        from wan_core.sampling import cache_settings
+
+        settings = replace(cache_settings(method), threshold=threshold, start=start, end=end)
+        inner, _ = unwrap_cache(model)
+        return (StepCached(inner, settings),)
 
 
 class WanCoreSampler:
@@ -217,9 +274,10 @@ class WanCoreSampler:
 
     def sample(self, model, text_embeds, video_cond, seed, steps, cfg, shift, solver, denoise,
                latent=None):
-        from wan_core.pipeline import MoEModel, generate
+        from wan_core.pipeline import MoEModel, generate, unwrap_cache
         from .preview import latent_preview
 
+        model, cache = unwrap_cache(model)
         channels = model.config.out_dim
         init = None
         if denoise < 1.0:
@@ -244,7 +302,8 @@ class WanCoreSampler:
         negative = text_embeds["negative"] if cfg != 1.0 or isinstance(model, MoEModel) else None
         out = generate(model, text_embeds["positive"], negative, video_cond, steps=steps,
                        guide_scale=cfg, shift=shift, solver=solver, seed=seed, denoise=denoise,
-                       init_latent=init, callback=callback, cancel=cancel, device=device)
+                       init_latent=init, callback=callback, cancel=cancel, device=device,
+                       cache=cache)
         return (to_comfy_latent(out),)
 
 
@@ -253,6 +312,7 @@ NODE_CLASS_MAPPINGS = {
     "WanCoreEmptyVideo": WanCoreEmptyVideo,
     "WanCoreImageToVideo": WanCoreImageToVideo,
     "WanCoreMoE": WanCoreMoE,
+    "WanCoreStepCache": WanCoreStepCache,
     "WanCoreSampler": WanCoreSampler,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -260,5 +320,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WanCoreEmptyVideo": "WanCore Empty Video",
     "WanCoreImageToVideo": "WanCore Image To Video",
     "WanCoreMoE": "WanCore MoE (Wan 2.2 experts)",
+    "WanCoreStepCache": "WanCore Step Cache",
     "WanCoreSampler": "WanCore Sampler",
 }

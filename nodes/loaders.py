@@ -209,9 +209,12 @@ class WanCoreLoRA:
 
     def apply(self, model, lora_name, strength=1.0, expert="both"):
         from wan_core import apply_loras
+        from wan_core.pipeline import StepCached, unwrap_cache
 
         path = host.model_path("loras", lora_name)
-        return (apply_loras(model, [(path, strength)], expert=expert),)
+        inner, cache = unwrap_cache(model)  # after WanCore Step Cache: keep its settings
+        patched = apply_loras(inner, [(path, strength)], expert=expert)
+        return (patched if cache is None else StepCached(patched, cache),)
 
 
 NODE_CLASS_MAPPINGS = {

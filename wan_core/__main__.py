@@ -37,6 +37,17 @@ def _lora(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _add_cache_options(parser: argparse.ArgumentParser) -> None:
+    from wan_core.sampling.cache import CACHE_METHODS
+
+    parser.add_argument("--cache", metavar="NAME", default=None,
+                        help=f"step caching: skip model evaluations where the output barely "
+                             f"changes ({', '.join(CACHE_METHODS)}; default: off)")
+    parser.add_argument("--cache-threshold", type=float, metavar="X", default=None,
+                        help="step-cache threshold (default: the method's; higher = faster, "
+                             "less faithful)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m wan_core",
@@ -86,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora-low-noise", action="append", type=_lora, default=[],
                      metavar="FILE[:STRENGTH]",
                      help="apply a LoRA to the Wan 2.2 low-noise expert (repeatable)")
+    _add_cache_options(gen)
     gen.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     gen.add_argument("--fps", type=float, help="frames per second of the file (default: the model's)")
     gen.add_argument("--out", default="video.mp4", help="output file: .mp4, .webm or .webp")
@@ -115,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=64,
                       help="width and height in pixels, a multiple of 16 (default 64)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_cache_options(demo)
     demo.add_argument("--fast", action="store_true",
                       help="t2v in 4 steps without CFG: the demo's step-distilled LoRA "
                            "(fast_lora.safetensors) through apply_loras, the distilled sampler")
@@ -153,6 +166,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for path, _ in args.lora + args.lora_low_noise:
         if not Path(path).exists():
             raise FileNotFoundError(f"LoRA file not found: {path}")
+    from wan_core.demo import cache_option
+
+    cache = cache_option(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
 
@@ -216,11 +232,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         del clip
 
     bar = tqdm(total=steps, desc="sampling", unit="step")
+    stats: dict = {}
     latent = generate(model, [context], [negative_context] if cfg != 1 or moe else None, cond,
                       steps=steps, guide_scale=cfg, shift=shift, solver=args.solver,
                       seed=args.seed, callback=lambda step, total, x, x0: bar.update(1),
-                      device=device)
+                      device=device, cache=cache, stats=stats)
     bar.close()
+    if cache is not None:
+        print(f"step cache: skipped {stats['skipped']} of {stats['steps']} model evaluations")
     del model, dit
     with torch.no_grad():
         video = vae.decode(latent.to(device), tile=_tile_option(args.tile))
@@ -248,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if args.command == "demo":
-        return cmd_demo(args)
+        try:
+            return cmd_demo(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     raise AssertionError(args.command)
 
 

@@ -13,14 +13,18 @@ drawn on the CPU from ``seed``, so a seed gives the same video on every device.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
 from .conditioning import (VideoConditioning, check_video_size, latent_shape,
                            per_token_timesteps)
-from .sampling import make_velocity_fn, noise_latent, sample, solver_schedule
+from .sampling import (CacheCalibration, cache_settings, make_velocity_fn, noise_latent, sample,
+                       solver_schedule)
+
+log = logging.getLogger(__name__)
 
 MOE_BOUNDARIES = {"t2v": 0.875, "i2v": 0.900}
 
@@ -45,6 +49,26 @@ class MoEModel:
     @property
     def experts(self) -> tuple:
         return (self.high_noise, self.low_noise)
+
+
+@dataclass
+class StepCached:
+    """A model (one DiT or a :class:`MoEModel`) paired with step-cache settings, as the
+    WanCore Step Cache node outputs it; :func:`generate` unwraps it. The model is shared, not
+    copied. ``cache``: a ``wan_core.sampling.CacheSettings``."""
+    model: Any
+    cache: Any
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def unwrap_cache(model) -> tuple:
+    """``(model, cache settings or None)`` of a possibly :class:`StepCached` model."""
+    if isinstance(model, StepCached):
+        return model.model, model.cache
+    return model, None
 
 
 def default_boundary(model_type: str) -> float:
@@ -93,9 +117,12 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
              cond: VideoConditioning, *, steps: int = 50, guide_scale: float = 5.0,
              shift: float = 5.0, solver: str = "unipc", seed: int = 0, denoise: float = 1.0,
              init_latent: Optional[torch.Tensor] = None, callback=None, cancel=None,
-             batch_cfg: bool = True, device: Optional[torch.device] = None) -> torch.Tensor:
+             batch_cfg: bool = True, device: Optional[torch.device] = None,
+             cache=None, stats: Optional[dict] = None) -> torch.Tensor:
     """Sample a normalised latent ``[1, C, F_lat, h, w]`` (float32, on the CPU).
 
+    model: a DiT, a :class:`MoEModel`, or either wrapped in :class:`StepCached` (its cache
+        settings apply unless ``cache`` is given).
     context / negative_context: text embeddings, a list with one ``[L, 4096]`` tensor (or a
         ``[1, L, 4096]`` tensor); ``negative_context=None`` disables CFG.
     cond: size and image conditioning (see the module docstring).
@@ -103,7 +130,15 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
     init_latent: normalised latent to start from when ``denoise`` < 1 (vid2vid).
     callback: ``callback(step, total, x, x0)``; cancel: returns True to stop (raises
         ``SamplingCancelled``).
+    cache: step caching (:mod:`wan_core.sampling.cache`): None (off), a name from
+        ``CACHE_METHODS`` (its default settings), a ``CacheSettings``, or a
+        ``CacheCalibration`` (records MagCache / TeaCache data; skips nothing). Its step
+        fractions count the steps actually run (vid2vid: from its first step). Logs
+        "skipped K of N model evaluations" after sampling.
+    stats: a dict that receives ``{"evaluated": N - K, "skipped": K, "steps": N}``.
     """
+    model, carried = unwrap_cache(model)
+    settings = cache_settings(cache if cache is not None else carried)
     config = model.config
     channels = config.out_dim
     stride = vae_stride_for(channels)
@@ -161,8 +196,33 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
         scales = model.guide_scales or (guide_scale, guide_scale)
     else:
         experts, boundary, offload, scales = model, None, None, guide_scale
+    experts_list = experts if isinstance(experts, tuple) else (experts,)
+    step_cache = None if settings is None else settings.start_run(schedule.sigmas, experts_list)
     velocity_fn = make_velocity_fn(experts, cond_inputs, uncond_inputs, scales, boundary,
-                                   batch_cfg=batch_cfg, offload=offload, timestep_fn=timestep_fn)
+                                   batch_cfg=batch_cfg, offload=offload, timestep_fn=timestep_fn,
+                                   cache=step_cache)
     out = sample(velocity_fn, x.to(device), schedule, solver, callback=callback, cancel=cancel,
                  after_step=after_step)
+    if step_cache is not None:
+        skipped, total_steps = step_cache.skipped, step_cache.skipped + step_cache.evaluated
+        log.info("step cache (%s): skipped %d of %d model evaluations",
+                 getattr(settings, "method", "calibration"), skipped, total_steps)
+        if stats is not None:
+            stats.update(evaluated=step_cache.evaluated, skipped=skipped, steps=total_steps)
+    elif stats is not None:
+        stats.update(evaluated=len(schedule), skipped=0, steps=len(schedule))
     return out.float().cpu()
+
+
+def calibrate_cache(model: Union[torch.nn.Module, MoEModel], context, negative_context,
+                    cond: VideoConditioning, *, steps: int = 50, **kwargs) -> dict:
+    """Record the MagCache magnitude curve and the TeaCache polynomial of ``model`` from one
+    uncached run of :func:`generate` (same arguments; 50 steps by default). Deterministic.
+
+    Returns ``{key: {"magcache": ..., "teacache": ...}}``: pass it as
+    ``CacheSettings(method, threshold, calibration=result)`` or store it with
+    ``wan_core.sampling.save_calibration(result, "my_calibration.json")``.
+    """
+    recorder = CacheCalibration()
+    generate(model, context, negative_context, cond, steps=steps, cache=recorder, **kwargs)
+    return recorder.result()

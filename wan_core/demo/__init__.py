@@ -92,11 +92,14 @@ def generate_video(models: DemoModels, prompt: str, task: str = "t2v",
                    image: Optional[torch.Tensor] = None, steps: Optional[int] = None,
                    cfg: Optional[float] = None, shift: Optional[float] = None, seed: int = 0,
                    frames: int = FRAMES, size: int = SIZE, solver: Optional[str] = None,
-                   fast: bool = False) -> torch.Tensor:
+                   fast: bool = False, cache=None, stats: Optional[dict] = None) -> torch.Tensor:
     """One demo video: ``[3, frames, size, size]`` in [-1, 1] (float32).
 
     ``image``: the first frame ``[3, H, W]`` in [-1, 1] for ``task='i2v'``. ``fast``: the T2V
-    with its distilled LoRA; steps / cfg / shift / solver then default to ``FAST``."""
+    with its distilled LoRA; steps / cfg / shift / solver then default to ``FAST``.
+    ``cache``: step caching, as ``wan_core.pipeline.generate`` takes it (None, a name from
+    ``wan_core.sampling.CACHE_METHODS`` or a ``CacheSettings``); ``stats`` receives the
+    evaluated / skipped step counts."""
     from ..conditioning import VideoConditioning, build_i2v_conditioning
     from ..pipeline import generate
 
@@ -117,9 +120,23 @@ def generate_video(models: DemoModels, prompt: str, task: str = "t2v",
     else:
         cond = VideoConditioning(size, size, frames)
     latent = generate(models.dit(task, fast), [context], [negative] if cfg != 1 else None, cond,
-                      steps=steps, guide_scale=cfg, shift=shift, solver=solver, seed=seed)
+                      steps=steps, guide_scale=cfg, shift=shift, solver=solver, seed=seed,
+                      cache=cache, stats=stats)
     with torch.no_grad():
         return vae.decode(latent, tile=False)[0]
+
+
+def cache_option(args):
+    """The ``cache=`` value from ``--cache NAME`` / ``--cache-threshold X`` (ValueError on a
+    bad name or threshold)."""
+    from ..sampling import cache_settings
+
+    name, threshold = getattr(args, "cache", None), getattr(args, "cache_threshold", None)
+    if name is None:
+        if threshold is not None:
+            raise ValueError("--cache-threshold needs --cache NAME")
+        return None
+    return cache_settings(name, threshold=threshold)
 
 
 def run(args) -> int:
@@ -140,16 +157,20 @@ def run(args) -> int:
             print("error: --task i2v needs --image FILE (the first frame)")
             return 2
         image = load_image(args.image)
+    cache = cache_option(args)  # ValueError (bad name / threshold) before any work
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     if fast and task != "t2v":
         print("error: --fast is the distilled text-to-video demo; use it with --task t2v")
         return 2
-    video = generate_video(DemoModels(), args.prompt, task, image,
+    stats: dict = {}
+    video = generate_video(DemoModels(), args.prompt, task, image, cache=cache, stats=stats,
                            steps=getattr(args, "steps", None),
                            cfg=getattr(args, "cfg", None), fast=fast,
                            seed=getattr(args, "seed", 0) or 0,
                            frames=getattr(args, "frames", None) or FRAMES,
                            size=getattr(args, "size", None) or SIZE)
+    if cache is not None:
+        print(f"step cache: skipped {stats['skipped']} of {stats['steps']} model evaluations")
     out = getattr(args, "out", None) or "demo.mp4"
     write_video(out, video_to_frames(video), fps=FPS)
     print(f"wrote {out} ({video.shape[1]} frames, {video.shape[3]}x{video.shape[2]}, {task}) "

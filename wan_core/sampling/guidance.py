@@ -90,7 +90,8 @@ def make_velocity_fn(models: Union[Model, Sequence[Model]], cond: Cond,
                      guide_scale: Union[float, Sequence[float]] = 5.0,
                      boundary: Optional[float] = None, *, batch_cfg: bool = True,
                      offload: Optional[Callable[[Model, Optional[Model]], None]] = None,
-                     timestep_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                     timestep_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                     cache=None):
     """Build ``velocity_fn(x, t)`` for :func:`wan_core.sampling.sample`.
 
     models: one model, or ``(high_noise, low_noise)`` Wan 2.2 experts.
@@ -107,6 +108,10 @@ def make_velocity_fn(models: Union[Model, Sequence[Model]], cond: Cond,
     offload: ``offload(active, idle)`` called whenever the expert in use changes (and before
         the first forward), e.g. :class:`OffloadIdleExpert` (only one expert resident).
     timestep_fn: maps t [B] to the model's timestep argument (per-token [B, L] for TI2V).
+    cache: a step cache for this run (``CacheSettings.start_run(sigmas, experts)``, see
+        :mod:`wan_core.sampling.cache`): asked before every step whether to reuse a velocity
+        instead of evaluating the model (one decision for both CFG halves), told the velocity
+        of every evaluated step. ``velocity_fn`` must then be called once per step, in order.
     """
     experts = tuple(models) if isinstance(models, (list, tuple)) else (models,)
     if len(experts) not in (1, 2):
@@ -141,6 +146,16 @@ def make_velocity_fn(models: Union[Model, Sequence[Model]], cond: Cond,
         index = select(t)
         model, scale = experts[index], scales[index]
         model_t = t if timestep_fn is None else timestep_fn(t)
+        if cache is not None:
+            reused = cache.lookup(x, model_t, index, model)
+            if reused is not None:
+                return reused
+        velocity = evaluate(model, scale, x, model_t)
+        if cache is not None:
+            cache.store(x, velocity)
+        return velocity
+
+    def evaluate(model: Model, scale: float, x: torch.Tensor, model_t: torch.Tensor):
         if uncond is None or scale == 1.0:
             return model(x, model_t, **cond)
         if batch_cfg:
