@@ -64,10 +64,10 @@ class CacheSettings:
     """
 
     method: str = "easycache"
-    threshold: float = 0.1
-    start: float = 0.1
+    threshold: float = 0.2
+    start: float = 0.25
     end: float = 1.0
-    max_skips: int = 4
+    max_skips: int = 6
     reuse: str = "extrapolate"
     calibration: Any = field(default=None, compare=False)
 
@@ -105,9 +105,9 @@ def _number(value, name: str) -> float:
 # Defaults: tuned on the embedded demo with benchmarks/cache.py (every video >= 30 dB PSNR
 # against its uncached twin at 20 and 50 steps, T2V and MoE).
 DEFAULTS = {
-    "easycache": CacheSettings("easycache", threshold=0.1),
-    "magcache": CacheSettings("magcache", threshold=0.1),
-    "teacache": CacheSettings("teacache", threshold=0.1),
+    "easycache": CacheSettings("easycache", threshold=0.2, start=0.25, max_skips=6),
+    "magcache": CacheSettings("magcache", threshold=0.05, start=0.25, max_skips=6),
+    "teacache": CacheSettings("teacache", threshold=0.1, start=0.25, max_skips=6),
 }
 
 
