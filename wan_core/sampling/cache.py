@@ -106,8 +106,8 @@ def _number(value, name: str) -> float:
 # against its uncached twin at 20 and 50 steps, T2V and MoE).
 DEFAULTS = {
     "easycache": CacheSettings("easycache", threshold=0.2, start=0.25, max_skips=6),
-    "magcache": CacheSettings("magcache", threshold=0.05, start=0.25, max_skips=6),
-    "teacache": CacheSettings("teacache", threshold=0.1, start=0.25, max_skips=6),
+    "magcache": CacheSettings("magcache", threshold=0.05, start=0.25, max_skips=2),
+    "teacache": CacheSettings("teacache", threshold=0.1, start=0.25, max_skips=2),
 }
 
 
