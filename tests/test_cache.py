@@ -269,3 +269,22 @@ def test_step_cache_node_wraps_without_copying_and_chains(t2v):
     assert stats["skipped"] >= 1
     with pytest.raises(ValueError, match="threshold"):
         node.apply(t2v, "easycache", 0.0, 0.1, 0.9)
+
+
+def test_t2v_workflow_with_the_step_cache_enabled_runs(models, tmp_path):
+    import json
+
+    from tests.conftest import ROOT
+    from tests.workflow_runner import run_workflow
+
+    workflow = json.loads((ROOT / "example_workflows" / "wan21_t2v_1.3B.json").read_text())
+    (node,) = [n for n in workflow["nodes"] if n["type"] == "WanCoreStepCache"]
+    assert node["mode"] == 4            # shipped bypassed: the default output is uncached
+    node["mode"] = 0
+    node["widgets_values"][1:3] = [100.0, 0.0]   # generous threshold, no kept start
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(workflow))
+    (tmp_path / "input").mkdir()
+    results = run_workflow(path, models, tmp_path / "input", tmp_path,
+                           {"width": 32, "height": 32, "frames": 5, "steps": 6})
+    assert any(isinstance(k, tuple) and v and "wancore_video" in v for k, v in results.items())

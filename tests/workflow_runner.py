@@ -35,6 +35,18 @@ class LoadImageStandIn:
         return (pixels, torch.zeros(pixels.shape[:3]))
 
 
+def _bypass(node: dict, links: dict, run):
+    """Outputs of a bypassed node: for each output, the first linked input of the same type."""
+    for output in node.get("outputs", []):
+        for socket in node.get("inputs", []):
+            if socket.get("link") is not None and socket["type"] == output["type"]:
+                origin, slot = links[socket["link"]]
+                yield run(origin)[slot]
+                break
+        else:
+            yield None
+
+
 def run_workflow(path: Path, models_dir: Path, input_dir: Path, output_dir: Path,
                  overrides: dict | None = None) -> dict:
     """Run the workflow; returns ``{node id: outputs}`` (a node's ``ui`` dict under ``"ui"``)."""
@@ -45,13 +57,19 @@ def run_workflow(path: Path, models_dir: Path, input_dir: Path, output_dir: Path
     os.environ["WANCORE_OUTPUT_DIR"] = str(output_dir)
     workflow = json.loads(Path(path).read_text())
     links = {link[0]: (link[1], link[2]) for link in workflow["links"]}
-    nodes = {n["id"]: n for n in workflow["nodes"] if n["type"] not in SKIPPED and n.get("mode", 0) == 0}
+    # mode 0: active; 4: bypassed (ComfyUI passes each output's same-typed input through);
+    # 2 (muted) and others: not run
+    nodes = {n["id"]: n for n in workflow["nodes"]
+             if n["type"] not in SKIPPED and n.get("mode", 0) in (0, 4)}
     results: dict = {}
 
     def run(node_id: int):
         if node_id in results:
             return results[node_id]
         node = nodes[node_id]
+        if node.get("mode", 0) == 4:
+            results[node_id] = tuple(_bypass(node, links, run))
+            return results[node_id]
         kwargs = {}
         for socket in node.get("inputs", []):
             if socket.get("link") is not None:
