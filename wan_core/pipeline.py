@@ -18,9 +18,11 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .errors import require_finite
 from .conditioning import (VideoConditioning, check_video_size, latent_shape,
                            per_token_timesteps)
-from .sampling import make_velocity_fn, noise_latent, sample, solver_schedule
+from .sampling import (check_sampling_settings, make_velocity_fn, noise_latent, sample,
+                       solver_schedule)
 
 MOE_BOUNDARIES = {"t2v": 0.875, "i2v": 0.900}
 
@@ -104,6 +106,8 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
     callback: ``callback(step, total, x, x0)``; cancel: returns True to stop (raises
         ``SamplingCancelled``).
     """
+    check_sampling_settings(steps=steps, cfg=guide_scale, shift=shift, denoise=denoise,
+                            seed=seed)
     config = model.config
     channels = config.out_dim
     stride = vae_stride_for(channels)
@@ -165,4 +169,6 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
                                    batch_cfg=batch_cfg, offload=offload, timestep_fn=timestep_fn)
     out = sample(velocity_fn, x.to(device), schedule, solver, callback=callback, cancel=cancel,
                  after_step=after_step)
-    return out.float().cpu()
+    out = out.float().cpu()
+    require_finite(out, "the sampled latent")
+    return out
