@@ -197,10 +197,15 @@ def next_output_path(prefix: str, extension: str) -> tuple[str, str, str]:
     out_dir = output_directory()
     if _folder_paths is not None:
         folder, name, counter, subfolder, _ = _folder_paths.get_save_image_path(prefix, out_dir)
+        _require_inside(folder, out_dir, prefix)
     else:
         sub, _, name = prefix.replace("\\", "/").rpartition("/")
+        if not name or name in (".", ".."):
+            raise ValueError(f"filename_prefix {prefix!r} must end with a file name, e.g. "
+                             "'WanCore/video'")
         folder = os.path.join(out_dir, sub)
         subfolder = sub
+        _require_inside(folder, out_dir, prefix)
         os.makedirs(folder, exist_ok=True)
         counter = 1
         for existing in os.listdir(folder):
@@ -209,3 +214,12 @@ def next_output_path(prefix: str, extension: str) -> tuple[str, str, str]:
                 counter = max(counter, int(stem[len(name) + 1:].rstrip("_")) + 1)
     filename = f"{name}_{counter:05}_.{extension}"
     return os.path.join(folder, filename), filename, subfolder
+
+
+def _require_inside(folder: str, out_dir: str, prefix: str) -> None:
+    """Every saved file stays under the output folder: no absolute prefixes, no '..' out."""
+    root = os.path.realpath(out_dir)
+    target = os.path.realpath(folder)
+    if os.path.isabs(prefix.replace("\\", "/")) or os.path.commonpath([root, target]) != root:
+        raise ValueError(f"filename_prefix {prefix!r} points outside the output folder "
+                         f"({out_dir}); use a relative name such as 'WanCore/video'")
