@@ -87,7 +87,8 @@ def _is_clip_vision(value) -> bool:
 
 
 def _is_text_encoder(value) -> bool:
-    return (callable(getattr(value, "encode", None)) and not _is_model(value)
+    return (not isinstance(value, (str, bytes)) and callable(getattr(value, "encode", None))
+            and not _is_model(value)
             and not _is_vae(value) and not _is_clip_vision(value))
 
 
@@ -120,6 +121,8 @@ SOCKETS = {
 
 def _describe(value) -> str:
     """What a value is, in the words of the socket types when it is one of them."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return f"{type(value).__name__} {value!r}"[:120]
     for name, (check, _) in SOCKETS.items():
         try:
             if check(value):
@@ -128,8 +131,7 @@ def _describe(value) -> str:
             continue
     if isinstance(value, dict) and "samples" not in value and value:
         return f"a dict with keys {sorted(map(str, value))[:6]} (no 'samples')"
-    return f"{type(value).__name__} {value!r}"[:120] if isinstance(value, (str, int, float)) \
-        else type(value).__name__
+    return type(value).__name__
 
 
 def check_input(node_class, display: str, name: str, value) -> None:

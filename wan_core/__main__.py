@@ -388,8 +388,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
-def _warning_line(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,8 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:             # --help (0) or a bad option (2, already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     handler = {"generate": cmd_generate, "demo": cmd_demo}[args.command]
-    previous = warnings.formatwarning
-    warnings.formatwarning = _warning_line
+    with warnings.catch_warnings():       # warnings as one line each, like errors
+        warnings.showwarning = _show_warning
+        return _run(handler, args)
+
+
+def _run(handler, args) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -419,8 +423,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: out of memory ({str(e).splitlines()[0][:200]}); use a smaller --size, "
               "fewer --frames, --tile 256 or --text-encoder-cpu", file=sys.stderr)
         return EXIT_FAILED
-    finally:
-        warnings.formatwarning = previous
 
 
 if __name__ == "__main__":

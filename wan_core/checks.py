@@ -40,13 +40,13 @@ def check_output_file(path, option: str, *, formats: Optional[Iterable[str]] = N
     run's input files, which are never overwritten. An existing file is replaced only with
     ``overwrite``; the folder (or its nearest existing parent) must be writable."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name")
     if formats is not None:
         fmt = path.suffix.lower().lstrip(".")
         if fmt not in formats:
             raise UsageError(f"{option} {path}: unsupported format '{path.suffix or '(none)'}'; "
                              f"use {', '.join('.' + f for f in formats)}")
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a folder; give a file name")
     for other_option, other in inputs:
         if other is not None and _same_file(path, Path(other)):
             raise UsageError(f"{option} {path} is the input file of {other_option}; "
