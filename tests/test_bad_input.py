@@ -180,6 +180,8 @@ def test_model_mismatches_are_refused_before_loading(models, tmp_path, capsys, n
     _one_error_line(capsys, "needs at least", "use a smaller --size")
     assert _generate(models, tmp_path / "v.mp4", "--frames", "8") == 2
     _one_error_line(capsys, "frames must be 4n+1")
+    assert _generate(models, tmp_path / "v.mp4", dit=FILES["dit_i2v"]) == 2
+    _one_error_line(capsys, "is an image-to-video model")
     assert _snapshot(tmp_path) == {}
 
 

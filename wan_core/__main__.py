@@ -263,6 +263,12 @@ def check_generate_args(args: argparse.Namespace) -> dict:
         check_kind(args.clip_vision, "clip_vision")
     vae_channels = peek_vae_latent_channels(args.vae)
     if config is not None:
+        if config.model_type in ("i2v", "flf2v") and not args.image:
+            raise UsageError(f"{args.dit} is an image-to-video model ({config.model_type}); "
+                             "give --task i2v --image FILE (or flf2v with --end-image)")
+        if config.has_image_branch and not args.clip_vision:
+            raise UsageError("this Wan 2.1 I2V / FLF2V model needs --clip-vision "
+                             "(clip_vision_h.safetensors)")
         if vae_channels is not None:
             check_vae_matches(config.out_dim, vae_channels, args.dit, args.vae)
         defaults = DEFAULTS.get(config.variant, DEFAULTS["custom"])
