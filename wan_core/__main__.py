@@ -243,7 +243,8 @@ def check_generate_args(args: argparse.Namespace) -> dict:
                          "one model use --lora")
     for option, path in _inputs(args):
         if not Path(path).exists():
-            raise FileNotFoundError(f"{option} {path}: file not found")
+            what = "LoRA file" if option.startswith("--lora") else "file"
+            raise FileNotFoundError(f"{option}: {what} not found: {path}")
     inputs = _inputs(args)
     check_output_file(args.out, "--out", formats=FORMATS, inputs=inputs,
                       overwrite=args.overwrite)
