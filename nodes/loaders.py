@@ -38,11 +38,12 @@ class _ModelCache:
 CACHE = _ModelCache()
 
 
-def _dtype(name: str):
-    import torch
-
-    return {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16,
-            "fp32": torch.float32, "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None)}[name]
+def _load_options(weight_dtype: str) -> dict:
+    """The loader's weight_dtype widget -> load_dit options: bf16 / fp16 / fp32 set the compute
+    dtype; fp8_e4m3fn stores the Linear weights in fp8 (computing in the file's dtype, or bf16)."""
+    if weight_dtype == "fp8_e4m3fn":
+        return {"weight_dtype": weight_dtype}
+    return {"dtype": None if weight_dtype == "default" else weight_dtype}
 
 
 SHORT_DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32",
@@ -52,8 +53,12 @@ SHORT_DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float3
 def _describe(model, kind: str) -> dict:
     """What the loader shows on its node after a run (web/wancore.js)."""
     config = getattr(model, "config", None)
-    params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
-    dtype = str(next(model.parameters()).dtype) if params else ""
+    if hasattr(model, "meta_model"):            # an on-demand DiT: described without loading
+        params = sum(p.numel() for p in model.meta_model().parameters())
+        dtype = str(model.stored_dtype)
+    else:
+        params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
+        dtype = str(next(model.parameters()).dtype) if params else ""
     return {"variant": getattr(config, "variant", kind), "params": params,
             "dtype": SHORT_DTYPES.get(dtype, dtype)}
 
@@ -61,7 +66,9 @@ def _describe(model, kind: str) -> dict:
 class WanCoreModelLoader:
     CATEGORY = "WanCore/loaders"
     DESCRIPTION = ("Loads a Wan 2.1 / 2.2 diffusion model (T2V, I2V, FLF2V, TI2V-5B, or one "
-                   "Wan 2.2 expert). The variant is detected from the weights.")
+                   "Wan 2.2 expert). The variant is detected from the file's header; the "
+                   "weights are read when the sampler first needs them, and an idle Wan 2.2 "
+                   "expert is dropped from memory rather than kept.")
     RETURN_TYPES = ("WANCORE_MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The diffusion model, ready for WanCore Sampler or WanCore MoE.",)
@@ -77,8 +84,10 @@ class WanCoreModelLoader:
                            "layer)."}),
             "weight_dtype": (WEIGHT_DTYPES, {
                 "default": "default",
-                "tooltip": "Dtype the weights are kept in. 'default' keeps the file's dtype "
-                           "(fp8 files stay fp8 and compute in bf16)."}),
+                "tooltip": "'default' keeps the file's dtype (fp8 files stay fp8 and compute "
+                           "in bf16). bf16 / fp16 / fp32: the dtype the model computes in. "
+                           "fp8_e4m3fn: store a bf16 / fp16 file's weights in fp8 (half the "
+                           "memory)."}),
             "attention": (ATTENTION_BACKENDS, {
                 "default": "sdpa",
                 "tooltip": "Attention kernel. sdpa (PyTorch) always works; flash_attn and "
@@ -86,12 +95,14 @@ class WanCoreModelLoader:
         }}
 
     def load(self, model_name, weight_dtype="default", attention="sdpa"):
-        from wan_core import load_dit
+        from wan_core.loading.on_demand import OnDemandDiT
 
         path = host.model_path("diffusion_models", model_name)
+        # Checked and configured from the file's header now; the weights are read when the
+        # sampler first needs them (so a Wan 2.2 pair holds one expert at a time).
         model = CACHE.get(path, ("dit", weight_dtype, attention),
-                          lambda: load_dit(path, dtype=_dtype(weight_dtype), device="cpu",
-                                           attention=attention))
+                          lambda: OnDemandDiT(path, device="cpu", attention=attention,
+                                              **_load_options(weight_dtype)))
         return {"ui": {"wancore_variant": [_describe(model, "diffusion model")]},
                 "result": (model,)}
 

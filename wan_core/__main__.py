@@ -54,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dit", required=True, metavar="FILE",
                      help="diffusion model file or folder (for Wan 2.2 A14B: the high-noise expert)")
     gen.add_argument("--dit-low-noise", metavar="FILE",
-                     help="Wan 2.2 A14B low-noise expert; enables expert switching (MoE)")
+                     help="Wan 2.2 A14B low-noise expert; enables expert switching (MoE). Each "
+                          "expert is read from its file when needed and the idle one is dropped, "
+                          "so one expert is in memory at a time")
+    gen.add_argument("--prefetch-expert", action="store_true",
+                     help="MoE: read the high-noise expert while the prompt is encoded (faster "
+                          "start; the text encoder and one expert are then in memory together)")
     gen.add_argument("--vae", required=True, metavar="FILE", help="Wan 2.1 or 2.2 VAE file")
     gen.add_argument("--text-encoder", required=True, metavar="FILE",
                      help="umT5-XXL file (tokenizer embedded, or in a folder beside it)")
@@ -135,6 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from wan_core import apply_loras, load_clip_vision, load_dit, load_text_encoder, load_vae
+    from wan_core.loading.on_demand import OnDemandDiT
     from wan_core.conditioning import (VideoConditioning, build_i2v_conditioning,
                                        build_ti2v_conditioning, check_video_size)
     from wan_core.models.configs import DEFAULTS
@@ -156,9 +162,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
 
-    dit = load_dit(args.dit, dtype=args.dtype, device="cpu" if args.dit_low_noise else device)
-    config = dit.config
     moe = args.dit_low_noise is not None
+    if moe:
+        # Experts on demand: each is read from its file when the sampler switches to it and
+        # the idle one is dropped, so at most one expert is in memory at a time.
+        dit = OnDemandDiT(args.dit, dtype=args.dtype, device=device)
+    else:
+        dit = load_dit(args.dit, dtype=args.dtype, device=device)
+    config = dit.config
     variant = config.variant
     if moe and variant == "wan2.1-t2v-14B":
         variant = "wan2.2-t2v-A14B"  # the experts have exactly the 2.1 T2V-14B shapes
@@ -185,7 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         dit = apply_loras(dit, args.lora)
     model = dit
     if moe:
-        low = load_dit(args.dit_low_noise, dtype=args.dtype, device="cpu")
+        low = OnDemandDiT(args.dit_low_noise, dtype=args.dtype, device=device)
         if args.lora_low_noise:
             low = apply_loras(low, args.lora_low_noise)
         cfg_low = args.cfg_low_noise if args.cfg_low_noise is not None else (
@@ -193,6 +204,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         boundary = args.boundary or defaults.boundary or default_boundary(config.model_type)
         model = MoEModel(dit, low, boundary, (cfg, cfg_low), offload=OffloadIdleExpert(device))
 
+    if moe and args.prefetch_expert:
+        model.high_noise.prefetch()       # read the first expert while the prompt is encoded
     vae = load_vae(args.vae, device=device)
     te = load_text_encoder(args.text_encoder,
                            device="cpu" if args.text_encoder_cpu else device)

@@ -290,7 +290,8 @@ def read_lora(source: LoRASource) -> dict:
 def apply_loras(model, loras: Sequence, expert: str = "both"):
     """A model that computes with ``loras`` applied; ``model`` itself is not changed.
 
-    model: a Wan DiT, or an expert pair (``wan_core.pipeline.MoEModel``: anything with
+    model: a Wan DiT, an on-demand one (``OnDemandDiT``: returns a new handle that applies the
+        LoRAs whenever it loads), or an expert pair (``wan_core.pipeline.MoEModel``: anything with
         ``high_noise`` / ``low_noise``), whose experts named by ``expert`` ('both',
         'high_noise', 'low_noise') get the LoRAs.
     loras: ``[(path_or_state_dict, strength), ...]``; several files add their deltas.
@@ -306,6 +307,14 @@ def apply_loras(model, loras: Sequence, expert: str = "both"):
             low = apply_loras(low, loras)
         return dataclasses.replace(model, high_noise=high, low_noise=low)
     checked = [(source, _check_strength(strength)) for source, strength in loras]
+    if hasattr(model, "with_loras"):
+        # An on-demand model (``wan_core.loading.on_demand``): check the LoRAs against its
+        # structure now; they are applied each time its weights are read.
+        structure = model.meta_model()
+        for source, strength in checked:
+            name = source_name(source) if not isinstance(source, Mapping) else "the LoRA"
+            lora_patches(read_lora(source), structure, strength or 1.0, name)
+        return model.with_loras(checked)
     patched = shared_copy(model)
     for source, strength in checked:
         if strength == 0.0:
