@@ -46,6 +46,17 @@ def _load_options(weight_dtype: str) -> dict:
     return {"dtype": None if weight_dtype == "default" else weight_dtype}
 
 
+def _block_streaming(blocks_on_gpu: int, vram_budget_gb: float):
+    """The loader's streaming widgets -> a ``BlockStreaming`` setting, or None (off)."""
+    from wan_core.ops.streaming import BlockStreaming
+
+    if vram_budget_gb and vram_budget_gb > 0:
+        return BlockStreaming(budget_gb=float(vram_budget_gb))
+    if blocks_on_gpu is not None and blocks_on_gpu >= 0:
+        return BlockStreaming(resident=int(blocks_on_gpu))
+    return None
+
+
 SHORT_DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32",
                 "torch.float8_e4m3fn": "fp8_e4m3fn", "torch.float8_e5m2": "fp8_e5m2"}
 
@@ -92,17 +103,36 @@ class WanCoreModelLoader:
                 "default": "sdpa",
                 "tooltip": "Attention kernel. sdpa (PyTorch) always works; flash_attn and "
                            "sage need their packages installed."}),
+        }, "optional": {
+            "blocks_on_gpu": ("INT", {
+                "default": -1, "min": -1, "max": 64,
+                "tooltip": "Block streaming for small GPUs: -1 keeps every transformer block "
+                           "on the GPU; N keeps N blocks there and streams the others from CPU "
+                           "memory one at a time, prefetching the next (same output, slower; "
+                           "a 14B model has 40 blocks, 1.3B has 30)."}),
+            "vram_budget_gb": ("FLOAT", {
+                "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                "tooltip": "Block streaming by budget: the most GB of VRAM the weights may "
+                           "use; the number of blocks kept on the GPU is picked to fit "
+                           "(activations come on top). 0 = off; overrides blocks_on_gpu."}),
         }}
 
-    def load(self, model_name, weight_dtype="default", attention="sdpa"):
+    def load(self, model_name, weight_dtype="default", attention="sdpa", blocks_on_gpu=-1,
+             vram_budget_gb=0.0):
         from wan_core.loading.on_demand import OnDemandDiT
 
         path = host.model_path("diffusion_models", model_name)
-        # Checked and configured from the file's header now; the weights are read when the
-        # sampler first needs them (so a Wan 2.2 pair holds one expert at a time).
-        model = CACHE.get(path, ("dit", weight_dtype, attention),
-                          lambda: OnDemandDiT(path, device="cpu", attention=attention,
-                                              **_load_options(weight_dtype)))
+        streaming = _block_streaming(blocks_on_gpu, vram_budget_gb)
+
+        def load():
+            # Checked and configured from the file's header now; the weights are read when
+            # the sampler first needs them (so a Wan 2.2 pair holds one expert at a time).
+            handle = OnDemandDiT(path, device="cpu", attention=attention,
+                                 **_load_options(weight_dtype))
+            handle.block_streaming = streaming
+            return handle
+
+        model = CACHE.get(path, ("dit", weight_dtype, attention, streaming), load)
         return {"ui": {"wancore_variant": [_describe(model, "diffusion model")]},
                 "result": (model,)}
 

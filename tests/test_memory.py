@@ -219,3 +219,166 @@ def test_nodes_load_on_demand_keep_fp8_and_release_both_experts_after_sampling(m
     # fp8_e4m3fn as weight dtype stores a wider file in fp8 (it used to be refused).
     i2v = loader.load(FILES["dit_i2v_high"].split("/")[-1], "fp8_e4m3fn")["result"][0]
     assert _linear_dtypes(i2v.load()) == {torch.float8_e4m3fn}
+
+
+# -- block streaming -----------------------------------------------------------------------------
+
+def _deep_model(seed=21, layers=5):
+    """A tiny T2V DiT with ``layers`` blocks, fp32."""
+    sd = dit_state_dict("t2v", seed)
+    block0 = {k[len("blocks.0."):]: v for k, v in sd.items() if k.startswith("blocks.0.")}
+    sd = {k: v for k, v in sd.items() if not k.startswith("blocks.")}
+    for i in range(layers):
+        g = torch.Generator().manual_seed(seed * 100 + i)
+        sd.update({f"blocks.{i}.{k}": v + 0.02 * torch.randn(v.shape, generator=g)
+                   for k, v in block0.items()})
+    return load_dit(sd, dtype="fp32")
+
+
+class BlockCensus:
+    """Counts, at every block call, how many streamed blocks compute with tensors other than
+    their CPU storage (device copies), independently of the streamer's own bookkeeping."""
+
+    def __init__(self, model, streamer):
+        self.peak = 0
+        self.calls = 0
+        self.streamer = streamer
+        for block in model.blocks:
+            block.register_forward_pre_hook(self.count)   # runs after the streamer's own hook
+
+    def count(self, module, args):
+        copies = 0
+        for i, storage in self.streamer._storage.items():
+            if any(_current(slot).data_ptr() != stored.data_ptr() for slot, stored in storage):
+                copies += 1
+        self.peak = max(self.peak, copies)
+        self.calls += 1
+
+
+def _current(slot):
+    owner, kind, name = slot
+    return (owner._parameters if kind == "param" else owner._buffers)[name]
+
+
+@pytest.mark.parametrize("resident", [0, 2, 5])
+def test_block_streaming_gives_the_resident_output_with_at_most_two_blocks_in_flight(resident):
+    from wan_core.ops.streaming import BlockStreaming, place, unstream
+
+    model = _deep_model()
+    x = torch.randn(2, 16, 2, 4, 4)
+    ctx = [torch.randn(7, model.config.text_dim), torch.randn(3, model.config.text_dim)]
+    t = torch.tensor([800.0, 300.0])
+    with torch.no_grad():
+        want = model(x, t, ctx)
+        model.block_streaming = BlockStreaming(resident=resident)
+        place(model, "cpu")
+        streamer = model._block_streamer
+        census = BlockCensus(model, streamer)
+        first, second = model(x, t, ctx), model(x, t, ctx)
+    assert torch.equal(first, want) and torch.equal(second, want)
+    streamed = 5 - resident
+    assert len(streamer.streamed) == streamed and census.calls == 10
+    # One streamed block computes at a time; one more is being copied in (prefetch).
+    assert census.peak == min(streamed, 1) and streamer.peak_streamed == min(streamed, 2)
+    unstream(model)
+    for i, storage in streamer._storage.items():        # every block back on its storage
+        assert all(_current(slot) is not None and _current(slot).data_ptr() == stored.data_ptr()
+                   for slot, stored in storage)
+
+
+def test_block_streaming_works_with_fp8_gguf_and_lora_layers(models, experts):
+    from wan_core.ops.streaming import BlockStreaming, place
+
+    fp8_with_lora = apply_loras(load_dit(experts[0], dtype="fp32"),
+                                [(models / FILES["lora_t2v_high"], 0.8)])
+    gguf = load_dit(models / "diffusion_models/wan2.1-t2v-1.3b-Q8_0.gguf", dtype="fp32")
+    assert fp8_with_lora.blocks[0].self_attn.q.patches and gguf.blocks[0].ffn[0].qtype
+    for model in (fp8_with_lora, gguf):
+        x = torch.randn(1, 16, 2, 4, 4)
+        ctx, _ = _prompts(model.config)
+        t = torch.tensor([640.0])
+        with torch.no_grad():
+            want = model(x, t, ctx)
+            model.block_streaming = BlockStreaming(resident=0)
+            place(model, "cpu")
+            assert torch.equal(model(x, t, ctx), want)
+        assert model._block_streamer.peak_streamed == min(len(model.blocks), 2)
+
+
+def test_a_vram_budget_picks_the_blocks_that_fit():
+    from wan_core.ops.streaming import GIB, BlockStreaming, module_bytes
+
+    model = _deep_model()
+    block = module_bytes(model.blocks[0])
+    outside = module_bytes(model) - 5 * block
+    for resident in range(3):
+        budget = (outside + (resident + 2) * block + block // 2) / GIB
+        assert BlockStreaming(budget_gb=budget).resident_blocks(model) == resident
+    # Room for 3 resident + 2 in flight = all 5 blocks: nothing is streamed.
+    assert BlockStreaming(budget_gb=module_bytes(model) / GIB).resident_blocks(model) == 5
+    assert BlockStreaming(budget_gb=outside / GIB).resident_blocks(model) == 0
+    for bad in (dict(resident=-1), dict(budget_gb=0.0), dict(budget_gb=float("nan")),
+                dict(), dict(resident=1, budget_gb=1.0), dict(resident=1.5)):
+        with pytest.raises(ValueError):
+            BlockStreaming(**bad)
+
+
+def test_streamed_on_demand_experts_match_resident_ones(experts, monkeypatch):
+    from wan_core.ops.streaming import BlockStreaming
+
+    log = LoadLog(monkeypatch)
+    high, low = (OnDemandDiT(p, dtype="fp32") for p in experts)
+    for handle in (high, low):
+        handle.block_streaming = BlockStreaming(resident=1)
+    pair = MoEModel(high, low, 0.875, (3.0, 2.0), offload=OffloadIdleExpert("cpu"))
+    resident = MoEModel(load_dit(experts[0], dtype="fp32"), load_dit(experts[1], dtype="fp32"),
+                        0.875, (3.0, 2.0), offload=OffloadIdleExpert("cpu"))
+    ctx, neg = _prompts(high.config)
+    with torch.no_grad():
+        got = generate(pair, ctx, neg, COND, steps=4, seed=5)
+        want = generate(resident, ctx, neg, COND, steps=4, seed=5)
+    assert torch.equal(got, want)
+    assert low.module._block_streamer.peak_streamed >= 1
+    low.release()
+    assert log.alive() == 0               # streaming hooks do not keep a released expert alive
+
+
+def test_cli_streaming_and_experts_on_demand_give_the_same_latents(models, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.test_pipeline import _cli
+
+    def latents(name, *extra):
+        result = _cli(models, tmp_path / f"{name}.mp4", "--save-latents",
+                      str(tmp_path / f"{name}.st"), *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return load_file(str(tmp_path / f"{name}.st"))["latent"]
+
+    assert torch.equal(latents("plain"), latents("streamed", "--blocks-on-device", "0"))
+    low = str(models / FILES["dit_t2v_low"])
+    pair = ("--dit", str(models / FILES["dit_t2v_high"]), "--dit-low-noise", low)
+    assert torch.equal(latents("moe", *pair),
+                       latents("moe_streamed", *pair, "--vram-budget", "0.001",
+                               "--prefetch-expert"))
+    both = _cli(models, tmp_path / "x.mp4", "--blocks-on-device", "1", "--vram-budget", "2")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_loader_node_streaming_widgets_keep_the_output(models, monkeypatch):
+    from tests.conftest import load_pack
+
+    monkeypatch.setenv("WANCORE_MODELS_DIR", str(models))
+    nodes = load_pack().NODE_CLASS_MAPPINGS
+    name = FILES["dit_t2v_high"].split("/")[-1]
+    optional = nodes["WanCoreModelLoader"].INPUT_TYPES()["optional"]
+    assert optional["blocks_on_gpu"][1]["default"] == -1 and "tooltip" in optional["vram_budget_gb"][1]
+    latents = []
+    for widgets in ((), (0,), (-1, 0.0005)):
+        model = nodes["WanCoreModelLoader"]().load(name, "default", "sdpa", *widgets)["result"][0]
+        ctx, neg = _prompts(model.config)
+        (latent,) = nodes["WanCoreSampler"]().sample(model, {"positive": ctx, "negative": neg},
+                                                      COND, 0, 3, 2.0, 5.0, "unipc", 1.0)
+        streamer = getattr(model.module, "_block_streamer", None)
+        assert (streamer is not None) == bool(widgets)
+        latents.append(latent["samples"])
+    assert torch.equal(latents[0], latents[1]) and torch.equal(latents[0], latents[2])

@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compute device, e.g. cuda or cpu (default: cuda when available)")
     gen.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                      help="DiT compute dtype (default: the file's; fp8 files compute in bf16)")
+    stream = gen.add_mutually_exclusive_group()
+    stream.add_argument("--blocks-on-device", type=int, metavar="N",
+                        help="block streaming: keep N transformer blocks on the device and "
+                             "stream the others from CPU memory, prefetching the next (same "
+                             "output; for GPUs too small for the model)")
+    stream.add_argument("--vram-budget", type=float, metavar="GB",
+                        help="block streaming by budget: keep as many blocks on the device as "
+                             "fit in GB of memory for the weights (activations come on top)")
     gen.add_argument("--text-encoder-cpu", action="store_true",
                      help="run the text encoder on the CPU (saves GPU memory)")
     gen.add_argument("--tile", default="auto",
@@ -141,6 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from wan_core import apply_loras, load_clip_vision, load_dit, load_text_encoder, load_vae
     from wan_core.loading.on_demand import OnDemandDiT
+    from wan_core.ops.streaming import BlockStreaming, place
     from wan_core.conditioning import (VideoConditioning, build_i2v_conditioning,
                                        build_ti2v_conditioning, check_video_size)
     from wan_core.models.configs import DEFAULTS
@@ -162,13 +171,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
 
+    streaming = None
+    if args.blocks_on_device is not None or args.vram_budget is not None:
+        streaming = BlockStreaming(resident=args.blocks_on_device, budget_gb=args.vram_budget)
     moe = args.dit_low_noise is not None
     if moe:
         # Experts on demand: each is read from its file when the sampler switches to it and
         # the idle one is dropped, so at most one expert is in memory at a time.
         dit = OnDemandDiT(args.dit, dtype=args.dtype, device=device)
+        dit.block_streaming = streaming
     else:
-        dit = load_dit(args.dit, dtype=args.dtype, device=device)
+        dit = load_dit(args.dit, dtype=args.dtype, device="cpu" if streaming else device)
     config = dit.config
     variant = config.variant
     if moe and variant == "wan2.1-t2v-14B":
@@ -194,9 +207,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.lora:
         dit = apply_loras(dit, args.lora)
+    if not moe:
+        dit.block_streaming = streaming
+        place(dit, device)        # streams the blocks, or brings the LoRA patches along
     model = dit
     if moe:
         low = OnDemandDiT(args.dit_low_noise, dtype=args.dtype, device=device)
+        low.block_streaming = streaming
         if args.lora_low_noise:
             low = apply_loras(low, args.lora_low_noise)
         cfg_low = args.cfg_low_noise if args.cfg_low_noise is not None else (

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import Linear
+from ..ops.streaming import without_streaming_hooks
 from ..ops.lora import Full, Hadamard, Kronecker, LowRank, WeightPatch
 from .checkpoint import CheckpointError, identify, load_state_dict, source_name
 from .dit_layouts import LayoutError, diffusers_module_name, is_diffusers_layout
@@ -256,7 +257,12 @@ def _patch_shape(patch: WeightPatch) -> tuple:
 def shared_copy(model: nn.Module) -> nn.Module:
     """A new module tree that shares every parameter and buffer tensor with ``model``."""
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo)
+    streamer = getattr(model, "_block_streamer", None)
+    if streamer is not None:
+        memo[id(streamer)] = None
+    patched = copy.deepcopy(model, memo)
+    without_streaming_hooks(patched, model)
+    return patched
 
 
 def _attach(model: nn.Module, target: str, patches: Sequence[WeightPatch]) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from ..models.attention import resolve_backend
 from ..models.dit import WanDiT
+from ..ops.streaming import BlockStreaming, place, unstream
 from .checkpoint import load_meta_state_dict
 from .dit import _stored_weight_dtype, describe_dit, load_dit, stored_dtype
 
@@ -44,6 +45,7 @@ class OnDemandDiT:
         self.device = torch.device(device)
         self._options = dict(dtype=dtype, attention=attention, num_heads=num_heads,
                              weight_dtype=weight_dtype)
+        self.block_streaming: Optional[BlockStreaming] = None   # given to each loaded model
         self.loras: tuple = ()
         self._base: Optional[OnDemandDiT] = None      # the file's handle, for a LoRA handle
         self._module: Optional[torch.nn.Module] = None
@@ -79,12 +81,17 @@ class OnDemandDiT:
     def _read(self) -> torch.nn.Module:
         with self._lock:
             if self._module is None:
+                streamed = self.block_streaming is not None
                 if self._base is None:
-                    self._module = load_dit(self.source, device=self.device, **self._options)
+                    model = load_dit(self.source, device="cpu" if streamed else self.device,
+                                     **self._options)
                 else:
                     from .lora import apply_loras
 
-                    self._module = apply_loras(self._base.load(), self.loras).to(self.device)
+                    model = apply_loras(self._base.load(), self.loras)
+                model.block_streaming = self.block_streaming
+                place(model, self.device)
+                self._module = model
             return self._module
 
     def prefetch(self) -> None:
@@ -109,6 +116,8 @@ class OnDemandDiT:
             self._prefetch.join()
             self._prefetch = self._prefetch_error = None
         with self._lock:
+            if self._module is not None:
+                unstream(self._module)      # its hooks would keep it alive until a gc pass
             self._module = None
         if self._base is not None:
             self._base.release()
@@ -119,7 +128,7 @@ class OnDemandDiT:
         if self._base is not None:
             self._base.to(device)
         if self._module is not None:
-            self._module.to(self.device)
+            place(self._module, self.device)
         return self
 
     def with_loras(self, loras: Sequence) -> "OnDemandDiT":

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ..ops.streaming import place, unstream
 from .schedule import NUM_TRAIN_TIMESTEPS
 
 Model = Callable[..., torch.Tensor]
@@ -43,10 +44,14 @@ class OffloadIdleExpert:
             if release is not None:
                 release()
             else:
+                unstream(idle)
                 idle.to(self.idle_device)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        active.to(self.device)
+        if hasattr(active, "release"):
+            active.to(self.device)
+        else:
+            place(active, self.device)          # honours the model's block streaming
 
 
 def _pair(value, count: int, name: str) -> tuple:
