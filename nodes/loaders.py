@@ -162,8 +162,8 @@ class WanCoreVAELoader:
 
 class WanCoreTextEncoderLoader:
     CATEGORY = "WanCore/loaders"
-    DESCRIPTION = ("Loads the umT5-XXL text encoder (official .pth, or ComfyUI's safetensors "
-                   "incl. fp8_scaled with the tokenizer embedded).")
+    DESCRIPTION = ("Loads the umT5-XXL text encoder (official .pth, ComfyUI's safetensors incl. "
+                   "fp8_scaled with the tokenizer embedded, or a GGUF quant).")
     RETURN_TYPES = ("WANCORE_TEXT_ENCODER",)
     RETURN_NAMES = ("text_encoder",)
     OUTPUT_TOOLTIPS = ("The text encoder for WanCore Text Encode.",)
@@ -174,7 +174,8 @@ class WanCoreTextEncoderLoader:
         return {"required": {
             "text_encoder_name": (host.list_models("text_encoders"), {
                 "tooltip": "umt5_xxl_fp8_e4m3fn_scaled.safetensors or umt5_xxl_fp16.safetensors "
-                           "from models/text_encoders."}),
+                           "from models/text_encoders, or a umt5-xxl-encoder GGUF (Q3_K..Q8_0; "
+                           "kept quantised, tokenizer read from the file)."}),
             "device": (["default", "cpu"], {
                 "default": "default",
                 "tooltip": "'cpu' keeps the encoder off the GPU (saves ~6-11 GB of VRAM; "
