@@ -43,6 +43,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -126,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dit", required=True, metavar="FILE",
                      help="diffusion model file or folder (for Wan 2.2 A14B: the high-noise expert)")
     gen.add_argument("--dit-low-noise", metavar="FILE",
-                     help="Wan 2.2 A14B low-noise expert; enables expert switching (MoE)")
+                     help="Wan 2.2 A14B low-noise expert; enables expert switching (MoE). Each "
+                          "expert is read from its file when needed and the idle one is dropped, "
+                          "so one expert is in memory at a time")
+    gen.add_argument("--prefetch-expert", action="store_true",
+                     help="MoE: read the high-noise expert while the prompt is encoded (faster "
+                          "start; the text encoder and one expert are then in memory together)")
     gen.add_argument("--vae", required=True, metavar="FILE", help="Wan 2.1 or 2.2 VAE file")
     gen.add_argument("--text-encoder", required=True, metavar="FILE",
                      help="umT5-XXL file (tokenizer embedded, or in a folder beside it)")
@@ -170,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compute device, e.g. cuda or cpu (default: cuda when available)")
     gen.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                      help="DiT compute dtype (default: the file's; fp8 files compute in bf16)")
+    stream = gen.add_mutually_exclusive_group()
+    stream.add_argument("--blocks-on-device", type=_count, metavar="N",
+                        help="block streaming: keep N transformer blocks on the device and "
+                             "stream the others from CPU memory, prefetching the next (same "
+                             "output; for GPUs too small for the model)")
+    stream.add_argument("--vram-budget", type=_positive_float, metavar="GB",
+                        help="block streaming by budget: keep as many blocks on the device as "
+                             "fit in GB of memory for the weights (activations come on top)")
     gen.add_argument("--text-encoder-cpu", action="store_true",
                      help="run the text encoder on the CPU (saves GPU memory)")
     gen.add_argument("--tile", default="auto", type=_tile,
@@ -303,6 +326,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from wan_core import apply_loras, load_clip_vision, load_dit, load_text_encoder, load_vae
+    from wan_core.loading.on_demand import OnDemandDiT
+    from wan_core.ops.streaming import BlockStreaming, place
     from wan_core.conditioning import (VideoConditioning, build_i2v_conditioning,
                                        build_ti2v_conditioning, check_video_size)
     from wan_core.models.configs import DEFAULTS
@@ -315,9 +340,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = checked["device"]
     started = time.perf_counter()
 
-    dit = load_dit(args.dit, dtype=args.dtype, device="cpu" if args.dit_low_noise else device)
-    config = dit.config
+    streaming = None
+    if args.blocks_on_device is not None or args.vram_budget is not None:
+        streaming = BlockStreaming(resident=args.blocks_on_device, budget_gb=args.vram_budget)
     moe = args.dit_low_noise is not None
+    if moe:
+        # Experts on demand: each is read from its file when the sampler switches to it and
+        # the idle one is dropped, so at most one expert is in memory at a time.
+        dit = OnDemandDiT(args.dit, dtype=args.dtype, device=device)
+        dit.block_streaming = streaming
+    else:
+        dit = load_dit(args.dit, dtype=args.dtype, device="cpu" if streaming else device)
+    config = dit.config
     variant = config.variant
     if moe and variant == "wan2.1-t2v-14B":
         variant = "wan2.2-t2v-A14B"  # the experts have exactly the 2.1 T2V-14B shapes
@@ -342,9 +376,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.lora:
         dit = apply_loras(dit, args.lora)
+    if not moe:
+        dit.block_streaming = streaming
+        place(dit, device)        # streams the blocks, or brings the LoRA patches along
     model = dit
     if moe:
-        low = load_dit(args.dit_low_noise, dtype=args.dtype, device="cpu")
+        low = OnDemandDiT(args.dit_low_noise, dtype=args.dtype, device=device)
+        low.block_streaming = streaming
         if args.lora_low_noise:
             low = apply_loras(low, args.lora_low_noise)
         cfg_low = args.cfg_low_noise if args.cfg_low_noise is not None else (
@@ -352,6 +390,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         boundary = args.boundary or defaults.boundary or default_boundary(config.model_type)
         model = MoEModel(dit, low, boundary, (cfg, cfg_low), offload=OffloadIdleExpert(device))
 
+    if moe and args.prefetch_expert:
+        model.high_noise.prefetch()       # read the first expert while the prompt is encoded
     vae = load_vae(args.vae, device=device)
     check_vae_matches(config.out_dim, vae.config.z_dim, args.dit, args.vae)
     te = load_text_encoder(args.text_encoder,

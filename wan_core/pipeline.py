@@ -77,6 +77,8 @@ def denoise_start(steps: int, denoise: float) -> tuple[int, int]:
 
 def _model_device(model) -> torch.device:
     module = model.experts[0] if isinstance(model, MoEModel) else model
+    if isinstance(getattr(module, "device", None), torch.device):   # an on-demand model
+        return module.device
     try:
         return next(module.parameters()).device
     except (StopIteration, AttributeError):

@@ -109,6 +109,56 @@ def _read_state_dict(source: Source) -> StateDict:
         "expected a .safetensors or .pth file")
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    **{name: getattr(torch, attr) for name, attr in (("F8_E4M3", "float8_e4m3fn"),
+                                                     ("F8_E5M2", "float8_e5m2"))
+       if hasattr(torch, attr)},
+}
+
+
+def load_meta_state_dict(source: Source) -> StateDict:
+    """Names, shapes and dtypes of the tensors of ``source`` as meta tensors, reading no data.
+
+    Safetensors files (and sharded sets) are described from their headers alone; other
+    sources are opened the cheap way :func:`load_state_dict` does (GGUF and ``.pth`` are
+    memory-mapped) and converted. Used to learn a model's configuration before loading it.
+    """
+    if isinstance(source, Mapping):
+        files = []
+    else:
+        path = Path(source)
+        if path.is_dir():
+            indexes = sorted(path.glob("*.safetensors.index.json"))
+            path = indexes[0] if indexes else path
+        if path.name.lower().endswith(".index.json"):
+            try:
+                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                shards = None
+            files = [path.parent / s for s in shards] if shards else []
+        elif path.is_file() and path.name.lower().endswith(SAFETENSORS_SUFFIXES):
+            files = [path]
+        else:
+            files = []
+    if not files or not all(f.is_file() for f in files):
+        return {k: (v.to("meta") if isinstance(v, torch.Tensor) else v)
+                for k, v in load_state_dict(source).items()}
+    out: StateDict = {}
+    for file in files:
+        for key, info in read_safetensors_header(file).items():
+            if key == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{file.name}: tensor {key} has a dtype this pack cannot "
+                                      f"read ({info.get('dtype')!r})")
+            out[key] = torch.empty(info["shape"], dtype=dtype, device="meta")
+    return out
+
+
 def _looks_like_safetensors(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
