@@ -109,7 +109,7 @@ def _read_state_dict(source: Source) -> StateDict:
         "expected a .safetensors or .pth file")
 
 
-SAFETENSORS_DTYPES = {
+SAFETENSORS_TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
@@ -151,7 +151,7 @@ def load_meta_state_dict(source: Source) -> StateDict:
         for key, info in read_safetensors_header(file).items():
             if key == "__metadata__":
                 continue
-            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            dtype = SAFETENSORS_TORCH_DTYPES.get(info.get("dtype"))
             if dtype is None:
                 raise CheckpointError(f"{file.name}: tensor {key} has a dtype this pack cannot "
                                       f"read ({info.get('dtype')!r})")
