@@ -13,6 +13,8 @@ import torch
 
 T2V_1_3B = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096,
                 freq_dim=256)
+T2V_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim=4096,
+               freq_dim=256)          # also each Wan 2.2 A14B expert
 
 
 def shapes(**overrides) -> dict:
@@ -36,6 +38,15 @@ def random_bf16(shape_of: dict, seed: int = 0):
         yield key, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
 
 
+def to_fp8_scaled(key: str, value: torch.Tensor) -> dict:
+    """ComfyUI fp8_scaled storage of one tensor: a block Linear becomes fp8 + its scale."""
+    if not is_block_linear(key, value.shape):
+        return {key: value}
+    scale = value.float().abs().max() / 448
+    return {key: (value.float() / scale).to(torch.float8_e4m3fn),
+            key[:-len("weight")] + "scale_weight": scale.reshape(1)}
+
+
 def write_bf16_and_fp8(folder: Path, shape_of: dict) -> dict:
     """``{"bf16": path, "fp8": path}``: the same random weights as bf16 and as fp8_scaled."""
     from safetensors.torch import save_file
@@ -43,12 +54,7 @@ def write_bf16_and_fp8(folder: Path, shape_of: dict) -> dict:
     bf16, fp8 = {}, {}
     for key, value in random_bf16(shape_of):
         bf16[key] = value
-        if is_block_linear(key, value.shape):
-            scale = value.float().abs().max() / 448
-            fp8[key] = (value.float() / scale).to(torch.float8_e4m3fn)
-            fp8[key[:-len("weight")] + "scale_weight"] = scale.reshape(1)
-        else:
-            fp8[key] = value
+        fp8.update(to_fp8_scaled(key, value))
     fp8["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
     paths = {"bf16": folder / "wan2.1_t2v_1.3B_bf16.safetensors",
              "fp8": folder / "wan2.1_t2v_1.3B_fp8_scaled.safetensors"}
@@ -56,6 +62,17 @@ def write_bf16_and_fp8(folder: Path, shape_of: dict) -> dict:
     del bf16
     save_file(fp8, str(paths["fp8"]))
     return paths
+
+
+def write_fp8_scaled(path: Path, shape_of: dict, seed: int = 0) -> Path:
+    """One fp8_scaled file of random weights (block Linears fp8, the rest bf16)."""
+    from safetensors.torch import save_file
+
+    fp8 = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for key, value in random_bf16(shape_of, seed):
+        fp8.update(to_fp8_scaled(key, value))
+    save_file(fp8, str(path))
+    return path
 
 
 # fp16 fields (byte offsets) of each block type and a scale that keeps weights ~0.05

@@ -285,9 +285,8 @@ class WanCoreSampler:
                 raise ValueError("denoise < 1 needs a latent input (encode a video with "
                                  "WanCore VAE Encode)")
             init = from_comfy_latent(latent, channels)
-        if isinstance(model, MoEModel):
-            host.load_for_compute(model.high_noise)
-        else:
+        moe = isinstance(model, MoEModel)
+        if not moe:          # a pair's experts are loaded (and dropped) by its expert switch
             host.load_for_compute(model)
         device = host.torch_device()
         bar = host.ProgressBar(steps)
@@ -299,11 +298,18 @@ class WanCoreSampler:
             host.throw_if_interrupted()
             return False
 
-        negative = text_embeds["negative"] if cfg != 1.0 or isinstance(model, MoEModel) else None
-        out = generate(model, text_embeds["positive"], negative, video_cond, steps=steps,
-                       guide_scale=cfg, shift=shift, solver=solver, seed=seed, denoise=denoise,
-                       init_latent=init, callback=callback, cancel=cancel, device=device,
-                       cache=cache)
+        negative = text_embeds["negative"] if cfg != 1.0 or moe else None
+        try:
+            out = generate(model, text_embeds["positive"], negative, video_cond, steps=steps,
+                           guide_scale=cfg, shift=shift, solver=solver, seed=seed,
+                           denoise=denoise, init_latent=init, callback=callback, cancel=cancel,
+                           device=device, cache=cache)
+        finally:
+            if moe:
+                # The next run starts with the high-noise expert (and its LoRAs may change):
+                # keep neither, so two experts are never in memory together.
+                for expert in model.experts:
+                    host.release(expert)
         return (to_comfy_latent(out),)
 
 

@@ -171,10 +171,24 @@ def _patcher(module):
 def load_for_compute(module):
     """Make ``module`` resident on the compute device before a heavy call.
 
-    Inside ComfyUI the module is registered with its model management, which frees other
+    An on-demand model (``wan_core.loading.on_demand.OnDemandDiT``) is read from its file
+    first. Inside ComfyUI the module is registered with its model management, which frees other
     models when memory is needed and may offload ours later when another model needs the room.
     Stand-alone it is simply moved to the compute device. Returns the device.
     """
+    if _is_on_demand(module):
+        handle = module
+        module = handle.load()
+        streaming = getattr(handle, "block_streaming", None)
+        if _model_management is None or streaming is not None:
+            if _model_management is not None:
+                # Streamed blocks bypass ComfyUI's loader (it would load every block): make
+                # room for what stays on the GPU ourselves.
+                from wan_core.ops.streaming import device_bytes
+
+                _model_management.free_memory(device_bytes(module, streaming), torch_device())
+            handle.to(torch_device())
+            return torch_device()
     if _model_management is not None:
         _model_management.load_models_gpu([_patcher(module)], force_full_load=True)
         return torch_device()
@@ -183,8 +197,28 @@ def load_for_compute(module):
     return device
 
 
+def _is_on_demand(model) -> bool:
+    return hasattr(model, "release") and hasattr(model, "load")
+
+
 def release(module) -> None:
-    """Move ``module`` off the compute device (the idle Wan 2.2 expert, the text encoder)."""
+    """Move ``module`` off the compute device (the text encoder), or, for an on-demand model
+    (the idle Wan 2.2 expert), drop its weights from memory altogether: it is re-read from its
+    file when needed, never parked in CPU RAM."""
+    if _is_on_demand(module):
+        handle = module
+        loaded = handle.module
+        if loaded is not None and loaded in _PATCHERS:
+            patcher = _PATCHERS.pop(loaded)
+            if _model_management is not None:
+                # Forget it in ComfyUI's list of loaded models without copying it back to RAM.
+                _model_management.current_loaded_models[:] = [
+                    m for m in _model_management.current_loaded_models if m.model is not patcher]
+            del patcher
+        handle.release()
+        if _model_management is not None:
+            _model_management.soft_empty_cache()
+        return
     if _model_management is not None and module in _PATCHERS:
         _PATCHERS[module].detach()
         return
@@ -197,10 +231,15 @@ def next_output_path(prefix: str, extension: str) -> tuple[str, str, str]:
     out_dir = output_directory()
     if _folder_paths is not None:
         folder, name, counter, subfolder, _ = _folder_paths.get_save_image_path(prefix, out_dir)
+        _require_inside(folder, out_dir, prefix)
     else:
         sub, _, name = prefix.replace("\\", "/").rpartition("/")
+        if not name or name in (".", ".."):
+            raise ValueError(f"filename_prefix {prefix!r} must end with a file name, e.g. "
+                             "'WanCore/video'")
         folder = os.path.join(out_dir, sub)
         subfolder = sub
+        _require_inside(folder, out_dir, prefix)
         os.makedirs(folder, exist_ok=True)
         counter = 1
         for existing in os.listdir(folder):
@@ -209,3 +248,12 @@ def next_output_path(prefix: str, extension: str) -> tuple[str, str, str]:
                 counter = max(counter, int(stem[len(name) + 1:].rstrip("_")) + 1)
     filename = f"{name}_{counter:05}_.{extension}"
     return os.path.join(folder, filename), filename, subfolder
+
+
+def _require_inside(folder: str, out_dir: str, prefix: str) -> None:
+    """Every saved file stays under the output folder: no absolute prefixes, no '..' out."""
+    root = os.path.realpath(out_dir)
+    target = os.path.realpath(folder)
+    if os.path.isabs(prefix.replace("\\", "/")) or os.path.commonpath([root, target]) != root:
+        raise ValueError(f"filename_prefix {prefix!r} points outside the output folder "
+                         f"({out_dir}); use a relative name such as 'WanCore/video'")

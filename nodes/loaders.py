@@ -38,11 +38,23 @@ class _ModelCache:
 CACHE = _ModelCache()
 
 
-def _dtype(name: str):
-    import torch
+def _load_options(weight_dtype: str) -> dict:
+    """The loader's weight_dtype widget -> load_dit options: bf16 / fp16 / fp32 set the compute
+    dtype; fp8_e4m3fn stores the Linear weights in fp8 (computing in the file's dtype, or bf16)."""
+    if weight_dtype == "fp8_e4m3fn":
+        return {"weight_dtype": weight_dtype}
+    return {"dtype": None if weight_dtype == "default" else weight_dtype}
 
-    return {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16,
-            "fp32": torch.float32, "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None)}[name]
+
+def _block_streaming(blocks_on_gpu: int, vram_budget_gb: float):
+    """The loader's streaming widgets -> a ``BlockStreaming`` setting, or None (off)."""
+    from wan_core.ops.streaming import BlockStreaming
+
+    if vram_budget_gb and vram_budget_gb > 0:
+        return BlockStreaming(budget_gb=float(vram_budget_gb))
+    if blocks_on_gpu is not None and blocks_on_gpu >= 0:
+        return BlockStreaming(resident=int(blocks_on_gpu))
+    return None
 
 
 SHORT_DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32",
@@ -52,8 +64,12 @@ SHORT_DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float3
 def _describe(model, kind: str) -> dict:
     """What the loader shows on its node after a run (web/wancore.js)."""
     config = getattr(model, "config", None)
-    params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
-    dtype = str(next(model.parameters()).dtype) if params else ""
+    if hasattr(model, "meta_model"):            # an on-demand DiT: described without loading
+        params = sum(p.numel() for p in model.meta_model().parameters())
+        dtype = str(model.stored_dtype)
+    else:
+        params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
+        dtype = str(next(model.parameters()).dtype) if params else ""
     return {"variant": getattr(config, "variant", kind), "params": params,
             "dtype": SHORT_DTYPES.get(dtype, dtype)}
 
@@ -61,7 +77,9 @@ def _describe(model, kind: str) -> dict:
 class WanCoreModelLoader:
     CATEGORY = "WanCore/loaders"
     DESCRIPTION = ("Loads a Wan 2.1 / 2.2 diffusion model (T2V, I2V, FLF2V, TI2V-5B, or one "
-                   "Wan 2.2 expert). The variant is detected from the weights.")
+                   "Wan 2.2 expert). The variant is detected from the file's header; the "
+                   "weights are read when the sampler first needs them, and an idle Wan 2.2 "
+                   "expert is dropped from memory rather than kept.")
     RETURN_TYPES = ("WANCORE_MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The diffusion model, ready for WanCore Sampler or WanCore MoE.",)
@@ -77,21 +95,44 @@ class WanCoreModelLoader:
                            "layer)."}),
             "weight_dtype": (WEIGHT_DTYPES, {
                 "default": "default",
-                "tooltip": "Dtype the weights are kept in. 'default' keeps the file's dtype "
-                           "(fp8 files stay fp8 and compute in bf16)."}),
+                "tooltip": "'default' keeps the file's dtype (fp8 files stay fp8 and compute "
+                           "in bf16). bf16 / fp16 / fp32: the dtype the model computes in. "
+                           "fp8_e4m3fn: store a bf16 / fp16 file's weights in fp8 (half the "
+                           "memory)."}),
             "attention": (ATTENTION_BACKENDS, {
                 "default": "sdpa",
                 "tooltip": "Attention kernel. sdpa (PyTorch) always works; flash_attn and "
                            "sage need their packages installed."}),
+        }, "optional": {
+            "blocks_on_gpu": ("INT", {
+                "default": -1, "min": -1, "max": 64,
+                "tooltip": "Block streaming for small GPUs: -1 keeps every transformer block "
+                           "on the GPU; N keeps N blocks there and streams the others from CPU "
+                           "memory one at a time, prefetching the next (same output, slower; "
+                           "a 14B model has 40 blocks, 1.3B has 30)."}),
+            "vram_budget_gb": ("FLOAT", {
+                "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                "tooltip": "Block streaming by budget: the most GB of VRAM the weights may "
+                           "use; the number of blocks kept on the GPU is picked to fit "
+                           "(activations come on top). 0 = off; overrides blocks_on_gpu."}),
         }}
 
-    def load(self, model_name, weight_dtype="default", attention="sdpa"):
-        from wan_core import load_dit
+    def load(self, model_name, weight_dtype="default", attention="sdpa", blocks_on_gpu=-1,
+             vram_budget_gb=0.0):
+        from wan_core.loading.on_demand import OnDemandDiT
 
         path = host.model_path("diffusion_models", model_name)
-        model = CACHE.get(path, ("dit", weight_dtype, attention),
-                          lambda: load_dit(path, dtype=_dtype(weight_dtype), device="cpu",
-                                           attention=attention))
+        streaming = _block_streaming(blocks_on_gpu, vram_budget_gb)
+
+        def load():
+            # Checked and configured from the file's header now; the weights are read when
+            # the sampler first needs them (so a Wan 2.2 pair holds one expert at a time).
+            handle = OnDemandDiT(path, device="cpu", attention=attention,
+                                 **_load_options(weight_dtype))
+            handle.block_streaming = streaming
+            return handle
+
+        model = CACHE.get(path, ("dit", weight_dtype, attention, streaming), load)
         return {"ui": {"wancore_variant": [_describe(model, "diffusion model")]},
                 "result": (model,)}
 
@@ -121,8 +162,8 @@ class WanCoreVAELoader:
 
 class WanCoreTextEncoderLoader:
     CATEGORY = "WanCore/loaders"
-    DESCRIPTION = ("Loads the umT5-XXL text encoder (official .pth, or ComfyUI's safetensors "
-                   "incl. fp8_scaled with the tokenizer embedded).")
+    DESCRIPTION = ("Loads the umT5-XXL text encoder (official .pth, ComfyUI's safetensors incl. "
+                   "fp8_scaled with the tokenizer embedded, or a GGUF quant).")
     RETURN_TYPES = ("WANCORE_TEXT_ENCODER",)
     RETURN_NAMES = ("text_encoder",)
     OUTPUT_TOOLTIPS = ("The text encoder for WanCore Text Encode.",)
@@ -133,7 +174,8 @@ class WanCoreTextEncoderLoader:
         return {"required": {
             "text_encoder_name": (host.list_models("text_encoders"), {
                 "tooltip": "umt5_xxl_fp8_e4m3fn_scaled.safetensors or umt5_xxl_fp16.safetensors "
-                           "from models/text_encoders."}),
+                           "from models/text_encoders, or a umt5-xxl-encoder GGUF (Q3_K..Q8_0; "
+                           "kept quantised, tokenizer read from the file)."}),
             "device": (["default", "cpu"], {
                 "default": "default",
                 "tooltip": "'cpu' keeps the encoder off the GPU (saves ~6-11 GB of VRAM; "

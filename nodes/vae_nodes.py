@@ -1,6 +1,8 @@
 """VAE decode / encode nodes with spatial tiling."""
 from __future__ import annotations
 
+from wan_core.errors import require_finite
+
 from . import host
 from .latents import from_comfy_latent, to_comfy_latent
 
@@ -44,6 +46,7 @@ class WanCoreVAEDecode:
         z = from_comfy_latent(latent, vae.config.z_dim)
         device = host.load_for_compute(vae)
         video = vae.decode(z.to(device), tile=_tile_argument(tiling, tile_size))
+        require_finite(video, "WanCore VAE Decode: the decoded video")
         frames = [video_to_frames(v.cpu()) for v in video]
         import torch
 

@@ -140,4 +140,4 @@ def test_fast_demo_command_writes_a_video(tmp_path):
     assert frames.shape == (17, 64, 64, 3)
     refused = subprocess.run(cmd[:4] + ["--task", "moe"] + cmd[4:], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "--fast is the distilled text-to-video demo" in refused.stdout
+    assert refused.returncode == 2 and "--fast is the distilled text-to-video demo" in refused.stderr

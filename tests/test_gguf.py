@@ -162,5 +162,5 @@ def test_the_model_loader_node_lists_and_loads_gguf_files(models, monkeypatch):
     assert "wan2.1-t2v-1.3b-Q8_0.gguf" in names
     out = loader().load("wan2.1-t2v-1.3b-Q8_0.gguf")
     model = out["result"][0]
-    assert model.blocks[0].ffn[0].qtype == int(Q.Q8_0)
+    assert model.load().blocks[0].ffn[0].qtype == int(Q.Q8_0)
     assert out["ui"]["wancore_variant"][0]["variant"] == "custom"

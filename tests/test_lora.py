@@ -371,6 +371,7 @@ def test_lora_node_chains_leaves_its_input_alone_and_never_reloads_the_base(mode
                                                                             monkeypatch):
     from tests.conftest import load_pack
     import wan_core.loading.dit as dit_loading
+    import wan_core.loading.on_demand as on_demand
 
     pack = load_pack()
     monkeypatch.setenv("WANCORE_MODELS_DIR", str(models))
@@ -382,14 +383,15 @@ def test_lora_node_chains_leaves_its_input_alone_and_never_reloads_the_base(mode
     names = nodes["WanCoreLoRA"].INPUT_TYPES()["required"]["lora_name"][0]
     assert "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors" in names
     assert "wancore-demo/fast_lora.safetensors" in names               # the embedded demo LoRA
-    monkeypatch.setattr(dit_loading, "load_dit", lambda *a, **k: pytest.fail("base reloaded"))
     node = nodes["WanCoreLoRA"]()
     lora_high = "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors"
     x = torch.randn(1, 16, 1, 4, 4)
     ctx = [torch.randn(5, high.config.text_dim)]
     t = torch.tensor([900.0])
     with torch.no_grad():
-        before = high(x, t, ctx)
+        before = high(x, t, ctx)          # the loader's model is read from its file here
+        for module in (dit_loading, on_demand):
+            monkeypatch.setattr(module, "load_dit", lambda *a, **k: pytest.fail("base reloaded"))
         (once,) = node.apply(high, lora_high, 1.0)
         (twice,) = node.apply(once, lora_high, 1.0)         # chained: the effect adds up
         (double,) = node.apply(high, lora_high, 2.0)        # a new strength: only this node

@@ -166,6 +166,8 @@ def test_cli_writes_a_playable_video_and_is_deterministic(models, tmp_path):
         assert frames.shape == (9, 48, 64, 3) and fps == 16
         runs.append(load_file(str(tmp_path / f"l{i}.st"))["latent"])
     assert torch.equal(runs[0], runs[1])
+    # same seed, same file: the encoder settings are fixed (issue 21)
+    assert (tmp_path / "v0.mp4").read_bytes() == (tmp_path / "v1.mp4").read_bytes()
 
 
 def test_cli_reports_bad_input_without_a_traceback(models, tmp_path):

@@ -311,3 +311,106 @@ def test_wrong_model_errors(hf_sd, spiece_bytes):
     clip = {"vision_model.embeddings.class_embedding": torch.zeros(4)}
     with pytest.raises(CheckpointError, match="CLIP vision encoder, not a umT5"):
         load_text_encoder(clip)
+
+
+# -- GGUF (llama.cpp t5encoder layout, the published umt5-xxl-encoder quants) ----------------
+
+# Hugging Face name -> llama.cpp GGUF name, as llama.cpp's converter writes T5 encoders.
+_TO_GGUF = [("shared.", "token_embd."), ("encoder.final_layer_norm.", "enc.output_norm."),
+            ("layer.0.SelfAttention.relative_attention_bias.", "attn_rel_b."),
+            ("layer.0.SelfAttention.", "attn_"), ("layer.0.layer_norm.", "attn_norm."),
+            ("layer.1.DenseReluDense.wi_0.", "ffn_gate."),
+            ("layer.1.DenseReluDense.wi_1.", "ffn_up."), ("layer.1.DenseReluDense.wo.", "ffn_down."),
+            ("layer.1.layer_norm.", "ffn_norm."), ("encoder.block.", "enc.blk.")]
+
+
+def _gguf_name(key: str) -> str:
+    for old, new in _TO_GGUF:
+        key = key.replace(old, new)
+    return key
+
+
+def write_umt5_gguf(path, hf_sd, spiece, quant_types):
+    """A t5encoder GGUF of ``hf_sd`` with SentencePiece metadata; matrices whose rows split into
+    32-value blocks cycle through ``quant_types`` (the embedding too), the rest F16 / F32.
+    Returns the Hugging Face state dict as gguf's own numpy dequantisation reads it back."""
+    import gguf
+    import numpy as np
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+
+    proto = spm_pb.ModelProto()
+    proto.ParseFromString(spiece)
+    writer = gguf.GGUFWriter(str(path), "t5encoder")
+    writer.add_tokenizer_model("t5")
+    writer.add_token_list([p.piece for p in proto.pieces])
+    writer.add_token_scores([p.score for p in proto.pieces])
+    writer.add_token_types([int(p.type) for p in proto.pieces])
+    writer.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+    writer.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
+    writer.add_precompiled_charsmap(proto.normalizer_spec.precompiled_charsmap)
+    writer.add_unk_token_id(proto.trainer_spec.unk_id)
+    writer.add_eos_token_id(proto.trainer_spec.eos_id)
+    writer.add_pad_token_id(proto.trainer_spec.pad_id)
+    reference, turn = {}, 0
+    for key, value in hf_sd.items():
+        if key == "encoder.embed_tokens.weight":
+            continue                                   # tied copy of shared.weight
+        array = value.float().numpy()
+        if array.ndim == 2 and array.shape[1] % 32 == 0 and "relative_attention" not in key:
+            qtype = quant_types[turn % len(quant_types)]
+            turn += 1
+            data = gguf.quants.quantize(array, qtype)
+            writer.add_tensor(_gguf_name(key), data, raw_shape=data.shape, raw_dtype=qtype)
+            back = gguf.quants.dequantize(data, qtype).reshape(array.shape)
+        elif array.ndim == 2 and "relative_attention" not in key:
+            writer.add_tensor(_gguf_name(key), array.astype(np.float16))
+            back = array.astype(np.float16)
+        else:
+            writer.add_tensor(_gguf_name(key), array)
+            back = array
+        reference[key] = torch.from_numpy(np.ascontiguousarray(back, dtype=np.float32))
+    reference["encoder.embed_tokens.weight"] = reference["shared.weight"]
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return reference
+
+
+@pytest.mark.parametrize("names", [("Q8_0",), ("Q4_0", "Q5_1", "Q8_0"), ("F16",)])
+def test_gguf_umt5_matches_transformers_on_gguf_dequantised_weights(tmp_path, hf_model, hf_sd,
+                                                                    spiece_bytes, names):
+    import copy
+
+    import gguf
+
+    path = tmp_path / "umt5-xxl-encoder.gguf"
+    reference = write_umt5_gguf(path, hf_sd, spiece_bytes,
+                                [gguf.GGMLQuantizationType[n] for n in names])
+    te = load_text_encoder(path, dtype=torch.float32)
+    if names != ("F16",):
+        kept = {te.model.blocks[0].attn.q.qtype, te.model.blocks[0].ffn.fc1.qtype}
+        assert kept <= {int(gguf.GGMLQuantizationType[n]) for n in names}   # kept quantised
+    model = copy.deepcopy(hf_model)
+    model.load_state_dict(reference)
+    ids = _ids_batch([5, 40, 17, 150])
+    err = max(max_abs_err(a, b) for a, b in zip(te.encode_ids(ids), _hf_encode(model, ids)))
+    report(f"umT5 GGUF {'+'.join(names)} vs transformers on gguf-dequantised weights", err, 1e-4)
+    assert err < 1e-4
+    # The tokenizer rebuilt from the GGUF metadata tokenises exactly like the original model.
+    original = UMT5Tokenizer.from_spiece_bytes(spiece_bytes)
+    for text in CORPUS[:12] + ["  spaced   out  ", "Ünïcödé ＦＵＬＬ width", ""]:
+        assert te.tokenizer(text) == original(text), text
+
+
+def test_gguf_text_encoder_and_dit_files_are_told_apart(tmp_path, hf_sd, spiece_bytes, models):
+    import gguf
+
+    from wan_core import load_dit
+
+    path = tmp_path / "umt5.gguf"
+    write_umt5_gguf(path, hf_sd, spiece_bytes, [gguf.GGMLQuantizationType.Q8_0])
+    with pytest.raises(CheckpointError, match="text-encoder GGUF: load it with the text encoder"):
+        load_dit(path)
+    with pytest.raises(CheckpointError, match="Wan diffusion-model GGUF: load it with the diff"):
+        load_text_encoder(models / "diffusion_models/wan2.1-t2v-1.3b-Q8_0.gguf")

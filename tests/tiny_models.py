@@ -186,12 +186,12 @@ def spiece_model_bytes() -> bytes:
     return buf.getvalue()
 
 
-def umt5_state_dict(seed: int) -> dict:
+def umt5_state_dict(seed: int, d_model: int = TEXT_DIM) -> dict:
     """Hugging Face UMT5 encoder layout with the tokenizer embedded (ComfyUI's files)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
-    cfg = UMT5Config(vocab_size=64, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+    cfg = UMT5Config(vocab_size=64, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
                      dropout_rate=0.0)
     model = UMT5EncoderModel(cfg)

@@ -11,19 +11,99 @@ fps, size, MoE boundary).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 TASKS = ("t2v", "i2v", "flf2v", "ti2v")
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+SEED_MAX = 2**64 - 1
+MIN_TILE = 64
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...``, exit status 2), like every other error."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value}); leave the option "
+                                         "out to use the default")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number (got {text!r})") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0 (got {text!r}); "
+                                         "leave the option out to use the default")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {text!r})")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**64-1 = {SEED_MAX} (got {value})")
+    return value
+
+
+def _tile(text: str):
+    if text in ("auto", "off"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < MIN_TILE or value % 16:
+        raise argparse.ArgumentTypeError(
+            f"must be auto, off, or a tile size in pixels of at least {MIN_TILE} and a multiple "
+            f"of 16, e.g. 256 (got {text!r})")
+    return str(value)
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         w, h = text.lower().split("x")
-        return int(w), int(h)
+        w, h = int(w), int(h)
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 832x480 (got {text!r})")
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"width and height must be at least 1 (got {text!r})")
+    return w, h
 
 
 def _lora(text: str) -> tuple[str, float]:
@@ -49,9 +129,11 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m wan_core",
-        description="Wan 2.1 / 2.2 video generation from the command line.")
+        description="Wan 2.1 / 2.2 video generation from the command line.",
+        epilog="Exit status: 0 done, 1 failed (e.g. out of memory), 2 a usage error (one "
+               "'error: ...' line, nothing written), 130 cancelled with Ctrl-C.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser(
@@ -65,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dit", required=True, metavar="FILE",
                      help="diffusion model file or folder (for Wan 2.2 A14B: the high-noise expert)")
     gen.add_argument("--dit-low-noise", metavar="FILE",
-                     help="Wan 2.2 A14B low-noise expert; enables expert switching (MoE)")
+                     help="Wan 2.2 A14B low-noise expert; enables expert switching (MoE). Each "
+                          "expert is read from its file when needed and the idle one is dropped, "
+                          "so one expert is in memory at a time")
+    gen.add_argument("--prefetch-expert", action="store_true",
+                     help="MoE: read the high-noise expert while the prompt is encoded (faster "
+                          "start; the text encoder and one expert are then in memory together)")
     gen.add_argument("--vae", required=True, metavar="FILE", help="Wan 2.1 or 2.2 VAE file")
     gen.add_argument("--text-encoder", required=True, metavar="FILE",
                      help="umT5-XXL file (tokenizer embedded, or in a folder beside it)")
@@ -78,14 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--end-image", metavar="FILE", help="end image (flf2v)")
     gen.add_argument("--size", type=_size, metavar="WxH",
                      help="video size, multiples of 16 (32 for TI2V-5B); default: the model's")
-    gen.add_argument("--frames", type=int, help="frame count, 4n+1 (default: the model's, 81 or 121)")
-    gen.add_argument("--steps", type=int, help="sampling steps (default: the model's, 40 or 50)")
-    gen.add_argument("--shift", type=float, help="sigma shift (default: the model's)")
-    gen.add_argument("--cfg", type=float,
+    gen.add_argument("--frames", type=_positive_int, help="frame count, 4n+1 (default: the model's, 81 or 121)")
+    gen.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's, 40 or 50)")
+    gen.add_argument("--shift", type=_positive_float, help="sigma shift (default: the model's)")
+    gen.add_argument("--cfg", type=_positive_float,
                      help="guidance scale (default: the model's); for MoE the high-noise expert's")
-    gen.add_argument("--cfg-low-noise", type=float,
+    gen.add_argument("--cfg-low-noise", type=_positive_float,
                      help="MoE: guidance scale of the low-noise expert (default: the model's)")
-    gen.add_argument("--boundary", type=float,
+    gen.add_argument("--boundary", type=_fraction,
                      help="MoE: switch experts at t = boundary x 1000 (default 0.875 T2V, 0.900 I2V)")
     gen.add_argument("--solver", choices=("unipc", "dpm++", "euler", "distilled"), default="unipc",
                      help="sampling solver (default: unipc, the official one). distilled: Euler "
@@ -98,35 +185,47 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="FILE[:STRENGTH]",
                      help="apply a LoRA to the Wan 2.2 low-noise expert (repeatable)")
     _add_cache_options(gen)
-    gen.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    gen.add_argument("--fps", type=float, help="frames per second of the file (default: the model's)")
+    gen.add_argument("--seed", type=_seed, default=0, help="noise seed, 0 .. 2**64-1 (default 0)")
+    gen.add_argument("--fps", type=_positive_float, help="frames per second of the file (default: the model's)")
     gen.add_argument("--out", default="video.mp4", help="output file: .mp4, .webm or .webp")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace --out / --save-latents when they exist (input files are "
+                          "never overwritten)")
     gen.add_argument("--save-latents", metavar="FILE",
                      help="also save the raw latents (safetensors, key 'latent')")
     gen.add_argument("--device", default=None,
                      help="compute device, e.g. cuda or cpu (default: cuda when available)")
     gen.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                      help="DiT compute dtype (default: the file's; fp8 files compute in bf16)")
+    stream = gen.add_mutually_exclusive_group()
+    stream.add_argument("--blocks-on-device", type=_count, metavar="N",
+                        help="block streaming: keep N transformer blocks on the device and "
+                             "stream the others from CPU memory, prefetching the next (same "
+                             "output; for GPUs too small for the model)")
+    stream.add_argument("--vram-budget", type=_positive_float, metavar="GB",
+                        help="block streaming by budget: keep as many blocks on the device as "
+                             "fit in GB of memory for the weights (activations come on top)")
     gen.add_argument("--text-encoder-cpu", action="store_true",
                      help="run the text encoder on the CPU (saves GPU memory)")
-    gen.add_argument("--tile", default="auto",
+    gen.add_argument("--tile", default="auto", type=_tile,
                      help="VAE decode tiling: auto (by memory), off, or a tile size in pixels")
 
     demo = sub.add_parser("demo", help="generate a video with the embedded tiny demo model")
     demo.add_argument("--prompt", default="a green square moving up on a black background",
                       help="what the video shows (the demo model knows simple shapes, colours "
                            "and directions)")
-    demo.add_argument("--out", default="demo.mp4", help="output video file")
+    demo.add_argument("--out", default="demo.mp4", help="output video file (.mp4, .webm, .webp)")
+    demo.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     demo.add_argument("--task", choices=("t2v", "i2v", "moe"), default="t2v",
                       help="t2v: text only; i2v: start from --image (Wan 2.2 I2V layout); moe: "
                            "the Wan 2.2 high-noise / low-noise expert pair")
     demo.add_argument("--image", metavar="FILE", help="first frame for --task i2v")
-    demo.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
-    demo.add_argument("--cfg", type=float, default=None, help="guidance scale (default: tuned)")
-    demo.add_argument("--frames", type=int, default=17, help="frame count, 4n+1 (default 17)")
-    demo.add_argument("--size", type=int, default=64,
+    demo.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default 20)")
+    demo.add_argument("--cfg", type=_positive_float, default=None, help="guidance scale (default: tuned)")
+    demo.add_argument("--frames", type=_positive_int, default=17, help="frame count, 4n+1 (default 17)")
+    demo.add_argument("--size", type=_positive_int, default=64,
                       help="width and height in pixels, a multiple of 16 (default 64)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.add_argument("--seed", type=_seed, default=0, help="noise seed, 0 .. 2**64-1")
     _add_cache_options(demo)
     demo.add_argument("--fast", action="store_true",
                       help="t2v in 4 steps without CFG: the demo's step-distilled LoRA "
@@ -143,38 +242,132 @@ def _tile_option(text: str):
     return (size, size)
 
 
+def _inputs(args) -> list:
+    """``(option, path)`` of every input file of a generate run."""
+    pairs = [("--dit", args.dit), ("--dit-low-noise", args.dit_low_noise), ("--vae", args.vae),
+             ("--text-encoder", args.text_encoder), ("--clip-vision", args.clip_vision),
+             ("--image", args.image), ("--end-image", args.end_image)]
+    pairs += [("--lora", path) for path, _ in args.lora]
+    pairs += [("--lora-low-noise", path) for path, _ in args.lora_low_noise]
+    return [(option, path) for option, path in pairs if path is not None]
+
+
+def check_generate_args(args: argparse.Namespace) -> dict:
+    """Everything about a generate run that can be checked before a model loads.
+
+    Returns ``device``, ``image`` / ``end_image`` (loaded tensors or None) and the DiT config
+    read from the file header (None when the file is not a single safetensors file)."""
+    from wan_core.checks import (UsageError, check_device, check_distinct_outputs, check_kind,
+                                 check_memory, check_output_file, check_vae_matches,
+                                 estimate_memory, file_size, peek_dit_config,
+                                 peek_vae_latent_channels, read_image)
+    from wan_core.conditioning import check_video_size
+    from wan_core.models.configs import DEFAULTS
+    from wan_core.pipeline import vae_stride_for
+    from wan_core.video_io import FORMATS
+
+    if args.task in ("i2v", "flf2v") and not args.image:
+        raise UsageError(f"--task {args.task} needs --image (the start frame)")
+    if args.task == "flf2v" and not args.end_image:
+        raise UsageError("--task flf2v needs --end-image (the last frame)")
+    if args.end_image and args.task != "flf2v":
+        raise UsageError("--end-image is for --task flf2v")
+    if args.image and args.task == "t2v":
+        raise UsageError("--image needs --task i2v, flf2v or ti2v (t2v uses no image)")
+    if args.lora_low_noise and not args.dit_low_noise:
+        raise UsageError("--lora-low-noise needs --dit-low-noise (a Wan 2.2 expert pair); for "
+                         "one model use --lora")
+    for option, path in _inputs(args):
+        if not Path(path).exists():
+            what = "LoRA file" if option.startswith("--lora") else "file"
+            raise FileNotFoundError(f"{option}: {what} not found: {path}")
+    inputs = _inputs(args)
+    check_output_file(args.out, "--out", formats=FORMATS, inputs=inputs,
+                      overwrite=args.overwrite)
+    if args.save_latents:
+        check_output_file(args.save_latents, "--save-latents", inputs=inputs,
+                          overwrite=args.overwrite)
+    check_distinct_outputs(("--out", args.out), ("--save-latents", args.save_latents))
+    device = check_device(args.device)
+    image = read_image(args.image, "--image") if args.image else None
+    end_image = read_image(args.end_image, "--end-image") if args.end_image else None
+
+    config = peek_dit_config(args.dit)
+    if args.dit_low_noise:
+        check_kind(args.dit_low_noise, "dit")
+    check_kind(args.text_encoder, "text_encoder")
+    if args.clip_vision:
+        check_kind(args.clip_vision, "clip_vision")
+    vae_channels = peek_vae_latent_channels(args.vae)
+    if config is not None:
+        if config.model_type in ("i2v", "flf2v") and not args.image:
+            raise UsageError(f"{args.dit} is an image-to-video model ({config.model_type}); "
+                             "give --task i2v --image FILE (or flf2v with --end-image)")
+        if config.has_image_branch and not args.clip_vision:
+            raise UsageError("this Wan 2.1 I2V / FLF2V model needs --clip-vision "
+                             "(clip_vision_h.safetensors)")
+        if vae_channels is not None:
+            check_vae_matches(config.out_dim, vae_channels, args.dit, args.vae)
+        defaults = DEFAULTS.get(config.variant, DEFAULTS["custom"])
+        width, height = args.size or defaults.size
+        frames = args.frames or defaults.frames
+        check_video_size(width, height, frames, vae_stride_for(config.out_dim))
+        weights = sum(file_size(p) for p in (args.dit, args.dit_low_noise, args.vae,
+                                             args.text_encoder, args.clip_vision))
+        estimate = estimate_memory(width, height, frames, latent_channels=config.out_dim,
+                                   dim=config.dim, ffn_dim=config.ffn_dim, weights=weights)
+        print(check_memory(estimate, device, f"a {width}x{height}, {frames}-frame video"))
+    return {"device": device, "image": image, "end_image": end_image, "config": config}
+
+
+def write_outputs(args, video, latent_raw, fps: float) -> None:
+    """Write the video (and latents) atomically; NaN output is an error, never a file."""
+    from wan_core.errors import require_finite
+    from wan_core.video_io import atomic_output, video_to_frames, write_video
+
+    require_finite(video, "the decoded video")
+    write_video(args.out, video_to_frames(video[0].cpu()), fps=fps, overwrite=args.overwrite)
+    if args.save_latents:
+        from safetensors.torch import save_file
+
+        with atomic_output(args.save_latents, overwrite=args.overwrite) as tmp:
+            save_file({"latent": latent_raw.contiguous()}, str(tmp))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
     from wan_core import apply_loras, load_clip_vision, load_dit, load_text_encoder, load_vae
+    from wan_core.loading.on_demand import OnDemandDiT
+    from wan_core.ops.streaming import BlockStreaming, place
     from wan_core.conditioning import (VideoConditioning, build_i2v_conditioning,
                                        build_ti2v_conditioning, check_video_size)
     from wan_core.models.configs import DEFAULTS
     from wan_core.pipeline import MoEModel, default_boundary, generate, vae_stride_for
     from wan_core.sampling import (DISTILLED_CFG, DISTILLED_SHIFT, DISTILLED_STEPS,
                                    OffloadIdleExpert)
-    from wan_core.video_io import load_image, video_to_frames, write_video
+    from wan_core.checks import check_vae_matches
 
-    if args.task in ("i2v", "flf2v") and not args.image:
-        raise SystemExit(f"--task {args.task} needs --image (the start frame)")
-    if args.task == "flf2v" and not args.end_image:
-        raise SystemExit("--task flf2v needs --end-image (the last frame)")
-    if args.lora_low_noise and not args.dit_low_noise:
-        raise ValueError("--lora-low-noise needs --dit-low-noise (a Wan 2.2 expert pair); for "
-                         "one model use --lora")
-    for path, _ in args.lora + args.lora_low_noise:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"LoRA file not found: {path}")
+    checked = check_generate_args(args)
+    device = checked["device"]
     from wan_core.demo import cache_option
 
-    cache = cache_option(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cache = cache_option(args)          # a bad name / threshold: an error before any work
     started = time.perf_counter()
 
-    dit = load_dit(args.dit, dtype=args.dtype, device="cpu" if args.dit_low_noise else device)
-    config = dit.config
+    streaming = None
+    if args.blocks_on_device is not None or args.vram_budget is not None:
+        streaming = BlockStreaming(resident=args.blocks_on_device, budget_gb=args.vram_budget)
     moe = args.dit_low_noise is not None
+    if moe:
+        # Experts on demand: each is read from its file when the sampler switches to it and
+        # the idle one is dropped, so at most one expert is in memory at a time.
+        dit = OnDemandDiT(args.dit, dtype=args.dtype, device=device)
+        dit.block_streaming = streaming
+    else:
+        dit = load_dit(args.dit, dtype=args.dtype, device="cpu" if streaming else device)
+    config = dit.config
     variant = config.variant
     if moe and variant == "wan2.1-t2v-14B":
         variant = "wan2.2-t2v-A14B"  # the experts have exactly the 2.1 T2V-14B shapes
@@ -199,9 +392,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.lora:
         dit = apply_loras(dit, args.lora)
+    if not moe:
+        dit.block_streaming = streaming
+        place(dit, device)        # streams the blocks, or brings the LoRA patches along
     model = dit
     if moe:
-        low = load_dit(args.dit_low_noise, dtype=args.dtype, device="cpu")
+        low = OnDemandDiT(args.dit_low_noise, dtype=args.dtype, device=device)
+        low.block_streaming = streaming
         if args.lora_low_noise:
             low = apply_loras(low, args.lora_low_noise)
         cfg_low = args.cfg_low_noise if args.cfg_low_noise is not None else (
@@ -209,7 +406,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         boundary = args.boundary or defaults.boundary or default_boundary(config.model_type)
         model = MoEModel(dit, low, boundary, (cfg, cfg_low), offload=OffloadIdleExpert(device))
 
+    if moe and args.prefetch_expert:
+        model.high_noise.prefetch()       # read the first expert while the prompt is encoded
     vae = load_vae(args.vae, device=device)
+    check_vae_matches(config.out_dim, vae.config.z_dim, args.dit, args.vae)
     te = load_text_encoder(args.text_encoder,
                            device="cpu" if args.text_encoder_cpu else device)
     negative = args.negative_prompt
@@ -222,31 +422,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.task == "t2v" or (args.task == "ti2v" and not args.image):
         cond = VideoConditioning(width, height, frames)
     elif args.task == "ti2v":
-        cond = build_ti2v_conditioning(vae, load_image(args.image).to(device), width, height,
+        cond = build_ti2v_conditioning(vae, checked["image"].to(device), width, height,
                                        frames)
     else:
         clip = load_clip_vision(args.clip_vision, device=device) if args.clip_vision else None
-        end = load_image(args.end_image) if args.task == "flf2v" else None
-        cond = build_i2v_conditioning(vae, load_image(args.image).to(device), width, height,
+        end = checked["end_image"] if args.task == "flf2v" else None
+        cond = build_i2v_conditioning(vae, checked["image"].to(device), width, height,
                                       frames, end=end, clip_vision=clip)
         del clip
 
-    bar = tqdm(total=steps, desc="sampling", unit="step")
     stats: dict = {}
-    latent = generate(model, [context], [negative_context] if cfg != 1 or moe else None, cond,
-                      steps=steps, guide_scale=cfg, shift=shift, solver=args.solver,
-                      seed=args.seed, callback=lambda step, total, x, x0: bar.update(1),
-                      device=device, cache=cache, stats=stats)
-    bar.close()
+    with tqdm(total=steps, desc="sampling", unit="step") as bar:
+        latent = generate(model, [context], [negative_context] if cfg != 1 or moe else None,
+                          cond, steps=steps, guide_scale=cfg, shift=shift, solver=args.solver,
+                          seed=args.seed, callback=lambda step, total, x, x0: bar.update(1),
+                          device=device, cache=cache, stats=stats)
     if cache is not None:
         print(f"step cache: skipped {stats['skipped']} of {stats['steps']} model evaluations")
     del model, dit
     with torch.no_grad():
         video = vae.decode(latent.to(device), tile=_tile_option(args.tile))
-    write_video(args.out, video_to_frames(video[0].cpu()), fps=fps)
-    if args.save_latents:
-        from safetensors.torch import save_file
-        save_file({"latent": vae.denormalize(latent).contiguous()}, args.save_latents)
+    write_outputs(args, video, vae.denormalize(latent), fps)
     print(f"wrote {args.out} ({frames} frames, {width}x{height}, {fps:g} fps) in "
           f"{time.perf_counter() - started:.1f} s")
     return 0
@@ -258,21 +454,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        try:
-            return cmd_generate(args)
-        except (ValueError, FileNotFoundError) as e:  # CheckpointError, VideoSizeError, ...
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    if args.command == "demo":
-        try:
-            return cmd_demo(args)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    raise AssertionError(args.command)
+    """Run one command; returns the exit status (0 done, 1 failed, 2 usage error, 130
+    cancelled). User errors print one ``error: ...`` line and write nothing."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:             # --help (0) or a bad option (2, already printed)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    handler = {"generate": cmd_generate, "demo": cmd_demo}[args.command]
+    with warnings.catch_warnings():       # warnings as one line each, like errors
+        warnings.showwarning = _show_warning
+        return _run(handler, args)
+
+
+def _run(handler, args) -> int:
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    except MemoryError:
+        print("error: out of memory; use a smaller --size or fewer --frames", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, OSError) as e:   # CheckpointError, UsageError, VideoSizeError, files
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:200]}); use a smaller --size, "
+              "fewer --frames, --tile 256 or --text-encoder-cpu", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from .errors import require_finite
 from .conditioning import (VideoConditioning, check_video_size, latent_shape,
                            per_token_timesteps)
-from .sampling import (CacheCalibration, cache_settings, make_velocity_fn, noise_latent, sample,
-                       solver_schedule)
+from .sampling import (CacheCalibration, cache_settings, check_sampling_settings,
+                       make_velocity_fn, noise_latent, sample, solver_schedule)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ def denoise_start(steps: int, denoise: float) -> tuple[int, int]:
 
 def _model_device(model) -> torch.device:
     module = model.experts[0] if isinstance(model, MoEModel) else model
+    if isinstance(getattr(module, "device", None), torch.device):   # an on-demand model
+        return module.device
     try:
         return next(module.parameters()).device
     except (StopIteration, AttributeError):
@@ -137,6 +140,8 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
         "skipped K of N model evaluations" after sampling.
     stats: a dict that receives ``{"evaluated": N - K, "skipped": K, "steps": N}``.
     """
+    check_sampling_settings(steps=steps, cfg=guide_scale, shift=shift, denoise=denoise,
+                            seed=seed)
     model, carried = unwrap_cache(model)
     settings = cache_settings(cache if cache is not None else carried)
     config = model.config
@@ -211,7 +216,9 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
             stats.update(evaluated=step_cache.evaluated, skipped=skipped, steps=total_steps)
     elif stats is not None:
         stats.update(evaluated=len(schedule), skipped=0, steps=len(schedule))
-    return out.float().cpu()
+    out = out.float().cpu()
+    require_finite(out, "the sampled latent")
+    return out
 
 
 def calibrate_cache(model: Union[torch.nn.Module, MoEModel], context, negative_context,

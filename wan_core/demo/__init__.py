@@ -15,6 +15,7 @@ background, at 64x64 pixels.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -139,8 +140,41 @@ def cache_option(args):
     return cache_settings(name, threshold=threshold)
 
 
+def check_run_args(args) -> Optional[torch.Tensor]:
+    """Everything about a demo run that can be checked before a model loads; returns the
+    loaded start image for ``--task i2v`` (else None). Raises ``UsageError``."""
+    from ..checks import UsageError, check_memory, check_output_file, estimate_memory, read_image
+    from ..conditioning import check_video_size
+    from ..sampling import check_sampling_settings
+    from ..video_io import FORMATS
+
+    task = getattr(args, "task", "t2v") or "t2v"
+    fast = bool(getattr(args, "fast", False))
+    image_path = getattr(args, "image", None)
+    if fast and task != "t2v":
+        raise UsageError("--fast is the distilled text-to-video demo; use it with --task t2v")
+    if task == "i2v" and not image_path:
+        raise UsageError("--task i2v needs --image FILE (the first frame)")
+    if image_path and task != "i2v":
+        raise UsageError("--image is the first frame for --task i2v")
+    check_sampling_settings(steps=getattr(args, "steps", None), cfg=getattr(args, "cfg", None),
+                            seed=getattr(args, "seed", 0))
+    frames = getattr(args, "frames", None) or FRAMES
+    size = getattr(args, "size", None) or SIZE
+    check_video_size(size, size, frames, 8)
+    check_output_file(getattr(args, "out", None) or "demo.mp4", "--out", formats=FORMATS,
+                      inputs=[("--image", image_path)] if image_path else [],
+                      overwrite=bool(getattr(args, "overwrite", False)))
+    check_memory(estimate_memory(size, size, frames), torch.device("cpu"),
+                 f"a {size}x{size}, {frames}-frame demo video")
+    return read_image(image_path, "--image") if image_path else None
+
+
 def run(args) -> int:
-    from ..video_io import load_image, video_to_frames, write_video
+    """The ``demo`` command. User errors raise ValueError (``UsageError``); the CLI prints
+    them as one line and exits with status 2."""
+    from ..errors import require_finite
+    from ..video_io import video_to_frames, write_video
 
     started = time.perf_counter()
     fast = bool(getattr(args, "fast", False))
@@ -148,20 +182,13 @@ def run(args) -> int:
     missing = [n for n in needed if not weights_path(n).exists()]
     if missing:
         print("wan_core demo: the embedded demo weights are missing "
-              f"({', '.join(FILES[n] for n in missing)} in {WEIGHTS_DIR}). Nothing was generated.")
+              f"({', '.join(FILES[n] for n in missing)} in {WEIGHTS_DIR}). Nothing was generated.",
+              file=sys.stderr)
         return 1
     task = getattr(args, "task", "t2v") or "t2v"
-    image = None
-    if task == "i2v":
-        if not getattr(args, "image", None):
-            print("error: --task i2v needs --image FILE (the first frame)")
-            return 2
-        image = load_image(args.image)
+    image = check_run_args(args)
     cache = cache_option(args)  # ValueError (bad name / threshold) before any work
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    if fast and task != "t2v":
-        print("error: --fast is the distilled text-to-video demo; use it with --task t2v")
-        return 2
     stats: dict = {}
     video = generate_video(DemoModels(), args.prompt, task, image, cache=cache, stats=stats,
                            steps=getattr(args, "steps", None),
@@ -169,10 +196,12 @@ def run(args) -> int:
                            seed=getattr(args, "seed", 0) or 0,
                            frames=getattr(args, "frames", None) or FRAMES,
                            size=getattr(args, "size", None) or SIZE)
+    require_finite(video, "the decoded demo video")
     if cache is not None:
         print(f"step cache: skipped {stats['skipped']} of {stats['steps']} model evaluations")
     out = getattr(args, "out", None) or "demo.mp4"
-    write_video(out, video_to_frames(video), fps=FPS)
+    write_video(out, video_to_frames(video), fps=FPS,
+                overwrite=bool(getattr(args, "overwrite", False)))
     print(f"wrote {out} ({video.shape[1]} frames, {video.shape[3]}x{video.shape[2]}, {task}) "
           f"in {time.perf_counter() - started:.1f} s")
     return 0

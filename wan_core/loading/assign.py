@@ -88,10 +88,12 @@ def build_from_state_dict(build, sd: Mapping[str, torch.Tensor], *, dtype: torch
     return model
 
 
-def convert_tensors(sd: dict, model: nn.Module, dtype: torch.dtype, device) -> None:
+def convert_tensors(sd: dict, model: nn.Module, dtype: torch.dtype, device,
+                    linear_dtype: torch.dtype | None = None) -> None:
     """Cast every tensor of ``sd`` (in place, one at a time, so the old one can be freed):
     fp8 weights of ``ops.Linear`` layers stay fp8 (their ``scale_weight`` kept), any other fp8
-    tensor is dequantised with its scale, everything else goes to ``dtype``."""
+    tensor is dequantised with its scale, everything else goes to ``dtype``, except the other
+    ``ops.Linear`` weights when ``linear_dtype`` (an fp8 dtype) asks to store them smaller."""
     linears = {n for n, m in model.named_modules() if isinstance(m, Linear)}
     for key in list(sd):
         if key.endswith(".scale_input") or key == "scaled_fp8":
@@ -113,6 +115,9 @@ def convert_tensors(sd: dict, model: nn.Module, dtype: torch.dtype, device) -> N
             scale = sd.pop(layer + ".scale_weight", None)
             if scale is not None:
                 value = value * scale.to(device=device, dtype=torch.float32)
+        elif linear_dtype is not None and layer in linears and key.endswith(".weight"):
+            sd[key] = value.to(device=device, dtype=linear_dtype)
+            continue
         sd[key] = value.to(device=device, dtype=dtype)
     for key in [k for k in sd if k.endswith(".scale_weight")]:
         if not is_fp8(sd.get(key[: -len("scale_weight")] + "weight", torch.empty(0)).dtype):

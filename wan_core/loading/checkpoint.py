@@ -11,9 +11,11 @@ map and pickles are loaded with ``mmap=True``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Union
 
@@ -41,7 +43,44 @@ def load_state_dict(source: Source) -> StateDict:
     pickled ``.pth``/``.pt``/``.ckpt``/``.bin`` file, a ``*.safetensors.index.json`` file, a
     folder holding one safetensors file or a sharded set with its index json, or a Wan ``.gguf``
     file (quantised tensors come back as ``wan_core.ops.gguf.QuantizedTensor``).
+    A tensor holding NaN or infinite values draws a warning naming it (see ``non_finite_keys``).
     """
+    sd = _read_state_dict(source)
+    bad = non_finite_keys(sd)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        noun = "tensor {} holds" if len(bad) == 1 else "tensors {} hold"
+        warnings.warn(f"{_source_name(source)}: {noun.format(', '.join(bad[:3]) + more)} NaN or "
+                      "infinite values; the file is damaged or was saved from a diverged "
+                      "model, and its output will be invalid", RuntimeWarning, stacklevel=2)
+    return sd
+
+
+def non_finite_keys(sd: Mapping) -> list:
+    """Names of the float tensors of ``sd`` that hold a NaN or an infinity.
+
+    Cheap: one sum per tensor (a NaN or inf makes the sum non-finite; only when the sum itself
+    overflows is the tensor checked element by element); fp8 tensors by the byte patterns of
+    their NaN / inf codes (two max reductions). Quantised GGUF tensors are not checked."""
+    bad = []
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+            continue
+        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            if value.numel() == 0:
+                continue
+            top_int = int(value.view(torch.int8).max())
+            top_uint = int(value.view(torch.uint8).max())
+            limits = (127, 255) if value.dtype == torch.float8_e4m3fn else (124, 252)
+            if top_int >= limits[0] or top_uint >= limits[1]:
+                bad.append(key)
+        elif value.is_floating_point():
+            if not math.isfinite(float(value.sum())) and not bool(torch.isfinite(value).all()):
+                bad.append(key)
+    return bad
+
+
+def _read_state_dict(source: Source) -> StateDict:
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source)
@@ -68,6 +107,56 @@ def load_state_dict(source: Source) -> StateDict:
     raise CheckpointError(
         f"{path.name} is neither a safetensors file nor a PyTorch checkpoint; "
         "expected a .safetensors or .pth file")
+
+
+SAFETENSORS_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    **{name: getattr(torch, attr) for name, attr in (("F8_E4M3", "float8_e4m3fn"),
+                                                     ("F8_E5M2", "float8_e5m2"))
+       if hasattr(torch, attr)},
+}
+
+
+def load_meta_state_dict(source: Source) -> StateDict:
+    """Names, shapes and dtypes of the tensors of ``source`` as meta tensors, reading no data.
+
+    Safetensors files (and sharded sets) are described from their headers alone; other
+    sources are opened the cheap way :func:`load_state_dict` does (GGUF and ``.pth`` are
+    memory-mapped) and converted. Used to learn a model's configuration before loading it.
+    """
+    if isinstance(source, Mapping):
+        files = []
+    else:
+        path = Path(source)
+        if path.is_dir():
+            indexes = sorted(path.glob("*.safetensors.index.json"))
+            path = indexes[0] if indexes else path
+        if path.name.lower().endswith(".index.json"):
+            try:
+                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                shards = None
+            files = [path.parent / s for s in shards] if shards else []
+        elif path.is_file() and path.name.lower().endswith(SAFETENSORS_SUFFIXES):
+            files = [path]
+        else:
+            files = []
+    if not files or not all(f.is_file() for f in files):
+        return {k: (v.to("meta") if isinstance(v, torch.Tensor) else v)
+                for k, v in load_state_dict(source).items()}
+    out: StateDict = {}
+    for file in files:
+        for key, info in read_safetensors_header(file).items():
+            if key == "__metadata__":
+                continue
+            dtype = SAFETENSORS_TORCH_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{file.name}: tensor {key} has a dtype this pack cannot "
+                                      f"read ({info.get('dtype')!r})")
+            out[key] = torch.empty(info["shape"], dtype=dtype, device="meta")
+    return out
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -98,18 +187,20 @@ def read_safetensors_header(path: Path) -> dict:
                                   "download it again")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > 100_000_000 or 8 + header_len > size:
-            if header_len > 100_000_000:
-                raise CheckpointError(f"{path.name} is not a safetensors file "
-                                      "(its first bytes are not a safetensors header)")
-            raise CheckpointError(
-                f"{path.name} is truncated: its header alone needs {8 + header_len} bytes but "
-                f"the file has {size}; download it again")
+            # A cut download still starts with the '{"' of its JSON header; anything else is
+            # some other file whose first 8 bytes read as a huge length.
+            if header_len <= 100_000_000 and f.read(2) == b'{"':
+                raise CheckpointError(
+                    f"{path.name} is truncated: its header alone needs {8 + header_len} bytes "
+                    f"but the file has {size}; download it again")
+            raise CheckpointError(f"{path.name} is not a safetensors file "
+                                  "(its first bytes are not a safetensors header)")
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path.name} is not a safetensors file (unreadable header)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = _check_header(header, path)
     expected = 8 + header_len + end
     if size < expected:
         raise CheckpointError(
@@ -118,27 +209,80 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+# safetensors dtype names -> bytes per element
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                      "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2,
+                      "U8": 1, "BOOL": 1}
+
+
+def _check_header(header, path: Path) -> int:
+    """Validate the structure of a parsed safetensors header; return the end of its data."""
+    def bad(why: str):
+        return CheckpointError(f"{path.name} is not a valid safetensors file: {why}; the file is "
+                               "damaged or was written by a broken tool")
+
+    if not isinstance(header, dict):
+        raise bad(f"its header is a JSON {type(header).__name__}, not an object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            if info is not None and not isinstance(info, dict):
+                raise bad("'__metadata__' is not an object")
+            continue
+        if not isinstance(info, dict):
+            raise bad(f"the entry of tensor '{name}' is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise bad(f"tensor '{name}' has an unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise bad(f"tensor '{name}' has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise bad(f"tensor '{name}' has invalid data_offsets {offsets!r}")
+        if offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_DTYPES[dtype]:
+            raise bad(f"tensor '{name}' has {offsets[1] - offsets[0]} bytes of data for shape "
+                      f"{shape} {dtype}")
+        end = max(end, offsets[1])
+    return end
+
+
 def _load_safetensors(path: Path) -> StateDict:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     read_safetensors_header(path)
     out = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            out[key] = f.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    except SafetensorError as e:   # anything the header check above did not catch
+        raise CheckpointError(f"{path.name} cannot be read as safetensors: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return out
 
 
 def _load_pickle(path: Path) -> StateDict:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    with open(path, "rb") as f:
+        is_zip = f.read(2) == b"PK"
+    try:  # mmap needs the zip format; old (non-zip) files are read into memory
+        with warnings.catch_warnings():   # torch's notes on pickle protocols: not for users
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
+        found = [line.strip() for line in str(e).splitlines()
+                 if "GLOBAL" in line or "Unsupported" in line][:1]
         raise CheckpointError(
             f"{path.name} contains Python objects other than tensors, so it was not loaded "
             f"(pickles are only read with weights_only=True for safety). Convert it to "
-            f".safetensors, or use the official file. Details: {str(e).splitlines()[0]}") from None
+            f".safetensors, or use the official file."
+            + (f" Details: {found[0]}" if found else "")) from None
     except RuntimeError as e:
         msg = str(e)
+        if "magic number" in msg.lower():
+            raise CheckpointError(f"{path.name} is not a PyTorch checkpoint (a plain pickle or "
+                                  "another format); convert it to .safetensors") from None
         if "zip" in msg.lower() or "central directory" in msg.lower() or "eof" in msg.lower():
             raise CheckpointError(f"{path.name} is truncated or corrupt ({msg.splitlines()[0]}); "
                                   "download it again") from None
@@ -174,13 +318,21 @@ def _load_sharded(index_path: Path) -> StateDict:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{index_path.name} is not a sharded-checkpoint index "
                               "(no 'weight_map')") from None
+    if not isinstance(weight_map, Mapping) or not all(isinstance(v, str)
+                                                      for v in weight_map.values()):
+        raise CheckpointError(f"{index_path.name}: 'weight_map' must map tensor names to "
+                              "shard file names")
     out: StateDict = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = index_path.parent / shard
+        if shard.lower().endswith(".json") or Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise CheckpointError(f"{index_path.name} names '{shard}' as a shard; shards must be "
+                                  "safetensors files in the same folder (an index cannot point "
+                                  "at an index)")
         if not shard_path.exists():
             raise CheckpointError(f"shard {shard} named in {index_path.name} is missing from "
                                   f"{index_path.parent}; download every shard")
-        out.update(load_state_dict(shard_path))
+        out.update(_read_state_dict(shard_path))
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 from ..models.attention import resolve_backend
 from ..models.configs import ConfigError, detect_dit_config
 from ..models.dit import WanDiT
+from ..ops import is_fp8
 from .assign import assign_state_dict, convert_tensors
 from .checkpoint import (CheckpointError, load_state_dict, read_safetensors_header, require_kind,
                          source_name)
@@ -68,30 +69,50 @@ def _read_metadata(source) -> dict:
     return meta
 
 
+def _stored_weight_dtype(weight_dtype) -> Optional[torch.dtype]:
+    """None (keep the file's), or fp8 to store bf16 / fp16 / fp32 Linear weights as fp8."""
+    if weight_dtype is None or weight_dtype in ("default", "auto"):
+        return None
+    names = {"fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+    name = names.get(str(weight_dtype), str(weight_dtype).replace("torch.", ""))
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not is_fp8(dtype):
+        raise ValueError(f"weight_dtype must be 'fp8_e4m3fn' or 'fp8_e5m2' (or None to keep the "
+                         f"file's), got {weight_dtype!r}; set the compute dtype with dtype=")
+    return dtype
+
+
+def describe_dit(sd: dict, source, dtype=None, num_heads: Optional[int] = None):
+    """``(state dict in the official layout, DiTConfig, compute dtype)`` for a DiT state dict
+    (real or meta tensors: only names, shapes and dtypes are looked at)."""
+    compute = parse_dtype(dtype)
+    require_kind(sd, "dit", source)
+    try:
+        sd = to_official_layout(sd)
+        cfg = detect_dit_config(sd, num_heads=num_heads, metadata=_read_metadata(source))
+    except (ConfigError, LayoutError) as e:
+        raise CheckpointError(f"{source_name(source)}: {e}") from None
+    return sd, cfg, compute or default_compute_dtype(stored_dtype(sd))
+
+
 def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
-             num_heads: Optional[int] = None) -> WanDiT:
+             num_heads: Optional[int] = None, weight_dtype=None) -> WanDiT:
     """Load a Wan DiT from a file, folder, index json or state dict.
 
     dtype: compute dtype ('fp32', 'bf16', 'fp16' or a torch dtype); None keeps the file's
     dtype for fp32/bf16/fp16 files and computes fp8 files in bf16. fp8 matrix weights stay
-    fp8 in memory and are cast one layer at a time. num_heads: only needed for custom models
-    whose dim is not a multiple of 128 and whose file carries no ``num_heads`` metadata.
-    The model is built on the meta device and the loaded tensors are assigned to it.
+    fp8 in memory and are cast one layer at a time. weight_dtype: 'fp8_e4m3fn' / 'fp8_e5m2'
+    stores the Linear weights of a wider file in fp8 (half the memory of bf16); None keeps the
+    file's. num_heads: only needed for custom models whose dim is not a multiple of 128 and
+    whose file carries no ``num_heads`` metadata. The model is built on the meta device and
+    the loaded tensors are assigned to it.
     """
     resolve_backend(attention)
-    compute = parse_dtype(dtype)
-    metadata = _read_metadata(source)
-    sd = load_state_dict(source)
-    require_kind(sd, "dit", source)
-    try:
-        sd = to_official_layout(sd)
-        cfg = detect_dit_config(sd, num_heads=num_heads, metadata=metadata)
-    except (ConfigError, LayoutError) as e:
-        raise CheckpointError(f"{source_name(source)}: {e}") from None
-    compute = compute or default_compute_dtype(stored_dtype(sd))
+    stored = _stored_weight_dtype(weight_dtype)
+    sd, cfg, compute = describe_dit(load_state_dict(source), source, dtype, num_heads)
     with torch.device("meta"):
         model = WanDiT(cfg, compute, attention)
-    convert_tensors(sd, model, compute, device)
+    convert_tensors(sd, model, compute, device, linear_dtype=stored)
     try:
         assign_state_dict(model, sd, dtype=None, device=device)
     except RuntimeError as e:

@@ -55,8 +55,9 @@ def architecture(reader) -> str:
         return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
 
 
-def read_gguf(source, expect: str = "wan", what: str = "a Wan diffusion model") -> dict:
-    """``{name: torch.Tensor | QuantizedTensor}`` of a GGUF file of architecture ``expect``.
+def read_gguf(source, expect=("wan",), what: str = "a Wan diffusion model") -> dict:
+    """``{name: torch.Tensor | QuantizedTensor}`` of a GGUF file whose architecture is one of
+    ``expect`` (a name or a tuple of names).
 
     Plain F32 / F16 / BF16 tensors are torch tensors over the memory-mapped file (read-only:
     convert before writing); quantised ones are :class:`QuantizedTensor`.
@@ -64,10 +65,14 @@ def read_gguf(source, expect: str = "wan", what: str = "a Wan diffusion model") 
     path = Path(source)
     reader = _reader(path)
     arch = architecture(reader)
-    if arch != expect:
-        hint = ("it is a umT5 text-encoder GGUF: load it with the text encoder loader"
-                if arch in TEXT_ENCODER_ARCHS else
-                f"it holds a '{arch}' model (e.g. an LLM, Flux or SD GGUF), not {what}")
+    expect = (expect,) if isinstance(expect, str) else tuple(expect)
+    if arch not in expect:
+        if arch in TEXT_ENCODER_ARCHS:
+            hint = "it is a umT5 text-encoder GGUF: load it with the text encoder loader"
+        elif arch == "wan":
+            hint = "it is a Wan diffusion-model GGUF: load it with the diffusion model loader"
+        else:
+            hint = f"it holds a '{arch}' model (e.g. an LLM, Flux or SD GGUF), not {what}"
         raise CheckpointError(f"{path.name}: {hint}")
     size = path.stat().st_size
     out = {}
@@ -101,3 +106,54 @@ def qtype_name_full(qtype: int) -> str:
         return GGMLQuantizationType(qtype).name
     except (ImportError, ValueError):
         return qtype_name(qtype)
+
+
+# -- the SentencePiece tokenizer of a T5 / umT5 GGUF ------------------------------------------------
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def gguf_sentencepiece(source) -> bytes | None:
+    """The SentencePiece model (serialized ``ModelProto``) rebuilt from a T5 / umT5 GGUF's
+    ``tokenizer.ggml.*`` metadata, or None when the file carries no T5 tokenizer.
+
+    llama.cpp's converter stores the pieces, their scores and types (numbered as SentencePiece
+    numbers them), the special ids, the whitespace options and the normaliser's precompiled
+    character map: everything a unigram SentencePiece model needs to tokenise identically.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+
+    path = Path(source)
+    reader = _reader(path)
+    if _field(reader, "tokenizer.ggml.model") != "t5":
+        return None
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not tokens or not len(tokens) == len(scores) == len(types):
+        raise CheckpointError(f"{path.name}: its tokenizer metadata is incomplete "
+                              f"({len(tokens)} tokens, {len(scores)} scores, {len(types)} types)")
+    model = spm_pb.ModelProto()
+    for piece, score, kind in zip(tokens, scores, types):
+        entry = model.pieces.add()
+        entry.piece, entry.score, entry.type = piece, float(score), int(kind)
+    trainer = model.trainer_spec
+    trainer.model_type = spm_pb.TrainerSpec.UNIGRAM
+    trainer.vocab_size = len(tokens)
+    for name, key in (("unk_id", "unknown_token_id"), ("eos_id", "eos_token_id"),
+                      ("pad_id", "padding_token_id"), ("bos_id", "bos_token_id")):
+        value = _field(reader, f"tokenizer.ggml.{key}")
+        setattr(trainer, name, -1 if value is None else int(value))
+    normalizer = model.normalizer_spec
+    normalizer.name = "gguf"
+    charsmap = reader.fields.get("tokenizer.ggml.precompiled_charsmap")
+    if charsmap is not None:
+        normalizer.precompiled_charsmap = bytes(np.asarray(charsmap.contents(), dtype=np.uint8))
+    for name, key in (("add_dummy_prefix", "add_space_prefix"),
+                      ("remove_extra_whitespaces", "remove_extra_whitespaces")):
+        value = _field(reader, f"tokenizer.ggml.{key}")
+        setattr(normalizer, name, True if value is None else bool(value))
+    normalizer.escape_whitespaces = True
+    return model.SerializeToString()

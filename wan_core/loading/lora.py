@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import Linear
+from ..ops.streaming import without_streaming_hooks
 from ..ops.lora import Full, Hadamard, Kronecker, LowRank, WeightPatch
 from .checkpoint import CheckpointError, identify, load_state_dict, source_name
 from .dit_layouts import LayoutError, diffusers_module_name, is_diffusers_layout
@@ -256,7 +257,12 @@ def _patch_shape(patch: WeightPatch) -> tuple:
 def shared_copy(model: nn.Module) -> nn.Module:
     """A new module tree that shares every parameter and buffer tensor with ``model``."""
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo)
+    streamer = getattr(model, "_block_streamer", None)
+    if streamer is not None:
+        memo[id(streamer)] = None
+    patched = copy.deepcopy(model, memo)
+    without_streaming_hooks(patched, model)
+    return patched
 
 
 def _attach(model: nn.Module, target: str, patches: Sequence[WeightPatch]) -> None:
@@ -290,7 +296,8 @@ def read_lora(source: LoRASource) -> dict:
 def apply_loras(model, loras: Sequence, expert: str = "both"):
     """A model that computes with ``loras`` applied; ``model`` itself is not changed.
 
-    model: a Wan DiT, or an expert pair (``wan_core.pipeline.MoEModel``: anything with
+    model: a Wan DiT, an on-demand one (``OnDemandDiT``: returns a new handle that applies the
+        LoRAs whenever it loads), or an expert pair (``wan_core.pipeline.MoEModel``: anything with
         ``high_noise`` / ``low_noise``), whose experts named by ``expert`` ('both',
         'high_noise', 'low_noise') get the LoRAs.
     loras: ``[(path_or_state_dict, strength), ...]``; several files add their deltas.
@@ -306,6 +313,14 @@ def apply_loras(model, loras: Sequence, expert: str = "both"):
             low = apply_loras(low, loras)
         return dataclasses.replace(model, high_noise=high, low_noise=low)
     checked = [(source, _check_strength(strength)) for source, strength in loras]
+    if hasattr(model, "with_loras"):
+        # An on-demand model (``wan_core.loading.on_demand``): check the LoRAs against its
+        # structure now; they are applied each time its weights are read.
+        structure = model.meta_model()
+        for source, strength in checked:
+            name = source_name(source) if not isinstance(source, Mapping) else "the LoRA"
+            lora_patches(read_lora(source), structure, strength or 1.0, name)
+        return model.with_loras(checked)
     patched = shared_copy(model)
     for source, strength in checked:
         if strength == 0.0:

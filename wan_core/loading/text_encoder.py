@@ -1,8 +1,10 @@
 """umT5 files -> :class:`~wan_core.models.text_encoder.TextEncoder` (network + tokenizer).
 
 Accepts the official ``models_t5_umt5-xxl-enc-bf16.pth``, ComfyUI / Hugging Face files
-(``encoder.block.N.layer...``, prefixed variants) and fp8 / scaled-fp8 files; the tokenizer is
-the ``spiece_model`` tensor embedded in ComfyUI's files, or a tokenizer file next to the weights.
+(``encoder.block.N.layer...``, prefixed variants), fp8 / scaled-fp8 files and GGUF quants
+(llama.cpp ``t5encoder`` names; quantised Linear weights stay quantised, dequantised per call);
+the tokenizer is the ``spiece_model`` tensor embedded in ComfyUI's files, the SentencePiece
+model rebuilt from a GGUF's metadata, or a tokenizer file next to the weights.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import torch
 from ..models.text_encoder import TextEncoder, UMT5Config, UMT5Encoder
 from ..models.tokenizer import TOKENIZER_DIRS, UMT5Tokenizer, tokenizer_file_in
 from . import checkpoint as ckpt
+from ..ops.gguf import QuantizedTensor
 from .assign import build_from_state_dict
+from .gguf import TEXT_ENCODER_ARCHS, gguf_sentencepiece, read_gguf
 
 
 # Prefixes seen in combined or repackaged files; removed when every key carries one.
@@ -34,6 +38,21 @@ _HF_RENAMES = (
     (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\."), r"blocks.\1.norm2."),
     (re.compile(r"^encoder\.final_layer_norm\."), "norm."),
 )
+# llama.cpp / GGUF (architecture t5encoder) -> Hugging Face names.
+_GGUF_RENAMES = (
+    (re.compile(r"^token_embd\."), "shared."),
+    (re.compile(r"^enc\.output_norm\."), "encoder.final_layer_norm."),
+    (re.compile(r"^enc\.blk\.(\d+)\.attn_norm\."), r"encoder.block.\1.layer.0.layer_norm."),
+    (re.compile(r"^enc\.blk\.(\d+)\.attn_rel_b\."),
+     r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias."),
+    (re.compile(r"^enc\.blk\.(\d+)\.attn_([qkvo])\."), r"encoder.block.\1.layer.0.SelfAttention.\2."),
+    (re.compile(r"^enc\.blk\.(\d+)\.ffn_norm\."), r"encoder.block.\1.layer.1.layer_norm."),
+    (re.compile(r"^enc\.blk\.(\d+)\.ffn_gate\."), r"encoder.block.\1.layer.1.DenseReluDense.wi_0."),
+    (re.compile(r"^enc\.blk\.(\d+)\.ffn_up\."), r"encoder.block.\1.layer.1.DenseReluDense.wi_1."),
+    (re.compile(r"^enc\.blk\.(\d+)\.ffn_down\."), r"encoder.block.\1.layer.1.DenseReluDense.wo."),
+)
+# The Linear weights of the official layout: GGUF-quantised ones stay quantised in them.
+_LINEAR_WEIGHT = re.compile(r"^blocks\.\d+\.(attn\.[qkvo]|ffn\.gate\.0|ffn\.fc1|ffn\.fc2)\.weight$")
 # Parts of full encoder-decoder files that the encoder does not use.
 _UNUSED = re.compile(r"^(decoder\.|lm_head\.|head\.)")
 
@@ -64,6 +83,38 @@ def to_official_layout(sd: Mapping) -> dict:
             key = key[len("encoder."):]  # official full-model files: encoder.blocks...
         out[key] = value
     return out
+
+
+def read_gguf_text_encoder(path) -> dict:
+    """A umT5 GGUF (llama.cpp's ``t5encoder`` layout) -> Hugging Face names, with the tokenizer
+    rebuilt from its metadata as a ``spiece_model`` uint8 tensor when the file carries one."""
+    sd = {}
+    for key, value in read_gguf(path, expect=TEXT_ENCODER_ARCHS,
+                                what="a umT5 text encoder").items():
+        for pattern, repl in _GGUF_RENAMES:
+            key, n = pattern.subn(repl, key)
+            if n:
+                break
+        sd[key] = value
+    spiece = gguf_sentencepiece(path)
+    if spiece is not None:
+        sd["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
+    return sd
+
+
+def _read(source) -> dict:
+    if isinstance(source, Mapping):
+        return dict(source)
+    if str(source).lower().endswith(".gguf"):
+        return read_gguf_text_encoder(source)
+    return ckpt.load_state_dict(source)
+
+
+def _dequantize_non_linear(sd: dict) -> dict:
+    """GGUF-quantised embeddings and position biases, dequantised once (fp32); quantised
+    Linear weights stay as they are (``ops.Linear`` dequantises them per call)."""
+    return {k: (v.dequantize(torch.float32) if isinstance(v, QuantizedTensor)
+                and not _LINEAR_WEIGHT.match(k) else v) for k, v in sd.items()}
 
 
 def config_from_state_dict(sd: Mapping) -> UMT5Config:
@@ -105,10 +156,9 @@ def load_umt5(source, dtype: Optional[torch.dtype] = None, device="cpu") -> UMT5
     fp8 linear weights stay fp8 in memory (scaled fp8 keeps its per-layer scale); everything is
     computed in ``dtype`` (default: fp32 for fp32 files, else bf16).
     """
-    sd = source if isinstance(source, Mapping) else ckpt.load_state_dict(source)
-    sd = ckpt.strip_prefix(dict(sd), _PREFIXES)
+    sd = ckpt.strip_prefix(_read(source), _PREFIXES)
     ckpt.require_kind(sd, "text_encoder", source)
-    sd = to_official_layout(sd)
+    sd = _dequantize_non_linear(to_official_layout(sd))
     cfg = config_from_state_dict(sd)
     dtype = dtype or _default_dtype(sd)
     model = build_from_state_dict(lambda: UMT5Encoder(cfg), sd, dtype=dtype, device=device,
@@ -167,8 +217,7 @@ def load_text_encoder(path_or_state_dict, dtype: Optional[torch.dtype] = None, d
     ``dtype``: compute dtype (default fp32 for fp32 files, else bf16); fp8 weights stay fp8.
     """
     source = path_or_state_dict
-    sd = source if isinstance(source, Mapping) else ckpt.load_state_dict(source)
-    sd = ckpt.strip_prefix(dict(sd), _PREFIXES)
+    sd = ckpt.strip_prefix(_read(source), _PREFIXES)
     ckpt.require_kind(sd, "text_encoder", source)
     spiece = sd.pop("spiece_model", None)
     tok = _resolve_tokenizer(tokenizer, spiece, source)

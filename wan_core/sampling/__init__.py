@@ -14,6 +14,7 @@ from .schedule import (DISTILLED_CFG, DISTILLED_SHIFT, DISTILLED_STEPS, NUM_TRAI
                        OFFICIAL_SIGMA_MAX, Schedule, distilled_schedule, flow_schedule,
                        flow_sigmas, schedule_from_sigmas, shift_sigmas, solver_schedule,
                        timesteps_for)
+from .settings import SEED_MAX, check_sampling_settings
 from .solvers import SOLVERS, SamplingCancelled, noise_latent, sample
 
 __all__ = [
@@ -22,5 +23,5 @@ __all__ = [
     "DISTILLED_CFG", "DISTILLED_SHIFT", "DISTILLED_STEPS", "NUM_TRAIN_TIMESTEPS", "OFFICIAL_SIGMA_MAX", "OffloadIdleExpert", "SOLVERS",
     "SamplingCancelled", "Schedule", "flow_schedule", "flow_sigmas", "guide",
     "distilled_schedule", "make_velocity_fn", "noise_latent", "sample", "schedule_from_sigmas", "shift_sigmas",
-    "solver_schedule", "timesteps_for",
+    "solver_schedule", "timesteps_for", "SEED_MAX", "check_sampling_settings",
 ]

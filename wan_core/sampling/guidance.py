@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ..ops.streaming import place, unstream
 from .schedule import NUM_TRAIN_TIMESTEPS
 
 Model = Callable[..., torch.Tensor]
@@ -27,9 +28,11 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tenso
 
 
 class OffloadIdleExpert:
-    """Offload hook keeping only the active expert on ``device``: the idle one goes to
-    ``idle_device`` first (so two are never resident), then the active one is brought in.
-    Works with anything that has ``.to(device)`` (``torch.nn.Module``)."""
+    """Offload hook keeping only the active expert on ``device``: the idle one goes first (so
+    two are never resident), then the active one is brought in. An idle expert that can be
+    ``release()``d (``wan_core.loading.on_demand.OnDemandDiT``) is dropped from memory and
+    re-read from its file when needed; any other goes to ``idle_device``. Works with anything
+    that has ``.to(device)`` (``torch.nn.Module``)."""
 
     def __init__(self, device: Union[str, torch.device],
                  idle_device: Union[str, torch.device] = "cpu"):
@@ -37,10 +40,18 @@ class OffloadIdleExpert:
 
     def __call__(self, active: Model, idle: Optional[Model]) -> None:
         if idle is not None:
-            idle.to(self.idle_device)
+            release = getattr(idle, "release", None)
+            if release is not None:
+                release()
+            else:
+                unstream(idle)
+                idle.to(self.idle_device)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        active.to(self.device)
+        if hasattr(active, "release"):
+            active.to(self.device)
+        else:
+            place(active, self.device)          # honours the model's block streaming
 
 
 def _pair(value, count: int, name: str) -> tuple:

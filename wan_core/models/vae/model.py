@@ -151,8 +151,8 @@ class WanVAE(nn.Module):
             raise ValueError(f"video must be [B, 3, T, H, W] in [-1, 1]; got shape {tuple(video.shape)}")
         st, sh, sw = self.config.stride
         t, h, w = video.shape[2:]
-        if (t - 1) % st:
-            lo = t - (t - 1) % st
+        if t < 1 or (t - 1) % st:
+            lo = t - (t - 1) % st if t > 1 else 1
             raise ValueError(f"the Wan {self.config.version} VAE encodes {st}n+1 frames "
                              f"(1, {1 + st}, {1 + 2 * st}, ...); got {t}; use {lo} or {lo + st}")
         if h % sh or w % sw:

@@ -141,6 +141,8 @@ def plan_tiles(vae, shape, kind: str, tile, max_memory: int | None) -> TilePlan 
         th, tw = min(side, lat_h), min(side, lat_w)
     else:
         th_px, tw_px = (tile, tile) if isinstance(tile, int) else tuple(tile)
+        if th_px <= 0 or tw_px <= 0:
+            raise ValueError(f"tile sizes must be positive pixel counts; got {th_px}x{tw_px}")
         th, tw = max(1, th_px // sh), max(1, tw_px // sw)
         if th_px % sh or tw_px % sw:
             raise ValueError(f"tile size must be a multiple of {sh} pixels for the Wan "
