@@ -142,7 +142,7 @@ def build(name: str, title: str, nodes: list[Node], note: str) -> dict:
 def loaders(dit_files, vae, clip=False, text_encoder=UMT5):
     nodes = []
     for i, (key, file) in enumerate(dit_files):
-        nodes.append(Node(key, "WanCoreModelLoader", [file, "default", "sdpa"], group="1. Models",
+        nodes.append(Node(key, "WanCoreModelLoader", [file, "default", "sdpa", -1, 0.0], group="1. Models",
                           title={"high": "High-noise expert", "low": "Low-noise expert"}.get(key, "")))
     nodes.append(Node("vae", "WanCoreVAELoader", [vae], group="1. Models"))
     nodes.append(Node("te", "WanCoreTextEncoderLoader", [text_encoder, "default"], group="1. Models"))
