@@ -120,7 +120,8 @@ def _lora(text: str) -> tuple[str, float]:
 def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     from wan_core.sampling.cache import CACHE_METHODS
 
-    parser.add_argument("--cache", metavar="NAME", default=None,
+    parser.add_argument("--cache", metavar="NAME", default=None, type=str.lower,
+                        choices=CACHE_METHODS,
                         help=f"step caching: skip model evaluations where the output barely "
                              f"changes ({', '.join(CACHE_METHODS)}; default: off)")
     parser.add_argument("--cache-threshold", type=float, metavar="X", default=None,
