@@ -58,9 +58,23 @@ def to_api_format(workflow: dict, overrides: dict) -> dict:
     from comfyui_wancore_pack.nodes.schema import widget_kwargs
 
     links = {link[0]: (link[1], link[2]) for link in workflow["links"]}
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+
+    def source(link_id):
+        """The (node, slot) feeding a link, through bypassed nodes (mode 4) as the frontend
+        does: a bypassed node passes on its input of the same type."""
+        origin, slot = links[link_id]
+        node = nodes[origin]
+        while node.get("mode") == 4:
+            out_type = node["outputs"][slot]["type"]
+            sock = next(i for i in node["inputs"] if i["type"] == out_type)
+            origin, slot = links[sock["link"]]
+            node = nodes[origin]
+        return origin, slot
+
     prompt = {}
     for node in workflow["nodes"]:
-        if node["type"] in ("Note", "MarkdownNote"):
+        if node["type"] in ("Note", "MarkdownNote") or node.get("mode") == 4:
             continue
         if node["type"] == "LoadImage":
             inputs = {"image": node["widgets_values"][0]}
@@ -70,7 +84,7 @@ def to_api_format(workflow: dict, overrides: dict) -> dict:
             inputs.update({k: v for k, v in overrides.items() if k in inputs})
         for sock in node.get("inputs", []):
             if sock.get("link") is not None:
-                origin, slot = links[sock["link"]]
+                origin, slot = source(sock["link"])
                 inputs[sock["name"]] = [str(origin), slot]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
@@ -141,7 +155,21 @@ def test_object_info_lists_every_node(server):
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_workflow_through_prompt_api(server, path):
     url, root = server
-    prompt = to_api_format(json.loads(path.read_text()), SMALL)
+    _run(url, root, to_api_format(json.loads(path.read_text()), SMALL))
+
+
+def test_moe_workflow_with_block_streaming_and_the_step_cache_enabled(server):
+    """Experts on demand released through ComfyUI's model management, blocks streamed, the
+    step cache on: the Wan 2.2 pair still produces a video in a real ComfyUI."""
+    url, root = server
+    workflow = json.loads((ROOT / "example_workflows" / "wan22_t2v_A14B.json").read_text())
+    (cache,) = [node for node in workflow["nodes"] if node["type"] == "WanCoreStepCache"]
+    assert cache["mode"] == 4                  # shipped bypassed
+    cache["mode"] = 0
+    _run(url, root, to_api_format(workflow, {**SMALL, "blocks_on_gpu": 1}))
+
+
+def _run(url, root, prompt):
     prompt_id = _post(url + "/prompt", {"prompt": prompt})["prompt_id"]
     deadline = time.time() + 300
     while time.time() < deadline:
