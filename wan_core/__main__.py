@@ -32,25 +32,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value}); leave the option "
-                                         "out to use the default")
-    return value
+def _whole_number(low: int, high: int | None = None, hint: str = "", allowed: str = ""):
+    """An argparse type: a whole number in [low, high], else a one-line error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+        if value < low or high is not None and value > high:
+            wanted = allowed or (f"at least {low}" if high is None else f"from {low} to {high}")
+            raise argparse.ArgumentTypeError(f"must be {wanted} (got {value}){hint}")
+        return value
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
-    return value
+_positive_int = _whole_number(1, hint="; leave the option out to use the default")
+_count = _whole_number(0)
+_seed = _whole_number(0, SEED_MAX, allowed=f"from 0 to 2**64-1 = {SEED_MAX}")
 
 
 def _positive_float(text: str) -> float:
@@ -68,16 +66,6 @@ def _fraction(text: str) -> float:
     value = _positive_float(text)
     if value >= 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {text!r})")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 2**64-1 = {SEED_MAX} (got {value})")
     return value
 
 
