@@ -42,16 +42,22 @@ def widget_kwargs(node_class, values: list) -> dict:
     return {name: value for name, value in zip(widgets, values) if name != CONTROL_AFTER_GENERATE}
 
 
-def validate_widget(node_class, name: str, value) -> None:
-    """Raise ValueError when ``value`` is not acceptable for widget ``name``."""
+def input_spec(node_class, name: str):
+    """``(type, options)`` of the required or optional input ``name``, or None."""
     spec = node_class.INPUT_TYPES()
     for section in ("required", "optional"):
         if name in spec.get(section, {}):
             input_type, *options = spec[section][name]
-            opts = options[0] if options else {}
-            break
-    else:
+            return input_type, (options[0] if options else {})
+    return None
+
+
+def validate_widget(node_class, name: str, value) -> None:
+    """Raise ValueError when ``value`` is not acceptable for widget ``name``."""
+    found = input_spec(node_class, name)
+    if found is None:
         raise ValueError(f"{node_class.__name__} has no input {name!r}")
+    input_type, opts = found
     if isinstance(input_type, (list, tuple)):
         if value not in input_type:
             raise ValueError(f"{node_class.__name__}.{name}: {value!r} is not one of {input_type}")
@@ -139,14 +145,10 @@ def check_input(node_class, display: str, name: str, value) -> None:
     ``name`` of ``node_class`` (socket type, widget type / range, empty image batch)."""
     import math
 
-    spec = node_class.INPUT_TYPES()
-    for section in ("required", "optional"):
-        if name in spec.get(section, {}):
-            input_type, *options = spec[section][name]
-            opts = options[0] if options else {}
-            break
-    else:
+    found = input_spec(node_class, name)
+    if found is None:
         return                                       # hidden or extra inputs: not ours
+    input_type, opts = found
     where = f"{display}: input '{name}'"
     if isinstance(input_type, (list, tuple)):
         if not isinstance(value, str):
