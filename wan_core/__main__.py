@@ -241,6 +241,18 @@ def _inputs(args) -> list:
     return [(option, path) for option, path in pairs if path is not None]
 
 
+def check_image_inputs(config, args: argparse.Namespace) -> None:
+    """An image-to-video DiT needs --image; a Wan 2.1 I2V / FLF2V one also --clip-vision."""
+    from wan_core.checks import UsageError
+
+    if config.model_type in ("i2v", "flf2v") and not args.image:
+        raise UsageError(f"{args.dit} is an image-to-video model ({config.model_type}); "
+                         "give --task i2v --image FILE (or flf2v with --end-image)")
+    if config.has_image_branch and not args.clip_vision:
+        raise UsageError("this Wan 2.1 I2V / FLF2V model needs --clip-vision "
+                         "(clip_vision_h.safetensors)")
+
+
 def check_generate_args(args: argparse.Namespace) -> dict:
     """Everything about a generate run that can be checked before a model loads.
 
@@ -289,12 +301,7 @@ def check_generate_args(args: argparse.Namespace) -> dict:
         check_kind(args.clip_vision, "clip_vision")
     vae_channels = peek_vae_latent_channels(args.vae)
     if config is not None:
-        if config.model_type in ("i2v", "flf2v") and not args.image:
-            raise UsageError(f"{args.dit} is an image-to-video model ({config.model_type}); "
-                             "give --task i2v --image FILE (or flf2v with --end-image)")
-        if config.has_image_branch and not args.clip_vision:
-            raise UsageError("this Wan 2.1 I2V / FLF2V model needs --clip-vision "
-                             "(clip_vision_h.safetensors)")
+        check_image_inputs(config, args)
         if vae_channels is not None:
             check_vae_matches(config.out_dim, vae_channels, args.dit, args.vae)
         defaults = DEFAULTS.get(config.variant, DEFAULTS["custom"])
@@ -370,12 +377,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = args.cfg if args.cfg is not None else (DISTILLED_CFG if distilled else defaults.guide)
     fps = args.fps or defaults.fps
     check_video_size(width, height, frames, vae_stride_for(config.out_dim))
-    if config.model_type in ("i2v", "flf2v") and not args.image:
-        raise ValueError(f"{args.dit} is an image-to-video model ({config.model_type}); give "
-                         "--task i2v --image FILE (or flf2v with --end-image)")
-    if config.has_image_branch and not args.clip_vision:
-        raise ValueError("this Wan 2.1 I2V / FLF2V model needs --clip-vision "
-                         "(clip_vision_h.safetensors)")
+    check_image_inputs(config, args)     # again: GGUF / folders are only known once loaded
     print(f"model: {variant} ({config.model_type}), {width}x{height}, {frames} frames, "
           f"{steps} steps, shift {shift}, cfg {cfg}, solver {args.solver}, seed {args.seed}")
 
