@@ -382,3 +382,26 @@ def test_loader_node_streaming_widgets_keep_the_output(models, monkeypatch):
         assert (streamer is not None) == bool(widgets)
         latents.append(latent["samples"])
     assert torch.equal(latents[0], latents[1]) and torch.equal(latents[0], latents[2])
+
+
+@pytest.mark.parametrize("method", ["teacache", "magcache", "easycache"])
+def test_step_cache_works_on_on_demand_experts(experts, method):
+    from wan_core.pipeline import calibrate_cache
+    from wan_core.sampling import CacheSettings
+
+    def pair():
+        return MoEModel(*(OnDemandDiT(p, dtype="fp32") for p in experts), 0.875, (3.0, 2.0),
+                        offload=OffloadIdleExpert("cpu"))
+
+    loaded = MoEModel(*(load_dit(p, dtype="fp32") for p in experts), 0.875, (3.0, 2.0),
+                      offload=OffloadIdleExpert("cpu"))
+    ctx, neg = _prompts(loaded.config)
+    with torch.no_grad():
+        data = calibrate_cache(loaded, ctx, neg, COND, steps=30)
+        on_demand_data = calibrate_cache(pair(), ctx, neg, COND, steps=30)
+        assert on_demand_data == data          # same key, same numbers
+        settings = CacheSettings(method, threshold=5.0, start=0.0, calibration=data)
+        stats, want_stats = {}, {}
+        got = generate(pair(), ctx, neg, COND, steps=12, cache=settings, stats=stats)
+        want = generate(loaded, ctx, neg, COND, steps=12, cache=settings, stats=want_stats)
+    assert stats["skipped"] >= 1 and stats == want_stats and torch.equal(got, want)

@@ -142,12 +142,18 @@ def calibration_key(experts: Sequence) -> str:
     return "+".join(_model_key(model) for model in experts)
 
 
+def _network(model):
+    """The network behind ``model``: an on-demand model (``wan_core.loading.on_demand``) is
+    loaded, anything else is itself."""
+    return model.load() if hasattr(model, "load") and hasattr(model, "release") else model
+
+
 def _model_key(model) -> str:
     variant = getattr(getattr(model, "config", None), "variant", "custom")
     if variant != "custom":
         return variant
     digest = hashlib.sha1()
-    module = getattr(model, "time_embedding", None)
+    module = getattr(_network(model), "time_embedding", None)
     for tensor in (module.state_dict().values() if module is not None else ()):
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return f"custom-{digest.hexdigest()[:12]}"
@@ -212,7 +218,7 @@ def _time_embedding(model, t: torch.Tensor) -> torch.Tensor:
     """The projected time embedding e0 [6, dim] float32 of the scalar timestep ``t[0]``
     (per-token TI2V timesteps [B, L] use their first row's largest value, the noisy tokens)."""
     value = t.reshape(t.shape[0], -1)[0].max().reshape(1)
-    _, e0, _ = model.embed_time(value, 1, 1)
+    _, e0, _ = _network(model).embed_time(value, 1, 1)
     return e0[0].float()
 
 
@@ -353,7 +359,8 @@ class CacheCalibration:
         return self
 
     def lookup(self, x, t, expert, model):
-        self._e0 = _time_embedding(model, t) if hasattr(model, "embed_time") else None
+        network = _network(model)
+        self._e0 = _time_embedding(network, t) if hasattr(network, "embed_time") else None
         self._expert = expert
         self.step += 1
         return None
