@@ -4,6 +4,8 @@
     python -m benchmarks.memory gguf --tokens 256 1560 --threads 2
     python -m benchmarks.memory experts --blocks 8   # Wan 2.2 A14B-shaped fp8 pair, CLI
     python -m benchmarks.memory streaming     # 1.3B with 0 / half / all blocks resident
+    python -m benchmarks.memory streaming --model 14B --video 832x480x81 --budget 8 10
+        # on a GPU: Wan 2.1 14B 480P 81 frames, resident vs VRAM budgets (issue 19's goal)
 
 ``gguf``: peak RSS of loading a file and running one forward, and the forward time, for the
 bf16 safetensors and for GGUF files whose block Linears are Q8_0 / Q4_K (random blocks; the
@@ -18,7 +20,9 @@ before). Goal: peak RSS <= 1.25 x one expert file + 1 GiB.
 
 ``streaming``: the 1.3B bf16 model with 0, half and all of its 30 blocks resident on the compute
 device (CUDA when present, else the CPU, where only the mechanism's cost shows): forward time,
-the weight bytes on the device, peak RSS, and peak CUDA memory on a GPU.
+the weight bytes on the device, peak RSS, and peak CUDA memory on a GPU. ``--model 14B --video
+832x480x81 --budget ...`` is the GPU check of issue 19 (within 12 GB of VRAM at <= 1.3x the
+time of resident weights).
 
 Every case runs in a fresh process (peak RSS = VmHWM, weights and the mapped file included).
 Files are written to a temporary folder (about 5 GB) and removed afterwards.
@@ -156,18 +160,22 @@ def bench_experts(folder: Path, blocks: int, threads: int, steps: int) -> None:
               f"{r['wall_s']:.1f} s |")
 
 
-def _streaming_case(queue, path, resident, tokens, threads):
+def _streaming_case(queue, path, setting, latent, threads):
     torch.set_num_threads(threads)
     from wan_core import load_dit
     from wan_core.ops.streaming import BlockStreaming, device_bytes, place
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dit = load_dit(path, device="cpu")
-    dit.block_streaming = None if resident is None else BlockStreaming(resident=resident)
+    dit.block_streaming = (None if setting is None else
+                           BlockStreaming(budget_gb=setting) if isinstance(setting, float) else
+                           BlockStreaming(resident=setting))
     on_device = device_bytes(dit, dit.block_streaming)
+    resident = (len(dit.blocks) if dit.block_streaming is None
+                else dit.block_streaming.resident_blocks(dit))
     place(dit, device)
     ctx = [torch.randn(60, 4096, device=device)]
-    x = torch.randn(1, 16, 1, 16, tokens // 4, device=device)
+    x = torch.randn(1, *latent, device=device)
     t = torch.tensor([500.0], device=device)
     times = []
     with torch.no_grad():
@@ -181,23 +189,42 @@ def _streaming_case(queue, path, resident, tokens, threads):
             times.append(time.perf_counter() - t0)
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     queue.put({"time": min(times[1:]), "device_mb": on_device / 2**20, "peak_mb": _hwm_mb(),
-               "cuda_mb": cuda_peak, "device": str(device)})
+               "cuda_mb": cuda_peak, "device": str(device), "resident": resident,
+               "blocks": len(dit.blocks)})
 
 
-def bench_streaming(folder: Path, tokens: int, threads: int) -> None:
-    path = full_size.write_bf16_and_fp8(folder, full_size.shapes())["bf16"]
-    cases = {"all 30 resident (no streaming)": None, "15 resident": 15, "0 resident": 0}
-    results = {name: _spawn(_streaming_case, str(path), n, tokens, threads)
-               for name, n in cases.items()}
-    base = results["all 30 resident (no streaming)"]["time"]
-    device = results["0 resident"]["device"]
-    print(f"\nBlock streaming, Wan 2.1 1.3B bf16, one forward at {tokens} tokens on {device}")
-    print("| blocks | weights on the device | peak CUDA | peak RSS | forward | vs resident |")
-    print("|---|---|---|---|---|---|")
+def _latent_shape(video: str | None, tokens: int) -> tuple:
+    """``WxHxF`` (pixels, frames) -> the Wan 2.1 latent [16, F', H / 8, W / 8]; else a one-frame
+    latent of ``tokens`` tokens after the 1x2x2 patch."""
+    if video is None:
+        return (16, 1, 16, tokens // 4)
+    w, h, f = (int(v) for v in video.lower().split("x"))
+    return (16, (f - 1) // 4 + 1, h // 8, w // 8)
+
+
+def bench_streaming(folder: Path, model: str, latent, threads: int, budgets) -> None:
+    if model == "14B":
+        path = full_size.write_fp8_scaled(folder / "wan2.1_t2v_14B_fp8_scaled.safetensors",
+                                          full_size.shapes(**full_size.T2V_14B))
+        cases = {"all 40 resident (no streaming)": None}
+    else:
+        path = full_size.write_bf16_and_fp8(folder, full_size.shapes())["bf16"]
+        cases = {"all 30 resident (no streaming)": None, "15 resident": 15, "0 resident": 0}
+    cases.update({f"budget {gb:g} GiB": float(gb) for gb in budgets})
+    results = {name: _spawn(_streaming_case, str(path), setting, latent, threads)
+               for name, setting in cases.items()}
+    base = next(iter(results.values()))["time"]
+    device = next(iter(results.values()))["device"]
+    tokens = latent[1] * latent[2] * latent[3] // 4
+    print(f"\nBlock streaming, Wan 2.1 {model} ({path.name}), one forward of latent "
+          f"{list(latent)} ({tokens} tokens) on {device}")
+    print("| case | blocks resident | weights on the device | peak CUDA | peak RSS | forward | "
+          "vs resident |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         cuda = f"{r['cuda_mb']:,.0f} MB" if r["cuda_mb"] is not None else "n/a (CPU)"
-        print(f"| {name} | {r['device_mb']:,.0f} MB | {cuda} | {r['peak_mb']:,.0f} MB | "
-              f"{r['time']:.2f} s | {r['time'] / base:.2f}x |")
+        print(f"| {name} | {r['resident']} of {r['blocks']} | {r['device_mb']:,.0f} MB | {cuda} | "
+              f"{r['peak_mb']:,.0f} MB | {r['time']:.2f} s | {r['time'] / base:.2f}x |")
 
 
 def main(argv=None) -> int:
@@ -208,6 +235,13 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", type=int, default=8,
                         help="experts: blocks per A14B-shaped expert (of 40)")
     parser.add_argument("--steps", type=int, default=4, help="experts: sampling steps")
+    parser.add_argument("--model", choices=("1.3B", "14B"), default="1.3B",
+                        help="streaming: the model shapes (14B: a 14 GB fp8_scaled file)")
+    parser.add_argument("--video", metavar="WxHxF",
+                        help="streaming: the forward's video size, e.g. 832x480x81 (default: "
+                             "one frame of the last --tokens)")
+    parser.add_argument("--budget", type=float, nargs="*", default=[],
+                        help="streaming: VRAM budgets (GiB) to run besides the fixed cases")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="wancore-memory-bench-") as tmp:
         if args.case == "gguf":
@@ -215,7 +249,8 @@ def main(argv=None) -> int:
         elif args.case == "experts":
             bench_experts(Path(tmp), args.blocks, args.threads, args.steps)
         else:
-            bench_streaming(Path(tmp), args.tokens[-1], args.threads)
+            bench_streaming(Path(tmp), args.model, _latent_shape(args.video, args.tokens[-1]),
+                            args.threads, args.budget)
     return 0
 
 
