@@ -182,6 +182,13 @@ def test_model_mismatches_are_refused_before_loading(models, tmp_path, capsys, n
     _one_error_line(capsys, "frames must be 4n+1")
     assert _generate(models, tmp_path / "v.mp4", dit=FILES["dit_i2v"]) == 2
     _one_error_line(capsys, "is an image-to-video model")
+    gguf_dit = "diffusion_models/wan2.1-t2v-1.3b-Q8_0.gguf"
+    assert _generate(models, tmp_path / "v.mp4", vae=gguf_dit) == 2
+    _one_error_line(capsys, "Wan diffusion-model GGUF: load it with the diffusion model loader")
+    assert main(["generate", "--dit", str(models / DIT), "--vae", str(models / FILES["vae21"]),
+                 "--text-encoder", str(models / gguf_dit), "--prompt", "a red circle",
+                 "--out", str(tmp_path / "v.mp4")]) == 2
+    _one_error_line(capsys, "Wan diffusion-model GGUF: load it with the diffusion model loader")
     assert _snapshot(tmp_path) == {}
 
 

@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 import torch
 
 from .conditioning import latent_frames
-from .loading.checkpoint import (CheckpointError, read_safetensors_header, require_kind,
+from .loading.checkpoint import (CheckpointError, load_meta_state_dict, require_kind,
                                  source_name, strip_prefix)
 
 GB = 1e9
@@ -113,22 +113,27 @@ def read_image(path, option: str) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ model files
 
-def header_state_dict(path) -> Optional[dict]:
-    """A single safetensors file's tensors as meta tensors (shapes only, nothing read), or
-    None for other formats (they are checked when loaded)."""
+def header_state_dict(path, kind: str = "dit") -> Optional[dict]:
+    """What a model file holds, read the cheap way: a safetensors file (or sharded set) as meta
+    tensors from its header, a GGUF through its memory map (a GGUF of another kind than
+    ``kind`` is refused here, naming the right loader); None for other formats (checked when
+    loaded)."""
     path = Path(path)
-    if not path.is_file() or not path.name.lower().endswith((".safetensors", ".sft")):
+    name = path.name.lower()
+    if path.is_file() and name.endswith(".gguf"):
+        if kind == "text_encoder":
+            from .loading.text_encoder import read_gguf_text_encoder
+
+            return read_gguf_text_encoder(path)
+        from .loading.checkpoint import KIND_NAMES
+        from .loading.gguf import read_gguf
+
+        # Only DiTs and text encoders come as GGUF: anything else is refused by its kind.
+        return read_gguf(path, expect=("wan",) if kind == "dit" else (),
+                         what=KIND_NAMES.get(kind, kind))
+    if not (path.is_file() and name.endswith((".safetensors", ".sft", ".index.json"))):
         return None
-    header = read_safetensors_header(path)
-    return {key: torch.empty(info["shape"], device="meta",
-                             dtype=_DTYPES.get(info["dtype"], torch.uint8))
-            for key, info in header.items() if key != "__metadata__"}
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-           "U8": torch.uint8, "BOOL": torch.bool}
+    return load_meta_state_dict(path)
 
 
 def peek_dit_config(path):
@@ -151,7 +156,7 @@ def peek_vae_latent_channels(path) -> Optional[int]:
     """The latent channels (16: Wan 2.1 VAE, 48: Wan 2.2 VAE) from a safetensors header."""
     from .loading.vae import VAE_PREFIXES, diffusers_to_official, infer_config, is_diffusers_layout
 
-    sd = header_state_dict(path)
+    sd = header_state_dict(path, "vae")
     if sd is None:
         return None
     sd = strip_prefix(sd, VAE_PREFIXES)
@@ -173,7 +178,7 @@ def check_vae_matches(dit_channels: int, vae_channels: int, dit_name, vae_name) 
 
 def check_kind(path, kind: str) -> None:
     """Refuse a safetensors file that holds another kind of model (header only)."""
-    sd = header_state_dict(path)
+    sd = header_state_dict(path, kind)
     if sd is not None:
         require_kind(sd, kind, path)
 
