@@ -130,9 +130,10 @@ def load_meta_state_dict(source: Source) -> StateDict:
         files = []
     else:
         path = Path(source)
-        if path.is_dir():
+        if path.is_dir():           # the files _load_folder would read
             indexes = sorted(path.glob("*.safetensors.index.json"))
-            path = indexes[0] if indexes else path
+            singles = sorted(path.glob("*.safetensors"))
+            path = indexes[0] if indexes else singles[0] if len(singles) == 1 else path
         if path.name.lower().endswith(".index.json"):
             try:
                 shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
@@ -145,7 +146,7 @@ def load_meta_state_dict(source: Source) -> StateDict:
             files = []
     if not files or not all(f.is_file() for f in files):
         return {k: (v.to("meta") if isinstance(v, torch.Tensor) else v)
-                for k, v in load_state_dict(source).items()}
+                for k, v in _read_state_dict(source).items()}   # no value is looked at
     out: StateDict = {}
     for file in files:
         for key, info in read_safetensors_header(file).items():

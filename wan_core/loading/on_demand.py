@@ -37,10 +37,10 @@ class OnDemandDiT:
     def __init__(self, source, dtype=None, device="cpu", attention: str = "sdpa",
                  num_heads: Optional[int] = None, weight_dtype=None):
         resolve_backend(attention)
-        _stored_weight_dtype(weight_dtype)
+        stored = _stored_weight_dtype(weight_dtype)        # checked before the file is read
         sd, self.config, self.compute_dtype = describe_dit(load_meta_state_dict(source), source,
                                                            dtype, num_heads)
-        self.stored_dtype = _stored_weight_dtype(weight_dtype) or stored_dtype(sd)
+        self.stored_dtype = stored or stored_dtype(sd)
         self.source = source
         self.device = torch.device(device)
         self._options = dict(dtype=dtype, attention=attention, num_heads=num_heads,
