@@ -72,6 +72,8 @@ def resident_blocks_for_budget(model: nn.Module, budget_bytes: float) -> int:
     """The most blocks that can stay on the device within ``budget_bytes`` of weights, after
     the modules outside the blocks and ``IN_FLIGHT`` streamed blocks are counted."""
     blocks = list(model.blocks)
+    if module_bytes(model) <= budget_bytes:
+        return len(blocks)                   # everything fits: nothing to stream
     block_sizes = [module_bytes(b) for b in blocks]
     outside = module_bytes(model) - sum(block_sizes)
     largest = max(block_sizes, default=0)
@@ -82,9 +84,7 @@ def resident_blocks_for_budget(model: nn.Module, budget_bytes: float) -> int:
             break
         left -= size
         resident += 1
-    if resident + IN_FLIGHT >= len(blocks) and outside + sum(block_sizes) <= budget_bytes:
-        return len(blocks)           # everything fits: nothing to stream
-    return min(resident, len(blocks))
+    return resident
 
 
 def device_bytes(model: nn.Module, settings: Optional[BlockStreaming]) -> int:
@@ -131,13 +131,11 @@ class BlockStreamer:
     ``peak_streamed`` is the most streamed blocks that were on the device at once.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], device, resident: int,
-                 prefetch: bool = True):
+    def __init__(self, blocks: Sequence[nn.Module], device, resident: int):
         self.blocks = list(blocks)
         self.device = torch.device(device)
         self.resident = max(0, min(int(resident), len(self.blocks)))
         self.streamed = list(range(self.resident, len(self.blocks)))
-        self.prefetch = prefetch
         self.peak_streamed = 0
         self._storage: dict = {}        # block index -> [(slot, CPU tensor)]
         self._in_flight: dict = {}      # block index -> ([device tensors], CUDA event or None)
@@ -175,11 +173,6 @@ class BlockStreamer:
         for i in list(self._in_flight):
             self._after(i)          # e.g. a forward that raised: put the CPU tensors back
 
-    @property
-    def on_device(self) -> int:
-        """Blocks whose weights are on the device now (resident + streamed in flight)."""
-        return self.resident + len(self._in_flight)
-
     # -- streaming --------------------------------------------------------------------------
 
     def _copy_in(self, i: int) -> None:
@@ -208,7 +201,7 @@ class BlockStreamer:
                 copy.record_stream(current)     # keep the memory until this stream is done
         for (slot, _), copy in zip(self._storage[i], copies):
             _set(slot, copy)
-        if self.prefetch and len(self.streamed) > 1:
+        if len(self.streamed) > 1:
             position = self.streamed.index(i)
             upcoming = self.streamed[(position + 1) % len(self.streamed)]
             if upcoming not in self._in_flight:
