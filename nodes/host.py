@@ -178,15 +178,17 @@ def load_for_compute(module):
     """
     if _is_on_demand(module):
         handle = module
+        if _model_management is None:            # read straight onto the compute device
+            handle.to(torch_device()).load()
+            return torch_device()
         module = handle.load()
         streaming = getattr(handle, "block_streaming", None)
-        if _model_management is None or streaming is not None:
-            if _model_management is not None:
-                # Streamed blocks bypass ComfyUI's loader (it would load every block): make
-                # room for what stays on the GPU ourselves.
-                from wan_core.ops.streaming import device_bytes
+        if streaming is not None:
+            # Streamed blocks bypass ComfyUI's loader (it would load every block): make room
+            # for what stays on the GPU ourselves.
+            from wan_core.ops.streaming import device_bytes
 
-                _model_management.free_memory(device_bytes(module, streaming), torch_device())
+            _model_management.free_memory(device_bytes(module, streaming), torch_device())
             handle.to(torch_device())
             return torch_device()
     if _model_management is not None:
