@@ -27,7 +27,9 @@ PLAIN = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 TEXT_ENCODER_ARCHS = ("t5", "t5encoder", "umt5")
 
 
-def _reader(path: Path):
+def open_gguf(path: Path):
+    """The ``gguf`` package's memory-mapped reader of ``path``, after checking the magic."""
+    path = Path(path)
     try:
         from gguf import GGUFReader
     except ImportError:
@@ -55,15 +57,17 @@ def architecture(reader) -> str:
         return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
 
 
-def read_gguf(source, expect=("wan",), what: str = "a Wan diffusion model") -> dict:
+def read_gguf(source, expect=("wan",), what: str = "a Wan diffusion model",
+              reader=None) -> dict:
     """``{name: torch.Tensor | QuantizedTensor}`` of a GGUF file whose architecture is one of
     ``expect`` (a name or a tuple of names).
 
     Plain F32 / F16 / BF16 tensors are torch tensors over the memory-mapped file (read-only:
-    convert before writing); quantised ones are :class:`QuantizedTensor`.
+    convert before writing); quantised ones are :class:`QuantizedTensor`. ``reader``: the file
+    already opened with :func:`open_gguf`.
     """
     path = Path(source)
-    reader = _reader(path)
+    reader = reader or open_gguf(path)
     arch = architecture(reader)
     expect = (expect,) if isinstance(expect, str) else tuple(expect)
     if arch not in expect:
@@ -115,7 +119,7 @@ def _field(reader, key: str):
     return None if field is None else field.contents()
 
 
-def gguf_sentencepiece(source) -> bytes | None:
+def gguf_sentencepiece(source, reader=None) -> bytes | None:
     """The SentencePiece model (serialized ``ModelProto``) rebuilt from a T5 / umT5 GGUF's
     ``tokenizer.ggml.*`` metadata, or None when the file carries no T5 tokenizer.
 
@@ -126,7 +130,7 @@ def gguf_sentencepiece(source) -> bytes | None:
     from sentencepiece import sentencepiece_model_pb2 as spm_pb
 
     path = Path(source)
-    reader = _reader(path)
+    reader = reader or open_gguf(path)
     if _field(reader, "tokenizer.ggml.model") != "t5":
         return None
     tokens = _field(reader, "tokenizer.ggml.tokens") or []

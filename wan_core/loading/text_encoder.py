@@ -20,7 +20,7 @@ from ..models.tokenizer import TOKENIZER_DIRS, UMT5Tokenizer, tokenizer_file_in
 from . import checkpoint as ckpt
 from ..ops.gguf import QuantizedTensor
 from .assign import build_from_state_dict
-from .gguf import TEXT_ENCODER_ARCHS, gguf_sentencepiece, read_gguf
+from .gguf import TEXT_ENCODER_ARCHS, gguf_sentencepiece, open_gguf, read_gguf
 
 
 # Prefixes seen in combined or repackaged files; removed when every key carries one.
@@ -88,15 +88,16 @@ def to_official_layout(sd: Mapping) -> dict:
 def read_gguf_text_encoder(path) -> dict:
     """A umT5 GGUF (llama.cpp's ``t5encoder`` layout) -> Hugging Face names, with the tokenizer
     rebuilt from its metadata as a ``spiece_model`` uint8 tensor when the file carries one."""
+    reader = open_gguf(path)           # parsed once for the tensors and the tokenizer
     sd = {}
-    for key, value in read_gguf(path, expect=TEXT_ENCODER_ARCHS,
-                                what="a umT5 text encoder").items():
+    for key, value in read_gguf(path, expect=TEXT_ENCODER_ARCHS, what="a umT5 text encoder",
+                                reader=reader).items():
         for pattern, repl in _GGUF_RENAMES:
             key, n = pattern.subn(repl, key)
             if n:
                 break
         sd[key] = value
-    spiece = gguf_sentencepiece(path)
+    spiece = gguf_sentencepiece(path, reader=reader)
     if spiece is not None:
         sd["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
     return sd
@@ -110,10 +111,11 @@ def _read(source) -> dict:
     return ckpt.load_state_dict(source)
 
 
-def _dequantize_non_linear(sd: dict) -> dict:
-    """GGUF-quantised embeddings and position biases, dequantised once (fp32); quantised
-    Linear weights stay as they are (``ops.Linear`` dequantises them per call)."""
-    return {k: (v.dequantize(torch.float32) if isinstance(v, QuantizedTensor)
+def _dequantize_non_linear(sd: dict, dtype: torch.dtype) -> dict:
+    """GGUF-quantised embeddings and position biases, dequantised once into the compute
+    ``dtype``; quantised Linear weights stay as they are (``ops.Linear`` dequantises them per
+    call)."""
+    return {k: (v.dequantize(dtype) if isinstance(v, QuantizedTensor)
                 and not _LINEAR_WEIGHT.match(k) else v) for k, v in sd.items()}
 
 
@@ -158,9 +160,10 @@ def load_umt5(source, dtype: Optional[torch.dtype] = None, device="cpu") -> UMT5
     """
     sd = ckpt.strip_prefix(_read(source), _PREFIXES)
     ckpt.require_kind(sd, "text_encoder", source)
-    sd = _dequantize_non_linear(to_official_layout(sd))
-    cfg = config_from_state_dict(sd)
+    sd = to_official_layout(sd)
     dtype = dtype or _default_dtype(sd)
+    sd = _dequantize_non_linear(sd, dtype)
+    cfg = config_from_state_dict(sd)
     model = build_from_state_dict(lambda: UMT5Encoder(cfg), sd, dtype=dtype, device=device,
                                   source=source, what=f"the umT5 encoder ({cfg})")
     return model.eval().requires_grad_(False)
