@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 import torch
 
 from .conditioning import latent_frames
-from .loading.checkpoint import (CheckpointError, load_meta_state_dict, require_kind,
+from .loading.checkpoint import (load_meta_state_dict, require_kind,
                                  source_name, strip_prefix)
 
 GB = 1e9
@@ -137,19 +137,12 @@ def header_state_dict(path, kind: str = "dit") -> Optional[dict]:
 
 
 def peek_dit_config(path):
-    """The DiT config of a safetensors file from its header (None for other formats)."""
-    from .loading.dit import _read_metadata
-    from .loading.dit_layouts import to_official_layout
-    from .models.configs import detect_dit_config
+    """The DiT config of a model file read the cheap way (None for formats known only once
+    loaded)."""
+    from .loading.dit import describe_dit
 
     sd = header_state_dict(path)
-    if sd is None:
-        return None
-    require_kind(sd, "dit", path)
-    try:
-        return detect_dit_config(to_official_layout(sd), metadata=_read_metadata(path))
-    except ValueError as e:
-        raise CheckpointError(f"{source_name(path)}: {e}") from None
+    return None if sd is None else describe_dit(sd, path)[1]
 
 
 def peek_vae_latent_channels(path) -> Optional[int]:
