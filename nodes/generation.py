@@ -152,6 +152,7 @@ class WanCoreMoE:
         }}
 
     def combine(self, high_noise_model, low_noise_model, boundary, cfg_high_noise, cfg_low_noise):
+        from wan_core.models.configs import expert_pair_mismatch
         from wan_core.pipeline import MoEModel, StepCached, default_boundary, unwrap_cache
 
         # A WanCore Step Cache on the experts caches the pair (the high-noise one's settings).
@@ -159,12 +160,11 @@ class WanCoreMoE:
         low_noise_model, cache_low = unwrap_cache(low_noise_model)
         cache = cache_high or cache_low
 
-        hi, lo = high_noise_model.config, low_noise_model.config
-        if (hi.in_dim, hi.out_dim, hi.model_type) != (lo.in_dim, lo.out_dim, lo.model_type):
-            raise ValueError(f"the two experts do not belong together: high-noise is "
-                             f"{hi.variant} ({hi.model_type}, {hi.in_dim} ch), low-noise is "
-                             f"{lo.variant} ({lo.model_type}, {lo.in_dim} ch)")
-        boundary = boundary or default_boundary(hi.model_type)
+        problem = expert_pair_mismatch(high_noise_model.config, low_noise_model.config)
+        if problem:
+            raise ValueError(f"the models on high_noise_model and low_noise_model do not belong "
+                             f"together: {problem}")
+        boundary = boundary or default_boundary(high_noise_model.config.model_type)
         pair = MoEModel(high_noise_model, low_noise_model, boundary,
                         (cfg_high_noise, cfg_low_noise), offload=_swap_experts)
         return (pair if cache is None else StepCached(pair, cache),)
@@ -220,11 +220,13 @@ class WanCoreStepCache:
     def apply(self, model, method, threshold, start, end):
         from dataclasses import replace
 
-        from wan_core.pipeline import StepCached, unwrap_cache
-        from wan_core.sampling import cache_settings
+        from wan_core.pipeline import MoEModel, StepCached, unwrap_cache
+        from wan_core.sampling import cache_settings, check_calibration
 
         settings = replace(cache_settings(method), threshold=threshold, start=start, end=end)
         inner, _ = unwrap_cache(model)
+        experts = inner.experts if isinstance(inner, MoEModel) else (inner,)
+        check_calibration(settings, [expert.config for expert in experts])  # before sampling
         return (StepCached(inner, settings),)
 
 

@@ -44,6 +44,9 @@ class WanCoreVAEDecode:
         from wan_core.video_io import video_to_frames
 
         z = from_comfy_latent(latent, vae.config.z_dim)
+        require_finite(z, "WanCore VAE Decode: the input latent",
+                       "the node that made it failed: check the sampler's model, LoRAs and "
+                       "dtype; the VAE was not run")
         device = host.load_for_compute(vae)
         video = vae.decode(z.to(device), tile=_tile_argument(tiling, tile_size))
         require_finite(video, "WanCore VAE Decode: the decoded video")

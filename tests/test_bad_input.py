@@ -359,7 +359,8 @@ def test_nodes_with_a_real_vae(nodes, models):
     with pytest.raises(ValueError, match="got 0; use 1 or 5"):
         vae.encode(torch.zeros(1, 3, 0, 48, 64))
     nan = {"samples": torch.full((1, 16, 3, 6, 8), float("nan"))}
-    with pytest.raises(ValueError, match="WanCore VAE Decode: the decoded video contains NaN"):
+    with pytest.raises(ValueError, match="WanCore VAE Decode: the input latent contains NaN"
+                                         ".*the VAE was not run"):
         decode.decode(vae, nan, tiling="off")
 
 
@@ -375,3 +376,308 @@ def test_save_video_stays_in_the_output_folder(nodes, tmp_path, monkeypatch):
     assert result["ui"]["wancore_video"][0]["filename"] == "clip_00001_.mp4"
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == [os.path.join("output", "videos", "clip_00001_.mp4")]
+
+
+# ---------------------------------------------------------------------------- issue 30
+
+@pytest.fixture
+def only_loras_read(monkeypatch):
+    """Fail the test if any model weights are read; LoRA files (under loras/ or a test's own
+    folder named *lora*) may be read."""
+    import wan_core
+    from wan_core.loading import checkpoint, on_demand
+
+    real = checkpoint._read_state_dict
+
+    def guarded(source, *args, **kwargs):
+        if not isinstance(source, dict) and "lora" not in str(source):
+            raise AssertionError(f"{source} was read before the input was checked")
+        return real(source, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(checkpoint, "_read_state_dict", guarded)
+    monkeypatch.setattr(on_demand, "load_dit", refuse)
+    for name in ("load_dit", "load_vae", "load_text_encoder", "load_clip_vision"):
+        monkeypatch.setattr(wan_core, name, refuse)
+
+
+def test_seeds_use_all_64_bits_and_keep_the_videos_of_seeds_below_2_32():
+    from wan_core.pipeline import draw_noise
+
+    shape = (4, 3, 6, 8)
+    for seed in (0, 1, 12345, 2**32 - 1):          # today's noise, exactly
+        expected = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(draw_noise(shape, seed)[0], expected)
+    seeds = [0, 1, 2**32, 2**32 + 1, 2**33, 2**63, 2**64 - 1]
+    drawn = [draw_noise(shape, s) for s in seeds]
+    for i in range(len(seeds)):
+        for j in range(i):
+            assert not torch.equal(drawn[i], drawn[j]), (seeds[i], seeds[j])
+    assert torch.equal(draw_noise(shape, 2**63), draw_noise(shape, 2**63))   # deterministic
+    big = draw_noise((16, 21, 60, 104), 2**40)
+    assert abs(float(big.mean())) < 0.01 and abs(float(big.std()) - 1) < 0.01
+
+
+def test_cli_seed_2_32_is_not_seed_0(models, tmp_path):
+    latents = {}
+    for seed in ("0", str(2**32)):
+        path = tmp_path / f"{seed}.latent"
+        assert _generate(models, tmp_path / f"{seed}.mp4", *SMALL, "--seed", seed,
+                         "--save-latents", str(path)) == 0
+        latents[seed] = load_file(str(path))["latent"]
+    assert not torch.equal(latents["0"], latents[str(2**32)])
+
+
+@pytest.mark.parametrize("low, needle", [
+    (FILES["dit_i2v_low"], "i2v, 36 -> 16 channels"),
+    (FILES["dit_ti2v"], "ti2v, 48 -> 48 channels"),
+])
+def test_a_mismatched_expert_pair_is_refused_before_loading(models, tmp_path, capsys,
+                                                            no_model_loads, low, needle):
+    assert _generate(models, tmp_path / "v.mp4", *SMALL, "--dit-low-noise", str(models / low),
+                     dit=FILES["dit_t2v_high"]) == 2
+    line = _one_error_line(capsys, "--dit-low-noise", Path(low).name, "--dit",
+                           Path(FILES["dit_t2v_high"]).name, needle, "(t2v, 16 -> 16 channels")
+    assert "must be the same model type and size" in line
+    assert _snapshot(tmp_path) == {}
+
+
+def test_the_moe_node_refuses_a_mismatched_pair(models):
+    from wan_core.loading.on_demand import OnDemandDiT
+
+    moe = load_pack().NODE_CLASS_MAPPINGS["WanCoreMoE"]()
+    high = OnDemandDiT(models / FILES["dit_t2v_high"])
+    low = OnDemandDiT(models / FILES["dit_i2v_low"])
+    with pytest.raises(ValueError, match="do not belong together.*high-noise expert is custom "
+                                         r"\(t2v.*low-noise expert is custom \(i2v"):
+        moe.combine(high, low, 0.0, 4.0, 3.0)
+    assert not high.loaded and not low.loaded
+
+
+def _lora_file(folder: Path, name: str, tensors: dict) -> Path:
+    folder.mkdir(exist_ok=True)
+    save_file({f"diffusion_model.{k}": v for k, v in tensors.items()}, str(folder / name))
+    return folder / name
+
+
+@pytest.mark.parametrize("tensors, needles", [
+    ({"blocks.0.ffn.0.lora_down.weight": torch.randn(8, 128),           # rank 8 vs 4
+      "blocks.0.ffn.0.lora_up.weight": torch.randn(256, 4)},
+     ["the factors of diffusion_model.blocks.0.ffn.0 do not fit each other",
+      "up [256, 4] has 4 columns but down [8, 128] has 8 rows",
+      "diffusion_model.blocks.0.ffn.0.lora_down.weight [8, 128]"]),
+    ({"blocks.0.ffn.0.lora_down.weight": torch.randn(128, 4),           # transposed factors
+      "blocks.0.ffn.0.lora_up.weight": torch.randn(4, 256)},
+     ["do not fit each other", "lora_up.weight [4, 256]"]),
+    ({"blocks.0.ffn.0.diff": torch.randn(128, 256)},                     # transposed diff
+     ["layer blocks.0.ffn.0.weight has shape (256, 128)",
+      "diffusion_model.blocks.0.ffn.0.diff [128, 256] make a delta of shape (128, 256)",
+      "transposed or reshaped factors"]),
+    ({"blocks.0.self_attn.q.lora_down.weight": torch.randn(4, 64),       # another model size
+      "blocks.0.self_attn.q.lora_up.weight": torch.randn(64, 4)},
+     ["layer blocks.0.self_attn.q.weight has shape (128, 128)", "another model size"]),
+    ({"blocks.0.ffn.0.lora_down.weight": torch.full((4, 128), float("nan")),
+      "blocks.0.ffn.0.lora_up.weight": torch.randn(256, 4)},
+     ["diffusion_model.blocks.0.ffn.0.lora_down.weight hold NaN", "the LoRA is damaged"]),
+])
+def test_malformed_loras_are_refused_before_the_model_loads(models, tmp_path, capsys,
+                                                          only_loras_read, tensors, needles):
+    lora = _lora_file(tmp_path / "loras", "bad_lora.safetensors", tensors)
+    before = _snapshot(tmp_path)
+    assert _generate(models, tmp_path / "v.mp4", *SMALL, "--lora", f"{lora}:0.7") == 2
+    _one_error_line(capsys, "bad_lora.safetensors", *needles)
+    assert _snapshot(tmp_path) == before
+
+
+def test_malformed_loras_are_refused_by_apply_loras(models, tmp_path):
+    from wan_core import apply_loras, load_dit
+    from wan_core.loading.lora import LoRAError
+
+    dit = load_dit(models / DIT)
+    bad = {"diffusion_model.blocks.1.ffn.2.lora_down.weight": torch.randn(4, 256),
+           "diffusion_model.blocks.1.ffn.2.lora_up.weight": torch.randn(4, 128)}
+    with pytest.raises(LoRAError, match=r"up \[4, 128\] has 128 columns but down \[4, 256\]"):
+        apply_loras(dit, [(bad, 1.0)])
+    lokr = {"diffusion_model.blocks.0.ffn.0.lokr_w1": torch.randn(2, 2),
+            "diffusion_model.blocks.0.ffn.0.lokr_w2_a": torch.randn(128, 4),
+            "diffusion_model.blocks.0.ffn.0.lokr_w2_b": torch.randn(8, 64)}
+    with pytest.raises(LoRAError, match=r"w2_a \[128, 4\] has 4 columns but w2_b \[8, 64\]"):
+        apply_loras(dit, [(lokr, 1.0)])
+    good = {"diffusion_model.blocks.0.ffn.0.lokr_w1": torch.randn(2, 2),
+            "diffusion_model.blocks.0.ffn.0.lokr_w2_a": torch.randn(128, 4),
+            "diffusion_model.blocks.0.ffn.0.lokr_w2_b": torch.randn(4, 64)}
+    apply_loras(dit, [(good, 1.0)])                 # [2*128, 2*64] fits [256, 128]
+
+
+def test_magcache_without_calibration_is_refused_before_the_other_models_load(
+        models, tmp_path, capsys, monkeypatch):
+    import wan_core
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded before the cache was checked")
+
+    for name in ("load_vae", "load_text_encoder"):
+        monkeypatch.setattr(wan_core, name, refuse)
+    for method in ("magcache", "teacache"):
+        assert _generate(models, tmp_path / "v.mp4", *SMALL, "--cache", method) == 2
+        _run_error_line(capsys, f"{method} needs calibration data for this model (custom-",
+                        "Use easycache", "--calibrate-cache FILE",
+                        f"--cache {method} --cache-calibration FILE")
+    assert _snapshot(tmp_path) == {}
+
+
+def test_known_models_are_checked_for_calibration_from_their_config():
+    from wan_core.models.configs import DiTConfig
+    from wan_core.sampling import CacheSettings, check_calibration
+
+    t2v_14b = DiTConfig(variant="wan2.1-t2v-14B")
+    with pytest.raises(ValueError, match=r"magcache needs calibration data for this model "
+                                         r"\(wan2.1-t2v-14B\+wan2.1-t2v-14B\)"):
+        check_calibration(CacheSettings("magcache"), [t2v_14b, t2v_14b])
+    check_calibration(CacheSettings("teacache"), [DiTConfig(variant="wan2.1-t2v-1.3B")])
+    check_calibration(CacheSettings("easycache"), [t2v_14b])
+    check_calibration(CacheSettings("magcache"), [DiTConfig()])     # custom: checked later
+
+    class Handle:                     # what the model loader node outputs, before any read
+        config = t2v_14b
+
+    node = load_pack().NODE_CLASS_MAPPINGS["WanCoreStepCache"]()
+    with pytest.raises(ValueError, match=r"magcache needs calibration data .*wan2.1-t2v-14B"):
+        node.apply(Handle(), "magcache", 0.1, 0.2, 1.0)
+    node.apply(Handle(), "teacache", 0.1, 0.2, 1.0)     # the published Wan 2.1 coefficients
+    node.apply(Handle(), "easycache", 0.3, 0.2, 1.0)
+
+
+def test_calibrate_cache_then_use_it_from_the_cli(models, tmp_path, capsys):
+    table = tmp_path / "calibration.json"
+    assert _generate(models, tmp_path / "a.mp4", *SMALL[:4], "--steps", "12",
+                     "--calibrate-cache", str(table)) == 0
+    assert "cache calibration saved to" in capsys.readouterr().out
+    data = json.loads(table.read_text())
+    (key, entry), = data.items()
+    assert key.startswith("custom-") and len(entry["magcache"]["sigmas"]) == 12
+    assert oct(table.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    for method in ("magcache", "teacache"):
+        assert _generate(models, tmp_path / f"{method}.mp4", *SMALL[:4], "--steps", "12",
+                         "--cache", method, "--cache-calibration", str(table),
+                         "--cache-threshold", "5") == 0
+        out = capsys.readouterr().out
+        assert "step cache: skipped" in out and "skipped 0 of" not in out
+    table.write_text("not json")
+    assert _generate(models, tmp_path / "b.mp4", *SMALL, "--cache", "magcache",
+                     "--cache-calibration", str(table)) == 2
+    _one_error_line(capsys, "is not a cache calibration file")
+    assert _generate(models, tmp_path / "b.mp4", *SMALL, "--calibrate-cache", str(table)) == 2
+    _one_error_line(capsys, "is not a cache calibration file")
+    assert not (tmp_path / "b.mp4").exists()
+
+
+def _run_error_line(capsys, *needles) -> str:
+    """After a run that sampled: exactly one ``error:`` line (progress bars aside)."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("failing", ["latents", "video"])
+def test_a_failed_write_leaves_no_output(models, tmp_path, capsys, monkeypatch, failing):
+    import errno
+
+    import wan_core.video_io as video_io
+
+    out, latents = tmp_path / "v.mp4", tmp_path / "v.latent"
+    if failing == "latents":
+        real = Path.write_bytes
+
+        def full_disk(self, data):
+            if ".v.latent." in self.name:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", full_disk)
+    else:
+        def full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(video_io, "_encode", full_disk)
+    assert _generate(models, out, *SMALL, "--save-latents", str(latents)) == 2
+    option = "--save-latents" if failing == "latents" else "--out"
+    _run_error_line(capsys, f"{option}: could not write", "No space left on device",
+                    "nothing was written")
+    assert _snapshot(tmp_path) == {}
+
+
+def test_latents_and_videos_get_the_same_permissions(models, tmp_path):
+    out, latents = tmp_path / "v.mp4", tmp_path / "v.latent"
+    assert _generate(models, out, *SMALL, "--save-latents", str(latents)) == 0
+    expected = 0o666 & ~_umask()
+    assert out.stat().st_mode & 0o777 == expected
+    assert latents.stat().st_mode & 0o777 == expected
+
+
+def test_ctrl_c_while_importing_exits_130_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, runpy, sys\n"
+        "class Interrupt(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "sys.argv = ['wan_core', 'demo', '--out', sys.argv[1]]\n"
+        "runpy.run_module('wan_core', run_name='__main__', alter_sys=True)\n")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d.mp4")], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "cancelled" and "Traceback" not in done.stderr
+    assert _snapshot(tmp_path) == {}
+
+
+def test_smaller_messages(models, tmp_path, capsys):
+    # A LoRA strength that is not a number is named as such (not "file not found").
+    lora = models / FILES["lora_t2v_high"]
+    assert _generate(models, tmp_path / "v.mp4", "--lora", f"{lora}:abc") == 2
+    _one_error_line(capsys, "--lora", "strength 'abc' after ':' is not a number")
+    # Keys that match no layer, and a prompt cut at 512 tokens: 'warning:' lines.
+    extra = _lora_file(tmp_path / "loras", "extra_lora.safetensors", {
+        "blocks.0.ffn.0.lora_down.weight": torch.randn(4, 128) * 0.01,
+        "blocks.0.ffn.0.lora_up.weight": torch.randn(256, 4) * 0.01,
+        "blocks.0.not_a_layer.lora_down.weight": torch.randn(4, 128),
+        "blocks.0.not_a_layer.lora_up.weight": torch.randn(256, 4)})
+    assert main(["generate", "--dit", str(models / DIT), "--vae", str(models / FILES["vae21"]),
+                 "--text-encoder", str(models / FILES["umt5"]), "--prompt", "a red circle " * 300,
+                 "--out", str(tmp_path / "v.mp4"), *SMALL, "--lora", str(extra)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 'extra_lora.safetensors': 2 of 4 keys match no layer" in err
+    assert "warning: prompt is " in err and "umT5 reads at most 512" in err
+
+
+def test_a_gguf_missing_tensors_names_them(tmp_path):
+    import gguf
+
+    from tests.tiny_models import dit_state_dict, write_gguf
+    from wan_core import load_dit
+
+    sd = dit_state_dict("t2v", 3)
+    for missing, needle in (("head.head.weight", "is missing head.head.weight"),
+                            ("blocks.1.ffn.2.weight", "missing 1 tensor(s) of the detected "
+                                                      "custom (t2v): blocks.1.ffn.2.weight")):
+        path = tmp_path / f"no_{missing}.gguf"
+        write_gguf(path, {k: v for k, v in sd.items() if k != missing},
+                   lambda key: gguf.GGMLQuantizationType.Q8_0)
+        with pytest.raises(CheckpointError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            load_dit(path)

@@ -232,8 +232,8 @@ def test_bad_cache_input_is_refused_clearly(t2v):
     with pytest.raises(ValueError, match="start and end"):
         CacheSettings("easycache", start=0.8, end=0.5)
     for method in ("magcache", "teacache"):
-        with pytest.raises(ValueError, match=f"{method} has no calibration for this model "
-                                             r"\(custom-.*calibrate_cache"):
+        with pytest.raises(ValueError, match=f"{method} needs calibration data for this model "
+                                             r"\(custom-.*Use easycache.*calibrate_cache"):
             run(t2v, method)
     with pytest.raises(TypeError, match="cache must be None"):
         run(t2v, 3)

@@ -11,6 +11,7 @@ fps, size, MoE boundary).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import time
@@ -97,11 +98,18 @@ def _size(text: str) -> tuple[int, int]:
 def _lora(text: str) -> tuple[str, float]:
     """``FILE`` or ``FILE:STRENGTH`` -> (file, strength); strength defaults to 1."""
     path, sep, strength = text.rpartition(":")
-    if sep:
-        try:
-            return path, float(strength)
-        except ValueError:
-            pass                      # a ':' inside the path (e.g. C:\\loras\\x.safetensors)
+    if not sep or Path(text).exists():
+        return text, 1.0
+    try:
+        return path, float(strength)
+    except ValueError:
+        pass
+    # Not a number after the last ':'. A drive letter (C:\\loras\\x) or a ':' inside a folder
+    # name leaves a path separator after it; anything else was meant as a strength.
+    if len(path) > 1 and not any(sep in strength for sep in "/\\"):
+        raise argparse.ArgumentTypeError(
+            f"strength {strength!r} after ':' is not a number (give FILE or FILE:STRENGTH, "
+            f"e.g. {path}:0.8)")
     return text, 1.0
 
 
@@ -174,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="FILE[:STRENGTH]",
                      help="apply a LoRA to the Wan 2.2 low-noise expert (repeatable)")
     _add_cache_options(gen)
+    gen.add_argument("--cache-calibration", metavar="FILE",
+                     help="magcache / teacache: the calibration table for this model (a JSON "
+                          "file written by --calibrate-cache); the shipped table covers the demo "
+                          "and the Wan 2.1 TeaCache models")
+    gen.add_argument("--calibrate-cache", metavar="FILE",
+                     help="record this model's magcache / teacache calibration during this run "
+                          "(which skips nothing) and save it to FILE (added to the file when it "
+                          "exists); later runs use it with --cache magcache --cache-calibration "
+                          "FILE")
     gen.add_argument("--seed", type=_seed, default=0, help="noise seed, 0 .. 2**64-1 (default 0)")
     gen.add_argument("--fps", type=_positive_float, help="frames per second of the file (default: the model's)")
     gen.add_argument("--out", default="video.mp4", help="output file: .mp4, .webm or .webp")
@@ -236,6 +253,7 @@ def _inputs(args) -> list:
     pairs = [("--dit", args.dit), ("--dit-low-noise", args.dit_low_noise), ("--vae", args.vae),
              ("--text-encoder", args.text_encoder), ("--clip-vision", args.clip_vision),
              ("--image", args.image), ("--end-image", args.end_image)]
+    pairs += [("--cache-calibration", args.cache_calibration)]
     pairs += [("--lora", path) for path, _ in args.lora]
     pairs += [("--lora-low-noise", path) for path, _ in args.lora_low_noise]
     return [(option, path) for option, path in pairs if path is not None]
@@ -253,6 +271,19 @@ def check_image_inputs(config, args: argparse.Namespace) -> None:
                          "(clip_vision_h.safetensors)")
 
 
+def check_expert_pair(high, low, args: argparse.Namespace) -> None:
+    """--dit and --dit-low-noise must be the two experts of one Wan 2.2 pair (same model type
+    and size); checked from the headers, before the high-noise phase runs."""
+    from wan_core.checks import UsageError
+    from wan_core.loading.checkpoint import source_name
+    from wan_core.models.configs import expert_pair_mismatch
+
+    problem = None if high is None or low is None else expert_pair_mismatch(high, low)
+    if problem:
+        raise UsageError(f"--dit-low-noise {source_name(args.dit_low_noise)} does not pair with "
+                         f"--dit {source_name(args.dit)}: {problem}")
+
+
 def check_generate_args(args: argparse.Namespace) -> dict:
     """Everything about a generate run that can be checked before a model loads.
 
@@ -264,7 +295,9 @@ def check_generate_args(args: argparse.Namespace) -> dict:
                                  peek_vae_latent_channels, read_image)
     from wan_core.conditioning import check_video_size
     from wan_core.models.configs import DEFAULTS
+    from wan_core.demo import cache_option
     from wan_core.pipeline import vae_stride_for
+    from wan_core.sampling import check_calibration
     from wan_core.video_io import FORMATS
 
     if args.task in ("i2v", "flf2v") and not args.image:
@@ -288,14 +321,33 @@ def check_generate_args(args: argparse.Namespace) -> dict:
     if args.save_latents:
         check_output_file(args.save_latents, "--save-latents", inputs=inputs,
                           overwrite=args.overwrite)
-    check_distinct_outputs(("--out", args.out), ("--save-latents", args.save_latents))
+    if args.calibrate_cache:
+        if args.cache:
+            raise UsageError("--calibrate-cache records a calibration in a run without a cache; "
+                             "leave out --cache")
+        check_output_file(args.calibrate_cache, "--calibrate-cache", inputs=inputs,
+                          overwrite=True)          # an existing table gets this model added
+        if Path(args.calibrate_cache).exists():
+            from wan_core.sampling import load_calibration
+
+            load_calibration(args.calibrate_cache)    # refuses a file that is not a table
+    check_distinct_outputs(("--out", args.out), ("--save-latents", args.save_latents),
+                           ("--calibrate-cache", args.calibrate_cache))
+    cache = cache_option(args)           # a bad name / threshold / file: before any work
     device = check_device(args.device)
     image = read_image(args.image, "--image") if args.image else None
     end_image = read_image(args.end_image, "--end-image") if args.end_image else None
 
     config = peek_dit_config(args.dit)
+    low_config = peek_dit_config(args.dit_low_noise) if args.dit_low_noise else None
     if args.dit_low_noise:
-        check_kind(args.dit_low_noise, "dit")
+        check_expert_pair(config, low_config, args)
+    from wan_core.loading.lora import check_loras
+    for loras, dit_config in ((args.lora, config), (args.lora_low_noise, low_config)):
+        if loras and dit_config is not None:
+            check_loras(dit_config, loras)       # reads the LoRAs only, not the model
+    if config is not None and (low_config is not None or not args.dit_low_noise):
+        check_calibration(cache, [c for c in (config, low_config) if c is not None])
     check_kind(args.text_encoder, "text_encoder")
     if args.clip_vision:
         check_kind(args.clip_vision, "clip_vision")
@@ -313,21 +365,50 @@ def check_generate_args(args: argparse.Namespace) -> dict:
         estimate = estimate_memory(width, height, frames, latent_channels=config.out_dim,
                                    dim=config.dim, ffn_dim=config.ffn_dim, weights=weights)
         print(check_memory(estimate, device, f"a {width}x{height}, {frames}-frame video"))
-    return {"device": device, "image": image, "end_image": end_image, "config": config}
+    return {"device": device, "image": image, "end_image": end_image, "config": config,
+            "cache": cache}
 
 
-def write_outputs(args, video, latent_raw, fps: float) -> None:
-    """Write the video (and latents) atomically; NaN output is an error, never a file."""
+def write_outputs(args, video, latent_raw, fps: float, calibration=None) -> None:
+    """Write the video, the latents (``--save-latents``) and a cache calibration
+    (``--calibrate-cache``) all or none: each goes to a temporary file first and the video is
+    encoded last, so a failed write (a full disk) leaves every output as it was. NaN output is
+    an error, never a file."""
+    from contextlib import ExitStack
+
     from wan_core.errors import require_finite
-    from wan_core.video_io import atomic_output, video_to_frames, write_video
+    from wan_core.video_io import video_to_frames, write_video
 
     require_finite(video, "the decoded video")
-    write_video(args.out, video_to_frames(video[0].cpu()), fps=fps, overwrite=args.overwrite)
-    if args.save_latents:
-        from safetensors.torch import save_file
+    with ExitStack() as pending:          # renamed into place only when everything is written
+        if args.save_latents:
+            from safetensors.torch import save
 
-        with atomic_output(args.save_latents, overwrite=args.overwrite) as tmp:
-            save_file({"latent": latent_raw.contiguous()}, str(tmp))
+            data = save({"latent": latent_raw.contiguous()})
+            _write_bytes(pending, args.save_latents, data, "--save-latents", args.overwrite)
+        if calibration is not None:
+            from wan_core.sampling.cache import merged_calibration_json
+
+            text = merged_calibration_json(calibration, args.calibrate_cache)
+            _write_bytes(pending, args.calibrate_cache, text.encode(), "--calibrate-cache", True)
+        try:
+            write_video(args.out, video_to_frames(video[0].cpu()), fps=fps,
+                        overwrite=args.overwrite)
+        except OSError as e:
+            raise OSError(f"--out: could not write {args.out} ({e.strerror or e}); nothing was "
+                          "written") from None
+
+
+def _write_bytes(pending, path, data: bytes, option: str, overwrite: bool) -> None:
+    """Write ``data`` to a temporary file beside ``path``, renamed when ``pending`` closes."""
+    from wan_core.video_io import atomic_output
+
+    try:
+        tmp = pending.enter_context(atomic_output(path, overwrite=overwrite))
+        tmp.write_bytes(data)
+    except OSError as e:
+        raise OSError(f"{option}: could not write {path} ({e.strerror or e}); nothing was "
+                      "written") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -342,14 +423,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from wan_core.models.configs import DEFAULTS
     from wan_core.pipeline import MoEModel, default_boundary, generate, vae_stride_for
     from wan_core.sampling import (DISTILLED_CFG, DISTILLED_SHIFT, DISTILLED_STEPS,
-                                   OffloadIdleExpert)
-    from wan_core.checks import check_vae_matches
+                                   CacheCalibration, OffloadIdleExpert, save_calibration)
+    from wan_core.sampling.cache import CacheSettings, calibration_key, missing_calibration
+    from wan_core.checks import UsageError, check_vae_matches
 
     checked = check_generate_args(args)
-    device = checked["device"]
-    from wan_core.demo import cache_option
-
-    cache = cache_option(args)          # a bad name / threshold: an error before any work
+    device, cache = checked["device"], checked["cache"]
+    recorder = CacheCalibration() if args.calibrate_cache else None
     started = time.perf_counter()
 
     streaming = None
@@ -381,6 +461,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"model: {variant} ({config.model_type}), {width}x{height}, {frames} frames, "
           f"{steps} steps, shift {shift}, cfg {cfg}, solver {args.solver}, seed {args.seed}")
 
+    if not moe and isinstance(cache, CacheSettings):
+        # A custom model's calibration key needs its weights: checked now, before the rest.
+        problem = missing_calibration(cache, [calibration_key([dit])])
+        if problem:
+            raise UsageError(problem)
     if args.lora:
         dit = apply_loras(dit, args.lora)
     if not moe:
@@ -427,13 +512,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         latent = generate(model, [context], [negative_context] if cfg != 1 or moe else None,
                           cond, steps=steps, guide_scale=cfg, shift=shift, solver=args.solver,
                           seed=args.seed, callback=lambda step, total, x, x0: bar.update(1),
-                          device=device, cache=cache, stats=stats)
+                          device=device, cache=recorder or cache, stats=stats)
     if cache is not None:
         print(f"step cache: skipped {stats['skipped']} of {stats['steps']} model evaluations")
     del model, dit
     with torch.no_grad():
         video = vae.decode(latent.to(device), tile=_tile_option(args.tile))
-    write_outputs(args, video, vae.denormalize(latent), fps)
+    write_outputs(args, video, vae.denormalize(latent), fps,
+                  calibration=recorder.result() if recorder is not None else None)
+    if recorder is not None:
+        print(f"cache calibration saved to {args.calibrate_cache}; use it with --cache magcache "
+              f"(or teacache) --cache-calibration {args.calibrate_cache}")
     print(f"wrote {args.out} ({frames} frames, {width}x{height}, {fps:g} fps) in "
           f"{time.perf_counter() - started:.1f} s")
     return 0
@@ -449,17 +538,39 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
+class _OneLineLog(logging.Handler):
+    """The library's log warnings as ``warning: ...`` lines, like ``warnings`` and errors."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0 done, 1 failed, 2 usage error, 130
     cancelled). User errors print one ``error: ...`` line and write nothing."""
+    logger = logging.getLogger("wan_core")
+    handler, propagate = _OneLineLog(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings():       # warnings as one line each, like errors
+            warnings.showwarning = _show_warning
+            return _main(argv)
+    except KeyboardInterrupt:                 # e.g. while torch is still being imported
+        print("cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _main(argv) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:             # --help (0) or a bad option (2, already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     handler = {"generate": cmd_generate, "demo": cmd_demo}[args.command]
-    with warnings.catch_warnings():       # warnings as one line each, like errors
-        warnings.showwarning = _show_warning
-        return _run(handler, args)
+    return _run(handler, args)
 
 
 def _run(handler, args) -> int:

@@ -17,9 +17,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .errors import require_finite
+from .models.configs import DiTConfig, expert_pair_mismatch
 from .conditioning import (VideoConditioning, check_video_size, latent_shape,
                            per_token_timesteps)
 from .sampling import (CacheCalibration, cache_settings, check_sampling_settings,
@@ -42,6 +44,13 @@ class MoEModel:
     boundary: float
     guide_scales: Optional[tuple] = None
     offload: Optional[Callable] = None
+
+    def __post_init__(self):
+        high, low = (getattr(e, "config", None) for e in self.experts)
+        if isinstance(high, DiTConfig) and isinstance(low, DiTConfig):
+            problem = expert_pair_mismatch(high, low)
+            if problem:
+                raise ValueError(problem)
 
     @property
     def config(self):
@@ -85,9 +94,17 @@ def vae_stride_for(latent_channels: int) -> int:
 def draw_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
     """float32 Gaussian noise ``[1, *shape]`` drawn on the CPU (device-independent seeds).
 
-    Equal to the official ``torch.randn(*shape, generator=seeded CPU generator)``."""
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn(*shape, generator=generator, dtype=torch.float32)[None]
+    Seeds below 2**32 give the official ``torch.randn(*shape, generator=seeded CPU generator)``.
+    PyTorch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so seeds from 2**32
+    on would repeat those videos (2**32 would equal 0): they draw from NumPy's PCG64 seeded with
+    the whole number instead, so every seed in 0 .. 2**64-1 gives its own noise, the same on
+    every machine."""
+    seed = int(seed)
+    if seed < 2**32:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return torch.randn(*shape, generator=generator, dtype=torch.float32)[None]
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))[None]
 
 
 def denoise_start(steps: int, denoise: float) -> tuple[int, int]:

@@ -38,10 +38,12 @@ def atomic_output(path: str | Path, overwrite: bool = True):
             break
         except FileExistsError:
             continue
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         yield Path(tmp)
         if not overwrite and path.exists():
             raise FileExistsError(f"{path} appeared while it was being written; not replaced")
+        os.chmod(tmp, mode)    # a writer that replaced the file (safetensors) made it 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

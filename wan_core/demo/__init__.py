@@ -128,16 +128,29 @@ def generate_video(models: DemoModels, prompt: str, task: str = "t2v",
 
 
 def cache_option(args):
-    """The ``cache=`` value from ``--cache NAME`` / ``--cache-threshold X`` (ValueError on a
-    bad name or threshold)."""
+    """The ``cache=`` value from ``--cache NAME`` / ``--cache-threshold X`` /
+    ``--cache-calibration FILE`` (ValueError on a bad name, threshold or file)."""
+    from dataclasses import replace
+
     from ..sampling import cache_settings
 
     name, threshold = getattr(args, "cache", None), getattr(args, "cache_threshold", None)
+    calibration = getattr(args, "cache_calibration", None)
     if name is None:
         if threshold is not None:
             raise ValueError("--cache-threshold needs --cache NAME")
+        if calibration is not None:
+            raise ValueError("--cache-calibration needs --cache magcache or --cache teacache")
         return None
-    return cache_settings(name, threshold=threshold)
+    settings = cache_settings(name, threshold=threshold)
+    if calibration is not None:
+        if settings.method == "easycache":
+            raise ValueError("--cache-calibration is for magcache and teacache; easycache needs "
+                             "no calibration")
+        if not Path(calibration).is_file():
+            raise FileNotFoundError(f"--cache-calibration: file not found: {calibration}")
+        settings = replace(settings, calibration=str(calibration))
+    return settings
 
 
 def check_run_args(args) -> Optional[torch.Tensor]:

@@ -36,17 +36,18 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 # Reading files
 # --------------------------------------------------------------------------------------------
 
-def load_state_dict(source: Source) -> StateDict:
+def load_state_dict(source: Source, warn_non_finite: bool = True) -> StateDict:
     """Return the tensors of ``source`` as a flat ``{name: tensor}`` dict.
 
     ``source`` may be a state dict (returned as a shallow copy), a ``.safetensors`` file, a
     pickled ``.pth``/``.pt``/``.ckpt``/``.bin`` file, a ``*.safetensors.index.json`` file, a
     folder holding one safetensors file or a sharded set with its index json, or a Wan ``.gguf``
     file (quantised tensors come back as ``wan_core.ops.gguf.QuantizedTensor``).
-    A tensor holding NaN or infinite values draws a warning naming it (see ``non_finite_keys``).
+    A tensor holding NaN or infinite values draws a warning naming it (see ``non_finite_keys``)
+    unless ``warn_non_finite`` is False (for callers that refuse such files themselves).
     """
     sd = _read_state_dict(source)
-    bad = non_finite_keys(sd)
+    bad = non_finite_keys(sd) if warn_non_finite else []
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         noun = "tensor {} holds" if len(bad) == 1 else "tensors {} hold"
@@ -424,12 +425,32 @@ def identify(sd: Mapping) -> str:
     return "unknown"
 
 
+# Tensors outside the blocks that every Wan DiT has (official names).
+_DIT_TOP_TENSORS = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
+                    "time_projection.1.weight", "head.head.weight", "head.modulation")
+
+
+def _missing_dit_tensors(sd: Mapping) -> list:
+    """For a state dict with official Wan DiT block keys (any known prefix): the top-level
+    DiT tensors it lacks; [] when it has no such blocks (it is some other model)."""
+    for prefix in ("",) + _DIT_PREFIXES:
+        if any(k.startswith(prefix + "blocks.0.self_attn.") for k in sd):
+            return [t for t in _DIT_TOP_TENSORS if prefix + t not in sd]
+    return []
+
+
 def require_kind(sd: Mapping, wanted: str, source: Source | None = None) -> None:
     """Raise a CheckpointError naming what the file is when it is not a ``wanted`` model."""
     kind = identify(sd)
     if kind == wanted:
         return
     name = _source_name(source)
+    if kind == "unknown" and wanted == "dit":
+        missing = _missing_dit_tensors(sd)
+        if missing:
+            raise CheckpointError(
+                f"{name} holds Wan diffusion-model blocks but is missing "
+                f"{', '.join(missing)}: the file is incomplete or damaged; download it again")
     if kind == "unknown":
         sample = ", ".join(list(sd.keys())[:6])
         raise CheckpointError(

@@ -112,6 +112,13 @@ def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
     sd, cfg, compute = describe_dit(load_state_dict(source), source, dtype, num_heads)
     with torch.device("meta"):
         model = WanDiT(cfg, compute, attention)
+    missing = sorted(set(model.state_dict()) - set(sd))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{source_name(source)} is missing {len(missing)} tensor(s) of the "
+                              f"detected {cfg.variant} ({cfg.model_type}): "
+                              f"{', '.join(missing[:5])}{more}; the file is incomplete or "
+                              "damaged, download it again")
     convert_tensors(sd, model, compute, device, linear_dtype=stored)
     try:
         assign_state_dict(model, sd, dtype=None, device=device)

@@ -39,10 +39,12 @@ from typing import Mapping, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..models.dit import WanDiT
 from ..ops import Linear
 from ..ops.streaming import without_streaming_hooks
 from ..ops.lora import Full, Hadamard, Kronecker, LowRank, WeightPatch
-from .checkpoint import CheckpointError, identify, load_state_dict, source_name
+from .checkpoint import (CheckpointError, identify, load_state_dict, non_finite_keys,
+                         source_name)
 from .dit_layouts import LayoutError, diffusers_module_name, is_diffusers_layout
 
 logger = logging.getLogger("wan_core.lora")
@@ -189,6 +191,7 @@ def lora_patches(sd: Mapping[str, torch.Tensor], model: nn.Module, strength: flo
     count and the first keys that match no parameter of ``model``.
     """
     modules = defaultdict(dict)     # raw module name -> {role: tensor}
+    keys = defaultdict(dict)        # raw module name -> {role: key in the file}
     unmatched = []
     for key, value in sd.items():
         raw, role = _split_key(key)
@@ -196,6 +199,13 @@ def lora_patches(sd: Mapping[str, torch.Tensor], model: nn.Module, strength: flo
             unmatched.append(key)
             continue
         modules[raw][role] = value
+        keys[raw][role] = key
+    bad = non_finite_keys(sd)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise LoRAError(f"{name}: {', '.join(bad[:3])}{more} hold NaN or infinite values; the "
+                        "LoRA is damaged (or was saved from a diverged training run) and would "
+                        "make the whole video invalid. Use another copy of the file.")
     if not modules:
         kind = identify(sd)
         what = "holds no LoRA keys" if kind in ("unknown", "lora") else \
@@ -215,12 +225,7 @@ def lora_patches(sd: Mapping[str, torch.Tensor], model: nn.Module, strength: flo
             if target is None:
                 unmatched.append(f"{raw}{_suffix_of(role)}")
                 continue
-            shape = names.params[target]
-            if patch.expected_numel() != math.prod(shape):
-                raise LoRAError(
-                    f"{name}: layer {target} has shape {tuple(shape)} in this model but "
-                    f"{_patch_shape(patch)} in the LoRA: the LoRA was made for another model "
-                    f"size or variant (e.g. 14B vs 1.3B, I2V vs T2V)")
+            _check_fits(patch, names.params[target], target, raw, roles, keys[raw], name)
             patches[target].append(patch)
         if module is None:
             unmatched.extend(f"{raw}{_suffix_of(r)}" for r in roles)
@@ -242,12 +247,26 @@ def _suffix_of(role: str) -> str:
     return next((s for s, r in SUFFIXES if r == role), "")
 
 
-def _patch_shape(patch: WeightPatch) -> tuple:
-    if isinstance(patch, LowRank):
-        return (patch.up.shape[0], *patch.down.shape[1:])
-    if isinstance(patch, Full):
-        return tuple(patch.diff.shape)
-    return (patch.expected_numel(),)
+def _check_fits(patch: WeightPatch, shape, target: str, raw: str, roles: dict, keys: dict,
+                name: str) -> None:
+    """Refuse factors that do not fit each other or the layer, naming the keys and shapes."""
+    keys = ", ".join(f"{keys[role]} {list(t.shape)}" for role, t in roles.items()
+                     if isinstance(t, torch.Tensor) and t.dim() > 0)
+    try:
+        delta = tuple(patch.delta_shape())
+    except ValueError as e:
+        raise LoRAError(f"{name}: the factors of {raw} do not fit each other ({e}); the file is "
+                        f"damaged or was written wrongly ({keys})") from None
+    if patch.fits(shape):
+        return
+    shape = tuple(shape)
+    if math.prod(delta) == math.prod(shape):
+        why = ("the same number of values in another arrangement (transposed or reshaped "
+               "factors): the file was written wrongly")
+    else:
+        why = "the LoRA was made for another model size or variant (e.g. 14B vs 1.3B, I2V vs T2V)"
+    raise LoRAError(f"{name}: layer {target} has shape {shape} in this model but the LoRA's "
+                    f"{keys} make a delta of shape {delta}: {why}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,8 +308,24 @@ def _check_strength(strength) -> float:
 
 
 def read_lora(source: LoRASource) -> dict:
-    """The state dict of a LoRA file (or the mapping itself)."""
-    return dict(source) if isinstance(source, Mapping) else load_state_dict(source)
+    """The state dict of a LoRA file (or the mapping itself). Non-finite values are refused by
+    :func:`lora_patches`, so they are not warned about here."""
+    return dict(source) if isinstance(source, Mapping) else load_state_dict(source, warn_non_finite=False)
+
+
+def _check_against(structure: nn.Module, loras: Sequence) -> None:
+    for source, strength in loras:
+        name = source_name(source) if not isinstance(source, Mapping) else "the LoRA"
+        lora_patches(read_lora(source), structure, _check_strength(strength) or 1.0, name)
+
+
+def check_loras(config, loras: Sequence) -> None:
+    """Check ``[(source, strength), ...]`` against a DiT of ``config`` (a ``DiTConfig``, e.g.
+    read from a file header) without its weights: a LoRA for another model, with factors that
+    do not fit, or with NaN values raises :class:`LoRAError` before any model is loaded."""
+    with torch.device("meta"):
+        structure = WanDiT(config)
+    _check_against(structure, loras)
 
 
 def apply_loras(model, loras: Sequence, expert: str = "both"):
@@ -316,10 +351,7 @@ def apply_loras(model, loras: Sequence, expert: str = "both"):
     if hasattr(model, "with_loras"):
         # An on-demand model (``wan_core.loading.on_demand``): check the LoRAs against its
         # structure now; they are applied each time its weights are read.
-        structure = model.meta_model()
-        for source, strength in checked:
-            name = source_name(source) if not isinstance(source, Mapping) else "the LoRA"
-            lora_patches(read_lora(source), structure, strength or 1.0, name)
+        _check_against(model.meta_model(), checked)
         return model.with_loras(checked)
     patched = shared_copy(model)
     for source, strength in checked:

@@ -84,6 +84,27 @@ class DiTConfig:
         return n
 
 
+_PAIR_FIELDS = ("model_type", "in_dim", "out_dim", "dim", "ffn_dim", "num_layers", "num_heads",
+                "text_dim", "has_image_branch")
+
+
+def describe(config: DiTConfig) -> str:
+    """One short phrase for messages: ``wan2.1-t2v-14B (t2v, 16 -> 16 channels, dim 5120)``."""
+    return (f"{config.variant} ({config.model_type}, {config.in_dim} -> {config.out_dim} "
+            f"channels, dim {config.dim}, {config.num_layers} layers)")
+
+
+def expert_pair_mismatch(high: DiTConfig, low: DiTConfig) -> Optional[str]:
+    """Why two DiTs cannot be the high- and low-noise experts of one Wan 2.2 pair (they must
+    have the same architecture), or None when they fit."""
+    differ = [name for name in _PAIR_FIELDS if getattr(high, name) != getattr(low, name)]
+    if not differ:
+        return None
+    return (f"the high-noise expert is {describe(high)} but the low-noise expert is "
+            f"{describe(low)}; the two experts of a Wan 2.2 pair must be the same model type "
+            f"and size (they differ in {', '.join(differ)})")
+
+
 @dataclass(frozen=True)
 class VariantDefaults:
     """Official sampling defaults (Wan 2.1 / 2.2 code and READMEs). size is (width, height)."""

@@ -42,9 +42,20 @@ class WeightPatch(nn.Module):
         """The unscaled delta in float32, in the factors' natural shape."""
         raise NotImplementedError
 
-    def expected_numel(self) -> int:
-        """How many elements the delta has (checked against the target before any work)."""
+    def delta_shape(self) -> tuple:
+        """The shape of the delta the factors make (checked against the target before any
+        work); raises ValueError naming the factors when they do not fit each other."""
         raise NotImplementedError
+
+    def fits(self, shape) -> bool:
+        """Whether the delta can be added to a weight of ``shape``: the same shape (size-1
+        dims aside), or ``[out, in * kernel]`` for a convolution kernel ``[out, in, *kernel]``.
+        A transposed delta never fits (even where the element counts agree)."""
+        mine, shape = tuple(self.delta_shape()), tuple(shape)
+        if mine == shape or _squeezed(mine) == _squeezed(shape):
+            return True
+        return (len(mine) == 2 and len(shape) > 2 and mine[0] == shape[0]
+                and mine[1] == math.prod(shape[1:]))
 
     def delta(self, shape, device=None) -> torch.Tensor:
         """The scaled float32 delta, reshaped to ``shape`` (a fresh tensor)."""
@@ -53,6 +64,24 @@ class WeightPatch(nn.Module):
             raise ValueError(f"delta of shape {tuple(d.shape)} does not fit a weight of shape "
                              f"{tuple(shape)}")
         return d.reshape(shape).mul_(self.scale)
+
+
+def _squeezed(shape: tuple) -> tuple:
+    return tuple(n for n in shape if n != 1)
+
+
+def _matmul_shape(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> tuple:
+    """``(rows of a, *b.shape[1:])`` for the product ``a.flatten(1) @ b.flatten(1)``; a
+    ValueError when a's columns (after size-1 dims) and b's rows differ."""
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(f"{a_name} {list(a.shape)} and {b_name} {list(b.shape)} must both be "
+                         "matrices")
+    columns = a[0].numel()
+    if columns != b.shape[0]:
+        raise ValueError(f"{a_name} {list(a.shape)} has {columns} columns but {b_name} "
+                         f"{list(b.shape)} has {b.shape[0]} rows; the two must agree (the "
+                         "rank)")
+    return (a.shape[0], *b.shape[1:])
 
 
 def _f32(t: torch.Tensor, device) -> torch.Tensor:
@@ -89,8 +118,8 @@ class LowRank(WeightPatch):
     def full(self, device=None) -> torch.Tensor:
         return _product(self.up, self.down, device)
 
-    def expected_numel(self) -> int:
-        return self.up.shape[0] * self.down[0].numel()
+    def delta_shape(self) -> tuple:
+        return _matmul_shape(self.up, self.down, "up", "down")
 
 
 class Full(WeightPatch):
@@ -103,8 +132,8 @@ class Full(WeightPatch):
     def full(self, device=None) -> torch.Tensor:
         return _f32(self.diff, device).clone()
 
-    def expected_numel(self) -> int:
-        return self.diff.numel()
+    def delta_shape(self) -> tuple:
+        return tuple(self.diff.shape)
 
 
 class Kronecker(WeightPatch):
@@ -125,13 +154,18 @@ class Kronecker(WeightPatch):
             w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
         return torch.kron(w1, w2)
 
-    def expected_numel(self) -> int:
-        def rows_cols(whole, a, b):
-            return tuple(whole.shape[:2]) if whole is not None else (a.shape[0], b[0].numel())
-        (r1, c1), (r2, c2) = rows_cols(self.w1, self.w1_a, self.w1_b), \
-            rows_cols(self.w2, self.w2_a, self.w2_b)
-        kernel = math.prod(self.w2.shape[2:]) if self.w2 is not None and self.w2.dim() > 2 else 1
-        return r1 * r2 * c1 * c2 * kernel
+    def delta_shape(self) -> tuple:
+        def factor_shape(whole, a, b, name):
+            if whole is not None:
+                if whole.dim() < 2:
+                    raise ValueError(f"{name} {list(whole.shape)} must be a matrix")
+                return tuple(whole.shape)
+            return _matmul_shape(a, b, f"{name}_a", f"{name}_b")
+        w1 = factor_shape(self.w1, self.w1_a, self.w1_b, "w1")
+        w2 = factor_shape(self.w2, self.w2_a, self.w2_b, "w2")
+        kernel = w2[2:] if self.w2 is not None else ()
+        return (w1[0] * w2[0], math.prod(w1[1:]) * (w2[1] if kernel else math.prod(w2[1:])),
+                *kernel)
 
 
 class Hadamard(WeightPatch):
@@ -144,5 +178,10 @@ class Hadamard(WeightPatch):
     def full(self, device=None) -> torch.Tensor:
         return _product(self.w1_a, self.w1_b, device).mul_(_product(self.w2_a, self.w2_b, device))
 
-    def expected_numel(self) -> int:
-        return self.w1_a.shape[0] * self.w1_b[0].numel()
+    def delta_shape(self) -> tuple:
+        first = _matmul_shape(self.w1_a, self.w1_b, "w1_a", "w1_b")
+        second = _matmul_shape(self.w2_a, self.w2_b, "w2_a", "w2_b")
+        if math.prod(first) != math.prod(second) or first[0] != second[0]:
+            raise ValueError(f"w1_a @ w1_b makes {list(first)} but w2_a @ w2_b makes "
+                             f"{list(second)}; the two products must have one shape")
+        return first

@@ -8,7 +8,8 @@
 Step caching (``cache=`` of ``wan_core.pipeline.generate``): :mod:`wan_core.sampling.cache`.
 """
 from .cache import (CACHE_METHODS, CacheCalibration, CacheSettings, StepCache, cache_settings,
-                    calibration_key, load_calibration, save_calibration, teacache_rescale)
+                    calibration_key, check_calibration, load_calibration, save_calibration,
+                    teacache_rescale)
 from .guidance import OffloadIdleExpert, guide, make_velocity_fn
 from .schedule import (DISTILLED_CFG, DISTILLED_SHIFT, DISTILLED_STEPS, NUM_TRAIN_TIMESTEPS,
                        OFFICIAL_SIGMA_MAX, Schedule, distilled_schedule, flow_schedule,
@@ -19,7 +20,7 @@ from .solvers import SOLVERS, SamplingCancelled, noise_latent, sample
 
 __all__ = [
     "CACHE_METHODS", "CacheCalibration", "CacheSettings", "StepCache", "cache_settings",
-    "calibration_key", "load_calibration", "save_calibration", "teacache_rescale",
+    "calibration_key", "check_calibration", "load_calibration", "save_calibration", "teacache_rescale",
     "DISTILLED_CFG", "DISTILLED_SHIFT", "DISTILLED_STEPS", "NUM_TRAIN_TIMESTEPS", "OFFICIAL_SIGMA_MAX", "OffloadIdleExpert", "SOLVERS",
     "SamplingCancelled", "Schedule", "flow_schedule", "flow_sigmas", "guide",
     "distilled_schedule", "make_velocity_fn", "noise_latent", "sample", "schedule_from_sigmas", "shift_sigmas",

@@ -169,38 +169,86 @@ def load_calibration(source=None) -> dict:
         if source is None:
             return {}
         raise FileNotFoundError(f"cache calibration file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a cache calibration file (JSON written by "
+                         f"--calibrate-cache / save_calibration): {e}") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{path} is not a cache calibration file (its JSON is not a table)")
+    return table
 
 
 def save_calibration(data: Mapping, path) -> None:
     """Merge ``data`` (``{key: {...}}`` from :meth:`CacheCalibration.result`) into the JSON
     file at ``path`` (created if missing)."""
     path = Path(path)
+    path.write_text(merged_calibration_json(data, path), encoding="utf-8")
+
+
+def merged_calibration_json(data: Mapping, path) -> str:
+    """The JSON text of the calibration file at ``path`` (if any) with ``data`` merged in."""
+    path = Path(path)
     merged = load_calibration(path) if path.exists() else {}
     for key, value in data.items():
         merged.setdefault(key, {}).update(value)
-    path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return json.dumps(merged, indent=1, sort_keys=True) + "\n"
+
+
+def _lookup(settings: CacheSettings, keys: Sequence[str]):
+    """The MagCache / TeaCache data of ``settings.method`` for models with calibration
+    ``keys`` (one per expert), or None when the table has none."""
+    table = load_calibration(settings.calibration)
+    if settings.calibration is not None and settings.method in table:
+        return table[settings.method]  # a single-model result passed directly
+    entry = table.get("+".join(keys), {}).get(settings.method)
+    if entry is None and len(keys) == 2 and settings.method == "teacache":
+        parts = [table.get(key, {}).get("teacache") for key in keys]
+        if all(p is not None for p in parts):
+            entry = {"experts": parts}
+    return entry
+
+
+def missing_calibration(settings: CacheSettings, keys: Sequence[str]) -> Optional[str]:
+    """Why ``settings`` cannot run on models with calibration ``keys`` (a message naming the
+    working choices), or None when it can (easycache always can)."""
+    if settings.method == "easycache" or _lookup(settings, keys) is not None:
+        return None
+    where = "the shipped table" if settings.calibration is None else "the calibration given"
+    return (f"{settings.method} needs calibration data for this model ({'+'.join(keys)}) and "
+            f"{where} has none. Use easycache (training-free, needs none), or record the data "
+            f"once: add --calibrate-cache FILE to a normal run (Python: "
+            f"wan_core.pipeline.calibrate_cache), then use --cache {settings.method} "
+            f"--cache-calibration FILE (Python: CacheSettings(calibration=FILE))")
+
+
+def config_calibration_keys(configs: Sequence) -> Optional[list]:
+    """The calibration keys of models known from their configs alone (released Wan variants);
+    None when a model is custom (its key needs its weights, see :func:`calibration_key`)."""
+    keys = [getattr(config, "variant", "custom") for config in configs]
+    return None if "custom" in keys else keys
+
+
+def check_calibration(settings, configs: Sequence) -> None:
+    """Raise a ValueError (see :func:`missing_calibration`) when ``settings`` (None, a
+    :class:`CacheSettings` or a recorder) cannot run on the models of ``configs``; checked
+    before any model is loaded. Custom models are checked when sampling starts."""
+    if not isinstance(settings, CacheSettings):
+        return
+    keys = config_calibration_keys(configs)
+    problem = None if keys is None else missing_calibration(settings, keys)
+    if problem:
+        raise ValueError(problem)
 
 
 def _method_data(settings: CacheSettings, experts: Sequence):
     """The MagCache / TeaCache data for these models, or a ValueError saying how to get it."""
-    key = calibration_key(experts)
-    table = load_calibration(settings.calibration)
-    if settings.calibration is not None and settings.method in table:
-        return table[settings.method]  # a single-model result passed directly
-    entry = table.get(key, {}).get(settings.method)
-    if entry is None and len(experts) == 2 and settings.method == "teacache":
-        parts = [table.get(_model_key(m), {}).get("teacache") for m in experts]
-        if all(p is not None for p in parts):
-            entry = {"experts": parts}
-    if entry is None:
-        raise ValueError(
-            f"{settings.method} has no calibration for this model ({key}). Record it once with "
-            f"wan_core.pipeline.calibrate_cache(model, context, negative, cond) and pass the "
-            f"result (or a file written by wan_core.sampling.save_calibration) as "
-            f"CacheSettings(calibration=...); or use easycache, which needs none")
-    return entry
+    keys = [_model_key(model) for model in experts]
+    problem = missing_calibration(settings, keys)
+    if problem:
+        raise ValueError(problem)
+    return _lookup(settings, keys)
 
 
 # --- shared helpers --------------------------------------------------------------------
