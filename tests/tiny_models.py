@@ -119,8 +119,10 @@ def quantize(value: np.ndarray, qtype, rng) -> np.ndarray:
 
 
 def is_quantised_target(key: str, value: torch.Tensor) -> bool:
-    """What published Wan GGUFs quantise: 2-D block weights (not the embeddings / head)."""
-    return key.startswith("blocks.") and key.endswith(".weight") and value.dim() == 2
+    """What published Wan GGUFs quantise: 2-D block weights, VACE blocks' too (not the
+    embeddings / head)."""
+    return (key.startswith(("blocks.", "vace_blocks.")) and key.endswith(".weight")
+            and value.dim() == 2)
 
 
 def write_gguf(path, sd, choose, arch="wan", seed=0):

@@ -6,6 +6,8 @@ One function, :func:`generate`, serves every task; the task is decided by the co
 - 2.1 I2V / FLF2V: ``y`` (mask + image latent) and ``clip_fea`` (CLIP tokens);
 - 2.2 I2V-A14B: ``y`` only;
 - TI2V-5B: ``first_latent``, whose tokens get timestep 0 and which is re-imposed each step;
+- VACE: ``vace`` control latents (and scales), with ``trim`` reference-image latent frames in
+  front of the video that are sampled along and dropped from the result;
 - vid2vid: ``init_latent`` with ``denoise`` < 1.
 
 ``model`` is one DiT or a :class:`MoEModel` (Wan 2.2 high-noise + low-noise experts). Noise is
@@ -83,7 +85,7 @@ def unwrap_cache(model) -> tuple:
 
 def default_boundary(model_type: str) -> float:
     """The official switch point for a Wan 2.2 expert pair of ``model_type``."""
-    return MOE_BOUNDARIES["t2v" if model_type == "t2v" else "i2v"]
+    return MOE_BOUNDARIES["t2v" if model_type in ("t2v", "vace") else "i2v"]
 
 
 def vae_stride_for(latent_channels: int) -> int:
@@ -173,12 +175,19 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
     if getattr(config, "has_image_branch", False) and cond.clip_fea is None:
         raise ValueError("this Wan 2.1 I2V / FLF2V model needs CLIP vision image tokens: connect "
                          "a CLIP vision model (clip_vision_h) to WanCore Image To Video")
-    if config.model_type == "t2v" and cond.y is not None:
+    if config.model_type in ("t2v", "vace") and cond.y is not None:
         raise ValueError("this is a text-to-video model; it cannot use a start image "
-                         "(load an I2V model, or use WanCore Empty Video)")
+                         "(load an I2V model, or use WanCore Empty Video / WanCore VACE)")
+    if cond.vace and not getattr(config, "is_vace", False):
+        raise ValueError(f"VACE controls need a VACE model, and this is "
+                         f"{getattr(config, 'variant', config.model_type)} "
+                         f"({config.model_type}): load a Wan VACE model, or attach a VACE module "
+                         "to this base model")
 
     device = device or _model_device(model)
     shape = latent_shape(channels, cond.frames, cond.height, cond.width, stride)
+    if cond.trim:               # VACE reference images: latent frames in front of the video
+        shape = (shape[0], shape[1] + cond.trim, *shape[2:])
     noise = draw_noise(shape, seed)
 
     total, start = denoise_start(steps, denoise)
@@ -211,6 +220,9 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
             return per_token_timesteps(t, f_lat, h, w, first_frame_known=True)
 
     extra = {"clip_fea": _to(cond.clip_fea, device), "y": _to(cond.y, device)}
+    if cond.vace:
+        extra["vace_context"] = [context.to(device) for context, _ in cond.vace]
+        extra["vace_scale"] = [scale for _, scale in cond.vace]
     cond_inputs = {"context": _to(context, device), **extra}
     uncond_inputs = None if negative_context is None else {"context": _to(negative_context, device)}
     if isinstance(model, MoEModel):
@@ -233,7 +245,7 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
             stats.update(evaluated=step_cache.evaluated, skipped=skipped, steps=total_steps)
     elif stats is not None:
         stats.update(evaluated=len(schedule), skipped=0, steps=len(schedule))
-    out = out.float().cpu()
+    out = out.float().cpu()[:, :, cond.trim:]
     require_finite(out, "the sampled latent")
     return out
 

@@ -439,12 +439,26 @@ def _missing_dit_tensors(sd: Mapping) -> list:
     return []
 
 
+def _is_vace_module(sd: Mapping) -> bool:
+    """Only VACE weights (``vace_*``, under any known prefix)."""
+    for prefix in ("",) + _DIT_PREFIXES + ("transformer.",):
+        if sd and all(k.startswith(prefix + "vace_") for k in sd):
+            return True
+    return False
+
+
 def require_kind(sd: Mapping, wanted: str, source: Source | None = None) -> None:
     """Raise a CheckpointError naming what the file is when it is not a ``wanted`` model."""
     kind = identify(sd)
     if kind == wanted:
         return
     name = _source_name(source)
+    if kind == "unknown" and wanted == "dit" and _is_vace_module(sd):
+        raise CheckpointError(
+            f"{name} is a VACE module (only vace_* weights): it needs a base Wan 2.1 T2V model "
+            "of the same size; load the base model with it as its VACE module "
+            "(load_dit(base, vace_module=...), the loader node's vace_module input, or "
+            "--vace-module)")
     if kind == "unknown" and wanted == "dit":
         missing = _missing_dit_tensors(sd)
         if missing:

@@ -12,8 +12,8 @@ from ..models.configs import ConfigError, detect_dit_config
 from ..models.dit import WanDiT
 from ..ops import is_fp8
 from .assign import assign_state_dict, convert_tensors
-from .checkpoint import (CheckpointError, load_state_dict, read_safetensors_header, require_kind,
-                         source_name)
+from .checkpoint import (CheckpointError, load_meta_state_dict, load_state_dict,
+                         read_safetensors_header, require_kind, source_name)
 from .dit_layouts import LayoutError, to_official_layout
 
 _DTYPE_NAMES = {
@@ -95,8 +95,49 @@ def describe_dit(sd: dict, source, dtype=None, num_heads: Optional[int] = None):
     return sd, cfg, compute or default_compute_dtype(stored_dtype(sd))
 
 
+def attach_vace_module(sd: dict, module: dict, source, module_source) -> dict:
+    """The state dict of a base model with a separate VACE module's weights added (the
+    wrapper's ``Wan2_1-VACE_module_*`` files: only ``vace_*`` tensors, any layout). Both are
+    renamed to the official layout first; a module for another model size, a module that
+    holds other weights, or a base that already has VACE weights is refused."""
+    base, name = to_official_layout(sd), source_name(module_source)
+    module = to_official_layout(module)
+    other = [k for k in module if not k.startswith("vace_")]
+    if other:
+        raise CheckpointError(f"{name} is not a VACE module: besides vace_* weights it holds "
+                              f"{', '.join(other[:3])}; give a VACE module file (or load a "
+                              "whole VACE model as the diffusion model)")
+    if "vace_patch_embedding.weight" not in module:
+        raise CheckpointError(f"{name} has no vace_patch_embedding; it is not a complete VACE "
+                              "module")
+    if any(k.startswith("vace_") for k in base):
+        raise CheckpointError(f"{source_name(source)} already has VACE weights; load it alone "
+                              f"(without {name})")
+    dim = tuple(base["patch_embedding.weight"].shape)[0] if "patch_embedding.weight" in base \
+        else None
+    module_dim = tuple(module["vace_patch_embedding.weight"].shape)[0]
+    if dim is not None and dim != module_dim:
+        sizes = {1536: "1.3B", 5120: "14B"}
+        raise CheckpointError(
+            f"{name} is a VACE module for a dim-{module_dim} model "
+            f"({sizes.get(module_dim, 'custom')}) but {source_name(source)} has dim {dim} "
+            f"({sizes.get(dim, 'custom')}); use the module made for this base model size")
+    return {**base, **module}
+
+
+def read_dit(source, vace_module=None, meta: bool = False) -> dict:
+    """The state dict of a DiT file (values, or meta tensors read from headers with
+    ``meta``), with a separate VACE module's weights attached when given."""
+    read = load_meta_state_dict if meta else load_state_dict
+    sd = read(source)
+    if vace_module is None:
+        return sd
+    require_kind(sd, "dit", source)
+    return attach_vace_module(sd, read(vace_module), source, vace_module)
+
+
 def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
-             num_heads: Optional[int] = None, weight_dtype=None) -> WanDiT:
+             num_heads: Optional[int] = None, weight_dtype=None, vace_module=None) -> WanDiT:
     """Load a Wan DiT from a file, folder, index json or state dict.
 
     dtype: compute dtype ('fp32', 'bf16', 'fp16' or a torch dtype); None keeps the file's
@@ -104,12 +145,14 @@ def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
     fp8 in memory and are cast one layer at a time. weight_dtype: 'fp8_e4m3fn' / 'fp8_e5m2'
     stores the Linear weights of a wider file in fp8 (half the memory of bf16); None keeps the
     file's. num_heads: only needed for custom models whose dim is not a multiple of 128 and
-    whose file carries no ``num_heads`` metadata. The model is built on the meta device and
-    the loaded tensors are assigned to it.
+    whose file carries no ``num_heads`` metadata. vace_module: a separate VACE module file (or
+    state dict) attached to this base model (makes a VACE model; see
+    :func:`attach_vace_module`). The model is built on the meta device and the loaded tensors
+    are assigned to it.
     """
     resolve_backend(attention)
     stored = _stored_weight_dtype(weight_dtype)
-    sd, cfg, compute = describe_dit(load_state_dict(source), source, dtype, num_heads)
+    sd, cfg, compute = describe_dit(read_dit(source, vace_module), source, dtype, num_heads)
     with torch.device("meta"):
         model = WanDiT(cfg, compute, attention)
     missing = sorted(set(model.state_dict()) - set(sd))

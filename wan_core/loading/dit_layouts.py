@@ -6,6 +6,8 @@ Layouts seen in the wild:
   * diffusers ``WanTransformer3DModel`` names (``condition_embedder.*``, ``attn1.to_q``,
     ``scale_shift_table``, ``proj_out`` ...). In diffusers the affine cross-attention norm is
     called ``norm2`` (official ``norm3``); the affine-free norms have no weights.
+    ``WanVACETransformer3DModel`` adds ``vace_blocks.N.*`` named like the main blocks, with
+    ``proj_in`` / ``proj_out`` for the official ``before_proj`` / ``after_proj``.
 
 Renaming never copies a tensor.
 """
@@ -31,6 +33,7 @@ _DIFFUSERS_TOP = (
     ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
     ("proj_out.", "head.head."),
     ("patch_embedding.", "patch_embedding."),
+    ("vace_patch_embedding.", "vace_patch_embedding."),
 )
 _DIFFUSERS_EXACT = {
     "condition_embedder.image_embedder.pos_embed": "img_emb.emb_pos",
@@ -45,7 +48,9 @@ _DIFFUSERS_ATTN = {
     "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o", "add_k_proj": "k_img",
     "add_v_proj": "v_img", "norm_added_k": "norm_k_img", "norm_q": "norm_q", "norm_k": "norm_k",
 }
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK_RE = re.compile(r"^(blocks|vace_blocks)\.(\d+)\.(.+)$")
+# Inside vace_blocks.N. only: diffusers -> official.
+_DIFFUSERS_VACE = {"proj_in": "before_proj", "proj_out": "after_proj"}
 _ATTN_RE = re.compile(r"^(attn1|attn2)\.(.+?)\.(weight|bias|scale_weight|scale_input)$")
 
 
@@ -64,18 +69,19 @@ def _diffusers_key(key: str) -> str:
         return _DIFFUSERS_EXACT[key]
     m = _BLOCK_RE.match(key)
     if m:
-        n, rest = m.groups()
+        kind, n, rest = m.groups()
         a = _ATTN_RE.match(rest)
         if a:
             attn, module, leaf = a.groups()
             if module not in _DIFFUSERS_ATTN:
                 raise LayoutError(f"unknown diffusers attention key '{key}'")
-            return f"blocks.{n}.{_DIFFUSERS_BLOCK[attn]}.{_DIFFUSERS_ATTN[module]}.{leaf}"
+            return f"{kind}.{n}.{_DIFFUSERS_BLOCK[attn]}.{_DIFFUSERS_ATTN[module]}.{leaf}"
         if rest == "scale_shift_table":
-            return f"blocks.{n}.modulation"
-        for old, new in _DIFFUSERS_BLOCK.items():
+            return f"{kind}.{n}.modulation"
+        renames = dict(_DIFFUSERS_BLOCK, **(_DIFFUSERS_VACE if kind == "vace_blocks" else {}))
+        for old, new in renames.items():
             if rest.startswith(old + "."):
-                return f"blocks.{n}.{new}{rest[len(old):]}"
+                return f"{kind}.{n}.{new}{rest[len(old):]}"
         raise LayoutError(f"unknown diffusers block key '{key}'")
     for old, new in _DIFFUSERS_TOP:
         if key.startswith(old):
@@ -89,8 +95,8 @@ def diffusers_module_name(name: str) -> str:
     if name in _DIFFUSERS_EXACT:
         return _DIFFUSERS_EXACT[name]
     m = _BLOCK_RE.match(name)
-    if m and m.group(2) == "scale_shift_table":
-        return f"blocks.{m.group(1)}.modulation"
+    if m and m.group(3) == "scale_shift_table":
+        return f"{m.group(1)}.{m.group(2)}.modulation"
     return _diffusers_key(name + ".weight")[: -len(".weight")]
 
 

@@ -21,8 +21,7 @@ import torch
 from ..models.attention import resolve_backend
 from ..models.dit import WanDiT
 from ..ops.streaming import BlockStreaming, place, unstream
-from .checkpoint import load_meta_state_dict
-from .dit import _stored_weight_dtype, describe_dit, load_dit, stored_dtype
+from .dit import _stored_weight_dtype, describe_dit, load_dit, read_dit, stored_dtype
 
 
 class OnDemandDiT:
@@ -35,16 +34,16 @@ class OnDemandDiT:
     """
 
     def __init__(self, source, dtype=None, device="cpu", attention: str = "sdpa",
-                 num_heads: Optional[int] = None, weight_dtype=None):
+                 num_heads: Optional[int] = None, weight_dtype=None, vace_module=None):
         resolve_backend(attention)
         stored = _stored_weight_dtype(weight_dtype)        # checked before the file is read
-        sd, self.config, self.compute_dtype = describe_dit(load_meta_state_dict(source), source,
-                                                           dtype, num_heads)
+        sd, self.config, self.compute_dtype = describe_dit(
+            read_dit(source, vace_module, meta=True), source, dtype, num_heads)
         self.stored_dtype = stored or stored_dtype(sd)
         self.source = source
         self.device = torch.device(device)
         self._options = dict(dtype=dtype, attention=attention, num_heads=num_heads,
-                             weight_dtype=weight_dtype)
+                             weight_dtype=weight_dtype, vace_module=vace_module)
         self.block_streaming: Optional[BlockStreaming] = None   # given to each loaded model
         self.loras: tuple = ()
         self._base: Optional[OnDemandDiT] = None      # the file's handle, for a LoRA handle

@@ -11,6 +11,7 @@ head_dim 128 (every released Wan model) when dim is a multiple of 128.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -28,10 +29,14 @@ class ConfigError(ValueError):
 class DiTConfig:
     """Architecture of one Wan DiT, as inferred from its weights.
 
-    model_type: 't2v' | 'i2v' | 'flf2v' | 'ti2v'.
+    model_type: 't2v' | 'i2v' | 'flf2v' | 'ti2v' | 'vace'.
     variant: 'wan2.1-t2v-1.3B', 'wan2.1-t2v-14B' (also the shape of each Wan 2.2 T2V-A14B
-    expert), 'wan2.1-i2v-14B', 'wan2.1-flf2v-14B', 'wan2.2-i2v-A14B', 'wan2.2-ti2v-5B', or
+    expert), 'wan2.1-i2v-14B', 'wan2.1-flf2v-14B', 'wan2.2-i2v-A14B', 'wan2.2-ti2v-5B',
+    'wan2.1-vace-1.3B', 'wan2.1-vace-14B' (also each Wan 2.2 VACE-Fun A14B expert), or
     'custom' for any other size (tiny test models).
+    vace_layers: VACE models: the main block after which each VACE block's hint is added
+    (1.3B: 0, 2, ..., 28; 14B: 0, 5, ..., 35); () for every other model. vace_in_dim: the
+    control latent's channels (96).
     """
 
     model_type: str = "t2v"
@@ -51,6 +56,12 @@ class DiTConfig:
     image_dim: int = 1280               # CLIP feature width fed to img_emb
     image_pos_tokens: int = 0           # FLF2V: length of img_emb.emb_pos (514), else 0
     rope_max_len: int = 1024            # positions per axis in the RoPE tables
+    vace_layers: tuple = ()             # VACE: main block index of each VACE block's hint
+    vace_in_dim: int = 0                # VACE: control latent channels (96)
+
+    @property
+    def is_vace(self) -> bool:
+        return bool(self.vace_layers)
 
     @property
     def head_dim(self) -> int:
@@ -81,6 +92,9 @@ class DiTConfig:
         if self.has_image_branch:
             c = self.image_dim
             n += 2 * c + c * c + c + c * d + d + 2 * d + self.image_pos_tokens * c
+        if self.vace_layers:
+            n += self.vace_in_dim * p * d + d                         # VACE patch embedding
+            n += len(self.vace_layers) * (block + 2 * (d * d + d)) - (d * d + d)
         return n
 
 
@@ -131,6 +145,8 @@ DEFAULTS: dict[str, VariantDefaults] = {
     "wan2.2-i2v-A14B": VariantDefaults(40, 5.0, 3.5, 81, 16, (1280, 720), guide_low=3.5,
                                        boundary=0.900),
     "wan2.2-ti2v-5B": VariantDefaults(50, 5.0, 5.0, 121, 24, (1280, 704), vae="wan2.2"),
+    "wan2.1-vace-1.3B": VariantDefaults(50, 16.0, 5.0, 81, 16, (832, 480)),
+    "wan2.1-vace-14B": VariantDefaults(50, 16.0, 5.0, 81, 16, (1280, 720)),
     "custom": VariantDefaults(50, 5.0, 5.0, 81, 16, (832, 480)),
 }
 
@@ -141,10 +157,24 @@ _KNOWN = {
     ("i2v", 5120, 13824, 40, 36, 16): "wan2.1-i2v-14B",
     ("flf2v", 5120, 13824, 40, 36, 16): "wan2.1-flf2v-14B",
     ("ti2v", 3072, 14336, 30, 48, 48): "wan2.2-ti2v-5B",
+    ("vace", 1536, 8960, 30, 16, 16): "wan2.1-vace-1.3B",
+    ("vace", 5120, 13824, 40, 16, 16): "wan2.1-vace-14B",
 }
 _KNOWN_NO_CLIP_I2V = {(5120, 13824, 40, 36, 16): "wan2.2-i2v-A14B"}
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+_VACE_BLOCK_RE = re.compile(r"^vace_blocks\.(\d+)\.")
+
+
+def vace_plan(num_layers: int, vace_blocks: int) -> tuple:
+    """The main blocks after which the hints of ``vace_blocks`` VACE blocks are added, evenly
+    spaced from block 0 as in every released VACE model: 30 layers / 15 VACE blocks -> 0, 2,
+    ..., 28; 40 / 8 -> 0, 5, ..., 35."""
+    if not 0 < vace_blocks <= num_layers:
+        raise ConfigError(f"{vace_blocks} VACE blocks do not fit a model of {num_layers} "
+                          "blocks")
+    step = num_layers // vace_blocks
+    return tuple(i * step for i in range(vace_blocks))
 
 
 def _shape(value) -> tuple:
@@ -177,8 +207,6 @@ def detect_dit_config(sd: Mapping, num_heads: Optional[int] = None,
                               "model (or its layout is not recognised)")
         return _shape(sd[key])
 
-    if any(k.startswith("vace_blocks.") for k in sd):
-        raise ConfigError("this is a Wan VACE model; VACE is not supported yet")
     patch_w = need("patch_embedding.weight")            # [dim, in_dim, pt, ph, pw]
     if len(patch_w) != 5:
         raise ConfigError(f"patch_embedding.weight has shape {patch_w}, expected 5 dims")
@@ -196,7 +224,29 @@ def detect_dit_config(sd: Mapping, num_heads: Optional[int] = None,
     image_dim = _shape(sd["img_emb.proj.0.weight"])[0] if "img_emb.proj.0.weight" in sd else 1280
     pos_tokens = _shape(sd["img_emb.emb_pos"])[1] if "img_emb.emb_pos" in sd else 0
 
-    if has_image:
+    vace_blocks = {int(m.group(1)) for k in sd if (m := _VACE_BLOCK_RE.match(k))}
+    vace_layers, vace_in_dim = (), 0
+    if vace_blocks or "vace_patch_embedding.weight" in sd:
+        vace_w = need("vace_patch_embedding.weight")     # [dim, 96, pt, ph, pw]
+        if not vace_blocks or vace_w[0] != dim or tuple(vace_w[2:]) != patch:
+            raise ConfigError(f"the VACE weights do not fit this model: vace_patch_embedding "
+                              f"{list(vace_w)} for a model of dim {dim}"
+                              + ("" if vace_blocks else " and no vace_blocks"))
+        vace_in_dim = vace_w[1]
+        count = max(vace_blocks) + 1
+        given = (metadata or {}).get("vace_layers")        # a diffusers config.json lists it
+        if isinstance(given, str):
+            given = json.loads(given)
+        vace_layers = tuple(sorted(int(i) for i in given)) if given else \
+            vace_plan(num_layers, count)
+        if len(vace_layers) != count or vace_layers[0] != 0 or max(vace_layers) >= num_layers \
+                or len(set(vace_layers)) != count:
+            raise ConfigError(f"vace_layers {list(vace_layers)} do not fit {count} VACE blocks "
+                              f"and {num_layers} main blocks (distinct indices, the first 0)")
+
+    if vace_layers:
+        model_type = "vace"
+    elif has_image:
         model_type = "flf2v" if pos_tokens else "i2v"
     elif out_dim == 48 and in_dim == 48:
         model_type = "ti2v"
@@ -225,4 +275,5 @@ def detect_dit_config(sd: Mapping, num_heads: Optional[int] = None,
                      num_heads=heads, num_layers=num_layers, in_dim=in_dim, out_dim=out_dim,
                      text_dim=text_dim, freq_dim=freq_dim, patch_size=patch,
                      has_image_branch=has_image, image_dim=image_dim,
-                     image_pos_tokens=pos_tokens)
+                     image_pos_tokens=pos_tokens, vace_layers=vace_layers,
+                     vace_in_dim=vace_in_dim)

@@ -345,6 +345,39 @@ class WanBlock(nn.Module):
         return x
 
 
+class VaceBlock(WanBlock):
+    """A VACE block: a text-to-video transformer block run over the control stream ``c``.
+
+    Block 0 has ``before_proj``, which adds the projected control tokens to the embedded noisy
+    latent ``x0`` first; every VACE block has ``after_proj``, which turns its output into the
+    hint added to the main stream after the main block the plan pairs it with."""
+
+    def __init__(self, cfg: DiTConfig, first: bool):
+        super().__init__(cfg)
+        if first:
+            self.before_proj = Linear(cfg.dim, cfg.dim)
+        self.after_proj = Linear(cfg.dim, cfg.dim)
+
+    def forward(self, c, time: TimeModulation, rope, text: TextContext, backend: str,
+                x0: Optional[torch.Tensor] = None):
+        """c [B, L, dim] float32 control stream (block 0: the patch-embedded control, with
+        ``x0`` [B, L, dim] the patch-embedded noisy latent) -> (new c, hint [B, L, dim])."""
+        cdt = text.tokens.dtype
+        if x0 is not None:
+            c = self.before_proj(c.to(cdt)).float().add_(x0)
+        c = super().forward(c, time, rope, text, None, backend)
+        return c, self.after_proj(c.to(cdt)).float()
+
+
+class VaceControl:
+    """One control input of a VACE forward: the control stream ``c`` [B, L, dim] (float32,
+    advanced block by block) and ``scales`` [n_vace_blocks] float32 (one per hint)."""
+
+    def __init__(self, c: torch.Tensor, scales: torch.Tensor):
+        self.c = c
+        self.scales = scales
+
+
 class Head(nn.Module):
     """Final modulated LayerNorm and projection to patch pixels (float32)."""
 
@@ -413,16 +446,35 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         if cfg.has_image_branch:
             self.img_emb = ImageEmbedding(cfg)
+        if cfg.vace_layers:
+            self.vace_patch_embedding = nn.Conv3d(cfg.vace_in_dim, d, cfg.patch_size,
+                                                  cfg.patch_size)
+            self.vace_blocks = nn.ModuleList(VaceBlock(cfg, first=i == 0)
+                                             for i in range(len(cfg.vace_layers)))
         self._rope_cache: dict = {}
 
     def set_attention_backend(self, backend: str) -> None:
         resolve_backend(backend)
         self.attention_backend = backend
 
+    def block_sequence(self) -> list:
+        """The transformer blocks in the order a forward with a VACE control runs them (a VACE
+        block just before the main block its hint follows; block streaming prefetches in this
+        order); for other models ``list(self.blocks)``."""
+        order = []
+        for i, block in enumerate(self.blocks):
+            if i in self.config.vace_layers:
+                order.append(self.vace_blocks[self.config.vace_layers.index(i)])
+            order.append(block)
+        return order
+
     # -- inputs ------------------------------------------------------------------------------
 
-    def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """x [B, C, F, H, W] -> tokens [B, L, dim] float32 and the token grid (f, h, w)."""
+    def embed_patches(self, x: torch.Tensor, conv: Optional[nn.Conv3d] = None
+                      ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """x [B, C, F, H, W] -> tokens [B, L, dim] float32 and the token grid (f, h, w), with
+        ``conv`` (default: the patch embedding; VACE: ``vace_patch_embedding``)."""
+        conv = conv if conv is not None else self.patch_embedding
         b, c, f, h, w = x.shape
         pt, ph, pw = self.config.patch_size
         if f % pt or h % ph or w % pw:
@@ -431,8 +483,8 @@ class WanDiT(nn.Module):
         grid = (f // pt, h // ph, w // pw)
         patches = x.reshape(b, c, grid[0], pt, grid[1], ph, grid[2], pw)
         patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, math.prod(grid), -1)
-        weight = self.patch_embedding.weight.float().flatten(1)
-        bias = self.patch_embedding.bias.float()
+        weight = conv.weight.float().flatten(1)
+        bias = conv.bias.float()
         return F.linear(patches.float(), weight, bias), grid
 
     def embed_time(self, t: torch.Tensor, batch: int, tokens: int):
@@ -480,6 +532,59 @@ class WanDiT(nn.Module):
         return TextContext.embed([u.to(dev) for u in items], n, self.text_embedding,
                                  self.compute_dtype, collapse)
 
+    def vace_controls(self, vace_context, vace_scale, batch: int, grid: tuple,
+                      tokens: int) -> list:
+        """The control inputs of a VACE forward as :class:`VaceControl` s.
+
+        vace_context: one control latent [B or 1, vace_in_dim, F, H, W] (F <= the latent's
+        frames: later frames get no control, as in the official model), or a list of them
+        (several controls, hints summed). vace_scale: for one control a float or one value per
+        VACE block; for a list, one such entry per control (or one float for all)."""
+        cfg = self.config
+        if not cfg.vace_layers:
+            raise ValueError("this model has no VACE weights: load a Wan VACE model, or attach "
+                             "a VACE module to this base model (load_dit(base, vace_module=...))")
+        single = torch.is_tensor(vace_context)
+        contexts = [vace_context] if single else list(vace_context)
+        if not contexts:
+            return []
+        if single or not isinstance(vace_scale, (list, tuple)):
+            scales = [vace_scale] * len(contexts)
+        else:
+            scales = list(vace_scale)
+            if len(scales) != len(contexts):
+                raise ValueError(f"{len(contexts)} VACE controls need {len(contexts)} scales "
+                                 f"(or one float), got {len(scales)}")
+        device = self.vace_patch_embedding.weight.device
+        controls = []
+        for context, scale in zip(contexts, scales):
+            if context.dim() != 5 or context.shape[1] != cfg.vace_in_dim:
+                raise ValueError(f"a VACE control latent is [B, {cfg.vace_in_dim}, F, H, W]; "
+                                 f"got {list(context.shape)}")
+            if context.shape[0] not in (1, batch):
+                raise ValueError(f"the VACE control has batch {context.shape[0]}, the latent "
+                                 f"{batch}")
+            c, c_grid = self.embed_patches(context.to(device), self.vace_patch_embedding)
+            if c_grid[1:] != grid[1:] or c_grid[0] > grid[0]:
+                raise ValueError(f"the VACE control latent {list(context.shape[2:])} does not "
+                                 f"fit the latent's frames x height x width (token grid {grid}); "
+                                 "build it for the same size and frame count")
+            if c.shape[1] < tokens:     # fewer frames: zero tokens after them (official)
+                c = F.pad(c, (0, 0, 0, tokens - c.shape[1]))
+            controls.append(VaceControl(c.expand(batch, -1, -1).contiguous(),
+                                        self._vace_scales(scale, device)))
+        return controls
+
+    def _vace_scales(self, scale, device) -> torch.Tensor:
+        n = len(self.config.vace_layers)
+        values = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        if values.numel() == 1:
+            values = values.expand(n)
+        if values.numel() != n or not bool(torch.isfinite(values).all()):
+            raise ValueError(f"vace_scale must be a finite float or {n} finite values (one per "
+                             f"VACE block); got {scale!r}")
+        return values.to(device)
+
     def rope(self, grid: tuple[int, int, int], device):
         key = (grid, str(device))
         if key not in self._rope_cache:
@@ -493,7 +598,8 @@ class WanDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: Context,
                 clip_fea: Optional[torch.Tensor] = None,
-                y: Optional[torch.Tensor] = None) -> torch.Tensor:
+                y: Optional[torch.Tensor] = None, vace_context=None,
+                vace_scale=1.0) -> torch.Tensor:
         """Velocity prediction.
 
         x [B, C, F, H, W] latent; t [B] (0..1000) or per-token [B, L]; context
@@ -501,7 +607,9 @@ class WanDiT(nn.Module):
         text_len as in the official model; all-zero rows count as padding, so a prompt given
         unpadded or zero-padded gives the same result); clip_fea
         [B, 257, 1280] (I2V) or [B, 514, 1280] (FLF2V); y [B, C_y, F, H, W] concatenated to x
-        on channels (I2V mask + image latent). Returns [B, out_dim, F, H, W] float32.
+        on channels (I2V mask + image latent); vace_context / vace_scale: VACE models' control
+        latent [B, 96, F, H, W] (or a list of them) and scale (see :meth:`vace_controls`);
+        None runs the plain model. Returns [B, out_dim, F, H, W] float32.
         """
         cfg = self.config
         if y is not None:
@@ -522,8 +630,23 @@ class WanDiT(nn.Module):
                                  f"of {b}")
         rope = self.rope(grid, tokens.device)
         time = TimeModulation(e0, index)
-        for block in self.blocks:
-            tokens = block(tokens, time, rope, text, context_img, self.attention_backend)
+        controls = [] if vace_context is None else self.vace_controls(
+            vace_context, vace_scale, b, grid, tokens.shape[1])
+        backend = self.attention_backend
+        for i, block in enumerate(self.blocks):
+            k = self.config.vace_layers.index(i) if controls and i in self.config.vace_layers \
+                else None
+            hint = None
+            if k is not None:
+                vace_block = self.vace_blocks[k]
+                for control in controls:
+                    control.c, h = vace_block(control.c, time, rope, text, backend,
+                                              x0=tokens if k == 0 else None)
+                    h = h.mul_(control.scales[k])
+                    hint = h if hint is None else hint.add_(h)
+            tokens = block(tokens, time, rope, text, context_img, backend)
+            if hint is not None:
+                tokens = _add_gated(tokens, hint)
         out = self.head(tokens, e, index)
         del tokens
         return self.unpatchify(out, grid)

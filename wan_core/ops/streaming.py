@@ -26,6 +26,14 @@ import torch.nn as nn
 
 GIB = 1024 ** 3
 IN_FLIGHT = 2     # streamed blocks on the device at once: the running one and the next
+BLOCK_LISTS = ("blocks", "vace_blocks")   # child module lists whose blocks are streamed
+
+
+def streamed_blocks(model: nn.Module) -> list:
+    """The transformer blocks of ``model`` in the order a forward runs them (a VACE model
+    interleaves its VACE blocks, ``WanDiT.block_sequence``); the first ones stay resident."""
+    sequence = getattr(model, "block_sequence", None)
+    return list(sequence()) if callable(sequence) else list(model.blocks)
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ class BlockStreaming:
 
     def resident_blocks(self, model: nn.Module) -> int:
         """The number of blocks of ``model`` (which has ``.blocks``) kept on the device."""
-        count = len(model.blocks)
+        count = len(streamed_blocks(model))
         if self.resident is not None:
             return min(int(self.resident), count)
         return resident_blocks_for_budget(model, self.budget_gb * GIB)
@@ -71,7 +79,7 @@ def module_bytes(module: nn.Module) -> int:
 def resident_blocks_for_budget(model: nn.Module, budget_bytes: float) -> int:
     """The most blocks that can stay on the device within ``budget_bytes`` of weights, after
     the modules outside the blocks and ``IN_FLIGHT`` streamed blocks are counted."""
-    blocks = list(model.blocks)
+    blocks = streamed_blocks(model)
     if module_bytes(model) <= budget_bytes:
         return len(blocks)                   # everything fits: nothing to stream
     block_sizes = [module_bytes(b) for b in blocks]
@@ -91,7 +99,7 @@ def device_bytes(model: nn.Module, settings: Optional[BlockStreaming]) -> int:
     """Bytes of ``model``'s weights on the device when placed with ``settings`` (None: all)."""
     if settings is None:
         return module_bytes(model)
-    sizes = [module_bytes(b) for b in model.blocks]
+    sizes = [module_bytes(b) for b in streamed_blocks(model)]
     resident = settings.resident_blocks(model)
     return (module_bytes(model) - sum(sizes) + sum(sizes[:resident]) +
             min(IN_FLIGHT, len(sizes) - resident) * max(sizes[resident:], default=0))
@@ -227,9 +235,9 @@ def place(module, device) -> None:
         module.to(device)
         return
     for name, child in module.named_children():
-        if name != "blocks":
+        if name not in BLOCK_LISTS:
             child.to(device)
-    module._block_streamer = BlockStreamer(module.blocks, device,
+    module._block_streamer = BlockStreamer(streamed_blocks(module), device,
                                            settings.resident_blocks(module)).attach()
 
 
@@ -249,7 +257,7 @@ def without_streaming_hooks(copy: nn.Module, original: nn.Module) -> None:
     if streamer is None:
         return
     ids = {handle.id for handle in streamer._hooks}
-    for block in copy.blocks:
+    for block in streamed_blocks(copy):
         for hooks in (block._forward_pre_hooks, block._forward_hooks):
             for key in ids & set(hooks):
                 del hooks[key]

@@ -74,6 +74,11 @@ def _concat_contexts(cond, uncond):
     return torch.cat([cond, uncond])
 
 
+# Inputs the DiT broadcasts over the batch (a batch of 1 serves both CFG halves): VACE control
+# latents (a tensor, or a list of them for several controls) and their scales.
+_SHARED_KEYS = ("vace_context", "vace_scale")
+
+
 def _batch_conds(cond: Cond, uncond: Cond) -> dict:
     """One model-input dict with the conditional rows first, the unconditional rows second."""
     batched = {}
@@ -81,6 +86,8 @@ def _batch_conds(cond: Cond, uncond: Cond) -> dict:
         a, b = cond.get(key), uncond.get(key)
         if a is None and b is None:
             batched[key] = None
+        elif key in _SHARED_KEYS and a is b:
+            batched[key] = a
         elif a is None or b is None:
             raise ValueError(f"{key!r} is given for only one of cond / uncond")
         elif key == "context":
