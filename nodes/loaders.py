@@ -76,8 +76,9 @@ def _describe(model, kind: str) -> dict:
 
 class WanCoreModelLoader:
     CATEGORY = "WanCore/loaders"
-    DESCRIPTION = ("Loads a Wan 2.1 / 2.2 diffusion model (T2V, I2V, FLF2V, TI2V-5B, or one "
-                   "Wan 2.2 expert). The variant is detected from the file's header; the "
+    DESCRIPTION = ("Loads a Wan 2.1 / 2.2 diffusion model (T2V, I2V, FLF2V, TI2V-5B, VACE, or "
+                   "one Wan 2.2 expert), optionally with a separate VACE module. The variant is "
+                   "detected from the file's header; the "
                    "weights are read when the sampler first needs them, and an idle Wan 2.2 "
                    "expert is dropped from memory rather than kept.")
     RETURN_TYPES = ("WANCORE_MODEL",)
@@ -115,24 +116,34 @@ class WanCoreModelLoader:
                 "tooltip": "Block streaming by budget: the most GB of VRAM the weights may "
                            "use; the number of blocks kept on the GPU is picked to fit "
                            "(activations come on top). 0 = off; overrides blocks_on_gpu."}),
+            "vace_module": (["none"] + host.list_models("diffusion_models"), {
+                "default": "none",
+                "tooltip": "A separate VACE module file (only vace_* weights, e.g. "
+                           "Wan2_1-VACE_module_1_3B_bf16.safetensors) to attach to this Wan 2.1 "
+                           "T2V model of the same size, making it a VACE model for WanCore VACE. "
+                           "'none' for a whole VACE model or any other model."}),
         }}
 
     def load(self, model_name, weight_dtype="default", attention="sdpa", blocks_on_gpu=-1,
-             vram_budget_gb=0.0):
+             vram_budget_gb=0.0, vace_module="none"):
         from wan_core.loading.on_demand import OnDemandDiT
 
         path = host.model_path("diffusion_models", model_name)
+        module = None if vace_module in (None, "", "none") else \
+            host.model_path("diffusion_models", vace_module)
         streaming = _block_streaming(blocks_on_gpu, vram_budget_gb)
 
         def load():
             # Checked and configured from the file's header now; the weights are read when
             # the sampler first needs them (so a Wan 2.2 pair holds one expert at a time).
-            handle = OnDemandDiT(path, device="cpu", attention=attention,
+            handle = OnDemandDiT(path, device="cpu", attention=attention, vace_module=module,
                                  **_load_options(weight_dtype))
             handle.block_streaming = streaming
             return handle
 
-        model = CACHE.get(path, ("dit", weight_dtype, attention, streaming), load)
+        module_key = None if module is None else (os.path.realpath(module),
+                                                  os.stat(module).st_mtime_ns)
+        model = CACHE.get(path, ("dit", weight_dtype, attention, streaming, module_key), load)
         return {"ui": {"wancore_variant": [_describe(model, "diffusion model")]},
                 "result": (model,)}
 

@@ -18,7 +18,6 @@ import types
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.reference import max_abs_err, report
 from wan_core import load_vae

@@ -44,6 +44,8 @@ FILES = {
     "lora_t2v_low": "loras/wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors",
     "lora_i2v": "loras/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
     "dit_t2v_gguf": "diffusion_models/wan2.1-t2v-1.3b-Q8_0.gguf",
+    "dit_vace": "diffusion_models/wan2.1_vace_1.3B_fp16.safetensors",
+    "vace_module": "diffusion_models/Wan2_1-VACE_module_1_3B_bf16.safetensors",
 }
 
 
@@ -59,14 +61,17 @@ def _random(model: torch.nn.Module, seed: int, scale: float = 0.05) -> dict:
 
 
 def dit_state_dict(model_type: str, seed: int, in_dim=None, out_dim=16, image=False,
-                   pos_tokens=0) -> dict:
-    from wan_core.models.configs import DiTConfig
+                   pos_tokens=0, vace_blocks=0) -> dict:
+    """Random weights of a tiny DiT; ``vace_blocks`` > 0 adds VACE blocks (a VACE model)."""
+    from wan_core.models.configs import DiTConfig, vace_plan
     from wan_core.models.dit import WanDiT
 
     in_dim = in_dim or out_dim
+    vace = dict(vace_layers=vace_plan(DIT["num_layers"], vace_blocks), vace_in_dim=96) \
+        if vace_blocks else {}
     cfg = DiTConfig(model_type=model_type, in_dim=in_dim, out_dim=out_dim,
                     has_image_branch=image, image_dim=CLIP_WIDTH, image_pos_tokens=pos_tokens,
-                    **DIT)
+                    **DIT, **vace)
     with torch.device("meta"):
         model = WanDiT(cfg)
     return _random(model, seed)
@@ -243,6 +248,11 @@ def write_models(root: Path) -> Path:
     _save(root, "dit_i2v_high", dit_state_dict("i2v", 6, in_dim=36), fp16)
     _save(root, "dit_i2v_low", dit_state_dict("i2v", 7, in_dim=36), fp16)
     _save(root, "dit_ti2v", dit_state_dict("ti2v", 8, out_dim=48), fp16)
+    vace = dit_state_dict("vace", 16, vace_blocks=2)
+    _save(root, "dit_vace", vace, fp16, prefix="model.diffusion_model.")
+    module = {k: v for k, v in dit_state_dict("vace", 1, vace_blocks=1).items()
+              if k.startswith("vace_")}        # for dit_t2v (seed 1): the wrapper's module file
+    _save(root, "vace_module", module, bf16)
     _save(root, "vae21", vae_state_dict("2.1", 9))
     _save(root, "vae22", vae_state_dict("2.2", 10))
     _save(root, "umt5", umt5_state_dict(11))

@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-TASKS = ("t2v", "i2v", "flf2v", "ti2v")
+TASKS = ("t2v", "i2v", "flf2v", "ti2v", "vace")
 
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--task", choices=TASKS, default="t2v",
                      help="t2v: text only; i2v: start image (Wan 2.1 I2V, Wan 2.2 I2V-A14B); "
                           "flf2v: start and end image; ti2v: Wan 2.2 TI2V-5B with a start image "
-                          "(without --image it runs text-to-video)")
+                          "(without --image it runs text-to-video); vace: a Wan VACE model (or "
+                          "--vace-module) with --control-video / --control-mask / "
+                          "--reference-image")
     gen.add_argument("--dit", required=True, metavar="FILE",
                      help="diffusion model file or folder (for Wan 2.2 A14B: the high-noise expert)")
     gen.add_argument("--dit-low-noise", metavar="FILE",
@@ -159,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None,
                      help="what to avoid (default: the official Wan negative prompt)")
     gen.add_argument("--image", metavar="FILE", help="start image (i2v, flf2v, ti2v)")
+    vace = gen.add_argument_group("VACE (--task vace)")
+    vace.add_argument("--vace-module", metavar="FILE",
+                      help="a separate VACE module file (only vace_* weights) attached to --dit, "
+                           "a Wan 2.1 T2V model of the same size")
+    vace.add_argument("--vace-module-low-noise", metavar="FILE",
+                      help="MoE: the VACE module of the low-noise expert")
+    vace.add_argument("--control-video", metavar="FILE",
+                      help="control video (depth, pose, edges, or the frames to keep for "
+                           "inpainting / extension); default: grey frames. Its frame count is "
+                           "the default --frames")
+    vace.add_argument("--control-mask", metavar="FILE",
+                      help="mask video or image (one for every frame): white = generate, black "
+                           "= keep the control video; default: all white")
+    vace.add_argument("--reference-image", action="append", default=[], metavar="FILE",
+                      help="an image whose subject the video should show (repeatable); fitted "
+                           "into the frame on a white canvas")
+    vace.add_argument("--vace-scale", type=_positive_float, default=1.0, metavar="X",
+                      help="strength of the VACE control (default 1)")
     gen.add_argument("--end-image", metavar="FILE", help="end image (flf2v)")
     gen.add_argument("--size", type=_size, metavar="WxH",
                      help="video size, multiples of 16 (32 for TI2V-5B); default: the model's")
@@ -251,9 +271,13 @@ def _tile_option(text: str):
 def _inputs(args) -> list:
     """``(option, path)`` of every input file of a generate run."""
     pairs = [("--dit", args.dit), ("--dit-low-noise", args.dit_low_noise), ("--vae", args.vae),
+             ("--vace-module", args.vace_module),
+             ("--vace-module-low-noise", args.vace_module_low_noise),
+             ("--control-video", args.control_video), ("--control-mask", args.control_mask),
              ("--text-encoder", args.text_encoder), ("--clip-vision", args.clip_vision),
              ("--image", args.image), ("--end-image", args.end_image)]
     pairs += [("--cache-calibration", args.cache_calibration)]
+    pairs += [("--reference-image", path) for path in args.reference_image]
     pairs += [("--lora", path) for path, _ in args.lora]
     pairs += [("--lora-low-noise", path) for path, _ in args.lora_low_noise]
     return [(option, path) for option, path in pairs if path is not None]
@@ -306,8 +330,18 @@ def check_generate_args(args: argparse.Namespace) -> dict:
         raise UsageError("--task flf2v needs --end-image (the last frame)")
     if args.end_image and args.task != "flf2v":
         raise UsageError("--end-image is for --task flf2v")
-    if args.image and args.task == "t2v":
-        raise UsageError("--image needs --task i2v, flf2v or ti2v (t2v uses no image)")
+    if args.image and args.task in ("t2v", "vace"):
+        raise UsageError(f"--image needs --task i2v, flf2v or ti2v ({args.task} uses no start "
+                         "image; VACE takes --reference-image or --control-video)")
+    vace_inputs = [option for option, value in (
+        ("--control-video", args.control_video), ("--control-mask", args.control_mask),
+        ("--reference-image", args.reference_image), ("--vace-module", args.vace_module),
+        ("--vace-module-low-noise", args.vace_module_low_noise)) if value]
+    if vace_inputs and args.task != "vace":
+        raise UsageError(f"{', '.join(vace_inputs)} {'needs' if len(vace_inputs) == 1 else 'need'}"
+                         " --task vace")
+    if args.vace_module_low_noise and not args.dit_low_noise:
+        raise UsageError("--vace-module-low-noise needs --dit-low-noise (a Wan 2.2 expert pair)")
     if args.lora_low_noise and not args.dit_low_noise:
         raise UsageError("--lora-low-noise needs --dit-low-noise (a Wan 2.2 expert pair); for "
                          "one model use --lora")
@@ -337,9 +371,19 @@ def check_generate_args(args: argparse.Namespace) -> dict:
     device = check_device(args.device)
     image = read_image(args.image, "--image") if args.image else None
     end_image = read_image(args.end_image, "--end-image") if args.end_image else None
+    controls = read_vace_inputs(args) if args.task == "vace" else None
 
-    config = peek_dit_config(args.dit)
-    low_config = peek_dit_config(args.dit_low_noise) if args.dit_low_noise else None
+    config = peek_dit_config(args.dit, args.vace_module)
+    low_config = peek_dit_config(args.dit_low_noise, args.vace_module_low_noise) \
+        if args.dit_low_noise else None
+    if args.task == "vace":
+        for option, dit_config, module in (("--dit", config, "--vace-module"),
+                                           ("--dit-low-noise", low_config,
+                                            "--vace-module-low-noise")):
+            if dit_config is not None and not dit_config.is_vace:
+                raise UsageError(f"--task vace needs a Wan VACE model: {option} is "
+                                 f"{dit_config.variant} ({dit_config.model_type}) without VACE "
+                                 f"weights; give a VACE model, or its VACE module with {module}")
     if args.dit_low_noise:
         check_expert_pair(config, low_config, args)
     from wan_core.loading.lora import check_loras
@@ -358,7 +402,7 @@ def check_generate_args(args: argparse.Namespace) -> dict:
             check_vae_matches(config.out_dim, vae_channels, args.dit, args.vae)
         defaults = DEFAULTS.get(config.variant, DEFAULTS["custom"])
         width, height = args.size or defaults.size
-        frames = args.frames or defaults.frames
+        frames = args.frames or default_frames(controls) or defaults.frames
         check_video_size(width, height, frames, vae_stride_for(config.out_dim))
         weights = sum(file_size(p) for p in (args.dit, args.dit_low_noise, args.vae,
                                              args.text_encoder, args.clip_vision))
@@ -366,7 +410,37 @@ def check_generate_args(args: argparse.Namespace) -> dict:
                                    dim=config.dim, ffn_dim=config.ffn_dim, weights=weights)
         print(check_memory(estimate, device, f"a {width}x{height}, {frames}-frame video"))
     return {"device": device, "image": image, "end_image": end_image, "config": config,
-            "cache": cache}
+            "cache": cache, "controls": controls}
+
+
+def read_vace_inputs(args: argparse.Namespace) -> dict:
+    """The VACE input files, read now (cheap next to the models) so a bad file fails first:
+    ``video`` [1, 3, T, H, W] in [-1, 1], ``mask`` [1, 1, T, H, W] in 0..1 (one image stands
+    for every frame), ``references``: a list of [3, H, W] in [-1, 1]."""
+    from wan_core.checks import UsageError, read_image
+    from wan_core.video_io import load_mask, load_video
+
+    def read(option, path, loader):
+        try:
+            return loader(path)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"{option}: {e}") from None
+
+    video = read("--control-video", args.control_video, load_video)[None] \
+        if args.control_video else None
+    mask = read("--control-mask", args.control_mask, load_mask)[None] \
+        if args.control_mask else None
+    references = [read_image(path, "--reference-image") for path in args.reference_image]
+    return {"video": video, "mask": mask, "references": references or None}
+
+
+def default_frames(controls) -> int | None:
+    """With a control video and no --frames: its length (the 4n+1 count at or below it)."""
+    from wan_core.conditioning import nearest_valid_frames
+
+    if not controls or controls["video"] is None:
+        return None
+    return nearest_valid_frames(controls["video"].shape[2])[0]
 
 
 def write_outputs(args, video, latent_raw, fps: float, calibration=None) -> None:
@@ -419,7 +493,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from wan_core.loading.on_demand import OnDemandDiT
     from wan_core.ops.streaming import BlockStreaming, place
     from wan_core.conditioning import (VideoConditioning, build_i2v_conditioning,
-                                       build_ti2v_conditioning, check_video_size)
+                                       build_ti2v_conditioning, build_vace_conditioning,
+                                       check_video_size)
     from wan_core.models.configs import DEFAULTS
     from wan_core.pipeline import MoEModel, default_boundary, generate, vae_stride_for
     from wan_core.sampling import (DISTILLED_CFG, DISTILLED_SHIFT, DISTILLED_STEPS,
@@ -439,17 +514,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if moe:
         # Experts on demand: each is read from its file when the sampler switches to it and
         # the idle one is dropped, so at most one expert is in memory at a time.
-        dit = OnDemandDiT(args.dit, dtype=args.dtype, device=device)
+        dit = OnDemandDiT(args.dit, dtype=args.dtype, device=device,
+                          vace_module=args.vace_module)
         dit.block_streaming = streaming
     else:
-        dit = load_dit(args.dit, dtype=args.dtype, device="cpu" if streaming else device)
+        dit = load_dit(args.dit, dtype=args.dtype, device="cpu" if streaming else device,
+                       vace_module=args.vace_module)
     config = dit.config
     variant = config.variant
     if moe and variant == "wan2.1-t2v-14B":
         variant = "wan2.2-t2v-A14B"  # the experts have exactly the 2.1 T2V-14B shapes
     defaults = DEFAULTS.get(variant, DEFAULTS["custom"])
     width, height = args.size or defaults.size
-    frames = args.frames or defaults.frames
+    frames = args.frames or default_frames(checked["controls"]) or defaults.frames
     distilled = args.solver == "distilled"
     steps = args.steps or (DISTILLED_STEPS if distilled else defaults.steps)
     shift = args.shift if args.shift is not None else (
@@ -458,6 +535,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     fps = args.fps or defaults.fps
     check_video_size(width, height, frames, vae_stride_for(config.out_dim))
     check_image_inputs(config, args)     # again: GGUF / folders are only known once loaded
+    if args.task == "vace" and not config.is_vace:
+        raise UsageError(f"--task vace needs a Wan VACE model; {args.dit} is {config.variant} "
+                         f"({config.model_type}); give a VACE model or --vace-module")
     print(f"model: {variant} ({config.model_type}), {width}x{height}, {frames} frames, "
           f"{steps} steps, shift {shift}, cfg {cfg}, solver {args.solver}, seed {args.seed}")
 
@@ -473,7 +553,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         place(dit, device)        # streams the blocks, or brings the LoRA patches along
     model = dit
     if moe:
-        low = OnDemandDiT(args.dit_low_noise, dtype=args.dtype, device=device)
+        low = OnDemandDiT(args.dit_low_noise, dtype=args.dtype, device=device,
+                          vace_module=args.vace_module_low_noise)
         low.block_streaming = streaming
         if args.lora_low_noise:
             low = apply_loras(low, args.lora_low_noise)
@@ -495,7 +576,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     context, negative_context = te.encode([args.prompt, negative], device=device)
     del te
 
-    if args.task == "t2v" or (args.task == "ti2v" and not args.image):
+    if args.task == "vace":
+        controls = checked["controls"]
+        mask = controls["mask"]
+        if mask is not None and mask.shape[2] == 1:          # one mask image: every frame
+            mask = mask.expand(-1, -1, frames, -1, -1)
+        cond = build_vace_conditioning(vae, width, height, frames, video=controls["video"],
+                                       mask=mask, reference_images=controls["references"],
+                                       strength=args.vace_scale)
+        if cond.trim:
+            print(f"vace: {cond.trim} reference image(s) sampled in front of the video and "
+                  "dropped from it")
+    elif args.task == "t2v" or (args.task == "ti2v" and not args.image):
         cond = VideoConditioning(width, height, frames)
     elif args.task == "ti2v":
         cond = build_ti2v_conditioning(vae, checked["image"].to(device), width, height,

@@ -136,12 +136,16 @@ def header_state_dict(path, kind: str = "dit") -> Optional[dict]:
     return load_meta_state_dict(path)
 
 
-def peek_dit_config(path):
-    """The DiT config of a model file read the cheap way (None for formats known only once
-    loaded)."""
-    from .loading.dit import describe_dit
+def peek_dit_config(path, vace_module=None):
+    """The DiT config of a model file (with a separate VACE module attached, when given) read
+    the cheap way (None for formats known only once loaded)."""
+    from .loading.dit import attach_vace_module, describe_dit
 
     sd = header_state_dict(path)
+    if sd is not None and vace_module is not None:
+        require_kind(sd, "dit", path)
+        module = header_state_dict(vace_module)
+        sd = None if module is None else attach_vace_module(sd, module, path, vace_module)
     return None if sd is None else describe_dit(sd, path)[1]
 
 

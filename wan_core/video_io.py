@@ -182,3 +182,40 @@ def load_image(path: str | Path) -> torch.Tensor:
         raise ValueError(f"{path} is truncated or damaged and cannot be read as an image "
                          f"({e})") from None
     return torch.from_numpy(data).permute(2, 0, 1) * 2 - 1
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def load_video(path: str | Path) -> torch.Tensor:
+    """A video file (mp4, webm, webp, mkv, ...) -> ``[3, T, H, W]`` float32 in [-1, 1].
+
+    Raises FileNotFoundError for a missing file and ValueError (naming the file) for one that
+    cannot be decoded or holds no frames."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"video not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a video file")
+    try:
+        frames, _ = read_video(path)
+    except (OSError, ValueError, IndexError, SyntaxError) as e:
+        raise ValueError(f"{path} cannot be read as a video ({e}); give an mp4, webm or "
+                         "animated webp") from None
+    if frames.shape[0] == 0:
+        raise ValueError(f"{path} holds no frames")
+    return frames_to_video(torch.from_numpy(frames).float() / 255.0)
+
+
+def load_mask(path: str | Path) -> torch.Tensor:
+    """A mask file -> ``[1, T, H, W]`` float32 in 0..1 (white = 1): a video of masks, or one
+    image (T = 1) that stands for every frame. Colour masks are read as their luminance."""
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        image = load_image(path)                          # [3, H, W] in [-1, 1]
+        video = image[:, None]
+    else:
+        video = load_video(path)
+    rgb = (video + 1) / 2
+    luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    return luma[None].clamp(0, 1)
