@@ -2,9 +2,11 @@
 
 Nodes run in dependency order; widget values are mapped by position exactly as ComfyUI maps
 them (``nodes.schema``); links feed outputs to inputs. The few native nodes the example
-workflows use get minimal stand-ins (``LoadImage`` reads a PNG from ``input_dir``); notes are
-skipped. Nodes run under ``torch.inference_mode`` as in ComfyUI. ``overrides`` replaces widget values by name on every node that has that widget (the
-tests shrink sizes, frames and steps for tiny models).
+workflows use get stand-ins that behave as ComfyUI's (``LoadImage`` reads every frame of a file
+in ``input_dir``; ``ImageToMask``, ``ImagePadForOutpaint``); notes are skipped. Nodes run
+under ``torch.inference_mode`` as in ComfyUI. ``overrides`` replaces widget values by name on
+every pack node that has that widget (the tests shrink sizes, frames and steps for tiny
+models).
 """
 from __future__ import annotations
 
@@ -21,18 +23,78 @@ SKIPPED = {"Note", "MarkdownNote"}
 
 
 class LoadImageStandIn:
-    """ComfyUI's LoadImage: IMAGE [1, H, W, 3] in 0..1 and a MASK."""
+    """ComfyUI's LoadImage, as its ``load_image`` behaves: every frame of the file (an animated
+    WebP / GIF / APNG gives a batch; MPO files give their first frame), EXIF-rotated, 16-bit
+    ('I') images scaled down, frames of another size than the first skipped. IMAGE
+    ``[N, H, W, 3]`` in 0..1; MASK ``[N, H, W]`` = 1 - alpha (transparent = 1) for frames with an
+    alpha channel or a transparent palette colour, else a ``[1, 64, 64]`` block of zeros per
+    frame (ComfyUI's placeholder, not the image size)."""
 
     def __init__(self, input_dir: Path):
         self.input_dir = input_dir
 
     def __call__(self, image, upload="image"):
-        from PIL import Image
+        from PIL import Image, ImageOps, ImageSequence
 
+        images, masks = [], []
         with Image.open(self.input_dir / image) as img:
-            data = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-        pixels = torch.from_numpy(data)[None]
-        return (pixels, torch.zeros(pixels.shape[:3]))
+            for frame in ImageSequence.Iterator(img):
+                frame = ImageOps.exif_transpose(frame)
+                if frame.mode == "I":
+                    frame = frame.point(lambda v: v * (1 / 255))
+                rgb = frame.convert("RGB")
+                if images and rgb.size != (images[0].shape[1], images[0].shape[0]):
+                    continue
+                images.append(np.asarray(rgb, dtype=np.float32) / 255.0)
+                if "A" in frame.getbands():
+                    alpha = np.asarray(frame.getchannel("A"), dtype=np.float32) / 255.0
+                elif frame.mode == "P" and "transparency" in frame.info:
+                    alpha = np.asarray(frame.convert("RGBA").getchannel("A"),
+                                       dtype=np.float32) / 255.0
+                else:
+                    alpha = None
+                masks.append(np.zeros((64, 64), np.float32) if alpha is None else 1.0 - alpha)
+            if len(images) > 1 and img.format == "MPO":
+                images, masks = images[:1], masks[:1]
+        return (torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)))
+
+
+def image_to_mask(image, channel):
+    """ComfyUI's ImageToMask (Convert Image to Mask): one channel of the IMAGE as a MASK."""
+    return (image[..., ["red", "green", "blue", "alpha"].index(channel)],)
+
+
+def image_pad_for_outpaint(image, left, top, right, bottom, feathering):
+    """ComfyUI's ImagePadForOutpaint (Pad Image for Outpainting): the image on a grey (0.5)
+    canvas grown by the given pixels per side; one MASK ``[H, W]`` for the batch: 1 on the new
+    border, 0 on the image, except a fade (squared ramp, up to 1 at the image edge) over
+    ``feathering`` pixels inside each padded side when 2 * feathering fits the image."""
+    n, h, w, c = image.shape
+    canvas = torch.full((n, h + top + bottom, w + left + right, c), 0.5)
+    canvas[:, top:top + h, left:left + w] = image
+    mask = torch.ones(h + top + bottom, w + left + right)
+    inner = torch.zeros(h, w)
+    if 0 < feathering and 2 * feathering < h and 2 * feathering < w:
+        rows = torch.arange(h, dtype=torch.float32)[:, None]
+        cols = torch.arange(w, dtype=torch.float32)[None, :]
+        far_h, far_w = torch.full_like(rows, h), torch.full_like(cols, w)
+        distance = torch.minimum(
+            torch.minimum(rows if top else far_h, (h - rows) if bottom else far_h),
+            torch.minimum(cols if left else far_w, (w - cols) if right else far_w))
+        ramp = (feathering - distance) / feathering
+        inner = torch.where(distance < feathering, ramp * ramp, inner)
+    mask[top:top + h, left:left + w] = inner
+    return (canvas, mask)
+
+
+# Native ComfyUI nodes the example workflows use: widget names in saved order, and a stand-in
+# (LoadImage's needs the input folder).
+NATIVE_WIDGETS = {
+    "LoadImage": ["image", "upload"],
+    "ImageToMask": ["channel"],
+    "ImagePadForOutpaint": ["left", "top", "right", "bottom", "feathering"],
+}
+NATIVE = {"ImageToMask": image_to_mask, "ImagePadForOutpaint": image_pad_for_outpaint}
 
 
 def _bypass(node: dict, links: dict, run):
@@ -77,6 +139,11 @@ def run_workflow(path: Path, models_dir: Path, input_dir: Path, output_dir: Path
                 kwargs[socket["name"]] = run(origin)[slot]
         if node["type"] == "LoadImage":
             out = LoadImageStandIn(input_dir)(*node["widgets_values"])
+        elif node["type"] in NATIVE:
+            names = NATIVE_WIDGETS[node["type"]]
+            values = node.get("widgets_values", [])
+            assert len(values) == len(names), f"{node['type']} stores {values}, takes {names}"
+            out = NATIVE[node["type"]](**dict(zip(names, values)), **kwargs)
         else:
             cls = pack.NODE_CLASS_MAPPINGS[node["type"]]
             widget_values = widget_kwargs(cls, node.get("widgets_values", []))

@@ -89,35 +89,58 @@ def _template_iou(mask: np.ndarray, shape: str) -> float:
     return float((template & mask).sum() / max((template | mask).sum(), 1))
 
 
-def analyse(frames) -> Analysis:
-    """Estimate background, object colour, direction and shape of a clip ``[T, H, W, 3]``."""
-    x = as_frames(frames)
+def _contrast(x: np.ndarray):
+    """``(background per frame [T, 3], distance of every denoised pixel from its frame's
+    background [T, H, W], robust per-frame peak of that distance [T] (mean of the k largest:
+    the object's contrast), frames where an object is present [T] bool)``."""
     t_len, h, w, _ = x.shape
     edges = (x[:, :BORDER], x[:, -BORDER:], x[:, :, :BORDER], x[:, :, -BORDER:])
     border = np.concatenate([e.reshape(t_len, -1, 3) for e in edges], axis=1)   # [T, N, 3]
     bg_per_frame = np.median(border, axis=1)                          # [T, 3]
-    bg_rgb = np.median(bg_per_frame, axis=0)
-    background = _nearest(bg_rgb, BACKGROUNDS)
-
-    # Distance of every (denoised) pixel from its frame's background, and a robust per-frame
-    # peak (mean of the k largest): the object's contrast in that frame.
     dist = np.linalg.norm(_box3(x) - bg_per_frame[:, None, None], axis=-1)    # [T, H, W]
     k = max(3, h * w // 400)
     peak = np.sort(dist.reshape(t_len, -1), axis=1)[:, -k:].mean(axis=1)      # [T]
     present = (peak >= MIN_CONTRAST) & (peak >= 0.4 * peak.max())
+    return bg_per_frame, dist, peak, present
+
+
+def _centre(dist: np.ndarray, peak: float) -> tuple[float, float]:
+    """Contrast-weighted centroid (x, y) in pixels of the half-maximum region of one frame."""
+    h, w = dist.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    wgt = dist * (dist >= 0.5 * peak)
+    return float((wgt * xs).sum() / wgt.sum()), float((wgt * ys).sum() / wgt.sum())
+
+
+def object_centres(frames) -> np.ndarray:
+    """The object's centroid per frame, ``[T, 2]`` (x, y) in pixels (pixel i spans i - 0.5 ..
+    i + 0.5, y down); NaN in frames where no object is found (as :func:`analyse` finds it)."""
+    x = as_frames(frames)
+    _, dist, peak, present = _contrast(x)
+    out = np.full((x.shape[0], 2), np.nan, np.float32)
+    for t in np.flatnonzero(present):
+        out[t] = _centre(dist[t], peak[t])
+    return out
+
+
+def analyse(frames) -> Analysis:
+    """Estimate background, object colour, direction and shape of a clip ``[T, H, W, 3]``."""
+    x = as_frames(frames)
+    t_len, h, w, _ = x.shape
+    bg_per_frame, dist, peak, present = _contrast(x)
+    bg_rgb = np.median(bg_per_frame, axis=0)
+    background = _nearest(bg_rgb, BACKGROUNDS)
     none = Analysis(background, tuple(bg_rgb.round(3)), None, None, None, (0.0, 0.0), None, {}, 0)
     if not present.any():
         return none
 
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     core_pixels, centres, times = [], [], []
     iou = {name: 0.0 for name in SHAPES}
     for t in np.flatnonzero(present):
         mask = dist[t] >= 0.5 * peak[t]
         core = dist[t] >= 0.8 * peak[t]
         core_pixels.append(x[t][core])
-        wgt = dist[t] * mask
-        centres.append(((wgt * xs).sum() / wgt.sum(), (wgt * ys).sum() / wgt.sum()))
+        centres.append(_centre(dist[t], peak[t]))
         times.append(t)
         for name in SHAPES:
             iou[name] += _template_iou(mask, name) / present.sum()

@@ -235,6 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the text encoder on the CPU (saves GPU memory)")
     gen.add_argument("--tile", default="auto", type=_tile,
                      help="VAE decode tiling: auto (by memory), off, or a tile size in pixels")
+    multi = gen.add_argument_group(
+        "several GPUs (start with torchrun --nproc-per-node N -m wan_core generate ...; only "
+        "rank 0 prints and writes)")
+    multi.add_argument("--ulysses-size", type=_positive_int, default=1, metavar="N",
+                       help="sequence parallelism: split the video tokens over N GPUs (N must "
+                            "divide the attention heads: 12 for 1.3B, 40 for 14B)")
+    multi.add_argument("--cfg-parallel", action="store_true",
+                       help="run the conditional and unconditional passes on two halves of the "
+                            "GPUs (the process count is ulysses-size x 2)")
+    multi.add_argument("--dit-fsdp", action="store_true",
+                       help="shard the diffusion model's weights over the GPUs (FSDP)")
+    multi.add_argument("--t5-fsdp", action="store_true",
+                       help="shard the umT5 text encoder's weights over the GPUs (FSDP)")
+    multi.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="S",
+                       help="seconds a process waits for the others before it stops with an "
+                            "error (a process that died); default 600")
 
     demo = sub.add_parser("demo", help="generate a video with the embedded tiny demo model")
     demo.add_argument("--prompt", default="a green square moving up on a black background",
@@ -308,6 +324,30 @@ def check_expert_pair(high, low, args: argparse.Namespace) -> None:
                          f"--dit {source_name(args.dit)}: {problem}")
 
 
+def uses_parallel(args: argparse.Namespace) -> bool:
+    return bool(args.ulysses_size > 1 or args.cfg_parallel or args.dit_fsdp or args.t5_fsdp)
+
+
+def check_parallel_args(args: argparse.Namespace) -> None:
+    """Multi-GPU options: launched by torchrun, and ulysses x cfg = the process count (from
+    torchrun's environment, before the group is joined)."""
+    import os
+
+    from wan_core.parallel import ParallelError, check_layout, launched_by_torchrun
+
+    if not uses_parallel(args):
+        return
+    if not launched_by_torchrun():
+        raise ParallelError(
+            "multi-GPU options (--ulysses-size, --cfg-parallel, --dit-fsdp, --t5-fsdp) need one "
+            "process per GPU started by torchrun: torchrun --nproc-per-node N -m wan_core "
+            "generate ...")
+    check_layout(int(os.environ["WORLD_SIZE"]), args.ulysses_size, args.cfg_parallel)
+    if args.dit_fsdp and (args.blocks_on_device is not None or args.vram_budget is not None):
+        raise ParallelError("--dit-fsdp shards the blocks over the GPUs and block streaming "
+                            "streams them from CPU memory; use one of the two")
+
+
 def check_generate_args(args: argparse.Namespace) -> dict:
     """Everything about a generate run that can be checked before a model loads.
 
@@ -373,9 +413,14 @@ def check_generate_args(args: argparse.Namespace) -> dict:
     end_image = read_image(args.end_image, "--end-image") if args.end_image else None
     controls = read_vace_inputs(args) if args.task == "vace" else None
 
+    check_parallel_args(args)
     config = peek_dit_config(args.dit, args.vace_module)
     low_config = peek_dit_config(args.dit_low_noise, args.vace_module_low_noise) \
         if args.dit_low_noise else None
+    if args.ulysses_size > 1 and config is not None:
+        from wan_core.parallel import check_heads
+
+        check_heads(config.num_heads, args.ulysses_size)
     if args.task == "vace":
         for option, dit_config, module in (("--dit", config, "--vace-module"),
                                            ("--dit-low-noise", low_config,
@@ -443,6 +488,13 @@ def default_frames(controls) -> int | None:
     return nearest_valid_frames(controls["video"].shape[2])[0]
 
 
+def release_idle_expert(active, idle) -> None:
+    """Multi-GPU expert switch: drop the idle expert (its shards); the active one is loaded
+    and prepared (sharded, moved) by its handle when first called."""
+    if idle is not None:
+        idle.release()
+
+
 def write_outputs(args, video, latent_raw, fps: float, calibration=None) -> None:
     """Write the video, the latents (``--save-latents``) and a cache calibration
     (``--calibrate-cache``) all or none: each goes to a temporary file first and the video is
@@ -506,6 +558,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device, cache = checked["device"], checked["cache"]
     recorder = CacheCalibration() if args.calibrate_cache else None
     started = time.perf_counter()
+    ctx = None
+    if uses_parallel(args):
+        from wan_core import parallel
+
+        ctx = parallel.init(args.ulysses_size, args.cfg_parallel, args.dit_fsdp, args.t5_fsdp,
+                            device=args.device, timeout_s=args.dist_timeout)
+        args.parallel_context = ctx
+        device = ctx.device
+    main_rank = ctx is None or ctx.is_main
+    say = print if main_rank else (lambda *a, **k: None)     # only rank 0 prints and writes
+    load_device = "cpu" if ctx is not None else device       # sharded / moved by ctx
 
     streaming = None
     if args.blocks_on_device is not None or args.vram_budget is not None:
@@ -514,12 +577,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if moe:
         # Experts on demand: each is read from its file when the sampler switches to it and
         # the idle one is dropped, so at most one expert is in memory at a time.
-        dit = OnDemandDiT(args.dit, dtype=args.dtype, device=device,
+        dit = OnDemandDiT(args.dit, dtype=args.dtype, device=load_device,
                           vace_module=args.vace_module)
         dit.block_streaming = streaming
     else:
-        dit = load_dit(args.dit, dtype=args.dtype, device="cpu" if streaming else device,
-                       vace_module=args.vace_module)
+        dit = load_dit(args.dit, dtype=args.dtype,
+                       device="cpu" if streaming else load_device, vace_module=args.vace_module)
     config = dit.config
     variant = config.variant
     if moe and variant == "wan2.1-t2v-14B":
@@ -538,8 +601,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.task == "vace" and not config.is_vace:
         raise UsageError(f"--task vace needs a Wan VACE model; {args.dit} is {config.variant} "
                          f"({config.model_type}); give a VACE model or --vace-module")
-    print(f"model: {variant} ({config.model_type}), {width}x{height}, {frames} frames, "
-          f"{steps} steps, shift {shift}, cfg {cfg}, solver {args.solver}, seed {args.seed}")
+    say(f"model: {variant} ({config.model_type}), {width}x{height}, {frames} frames, "
+        f"{steps} steps, shift {shift}, cfg {cfg}, solver {args.solver}, seed {args.seed}"
+        + ("" if ctx is None else f"; {ctx.world_size} processes: ulysses {ctx.ulysses_size} x "
+           f"cfg {ctx.cfg_size}{', DiT FSDP' if ctx.dit_fsdp else ''}"
+           f"{', T5 FSDP' if ctx.t5_fsdp else ''}"))
 
     if not moe and isinstance(cache, CacheSettings):
         # A custom model's calibration key needs its weights: checked now, before the rest.
@@ -550,25 +616,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         dit = apply_loras(dit, args.lora)
     if not moe:
         dit.block_streaming = streaming
-        place(dit, device)        # streams the blocks, or brings the LoRA patches along
+        if ctx is not None:
+            dit = ctx.prepare_dit(dit)       # sharded (FSDP) and/or split over the sequence
+        else:
+            place(dit, device)    # streams the blocks, or brings the LoRA patches along
     model = dit
     if moe:
-        low = OnDemandDiT(args.dit_low_noise, dtype=args.dtype, device=device,
+        low = OnDemandDiT(args.dit_low_noise, dtype=args.dtype, device=load_device,
                           vace_module=args.vace_module_low_noise)
         low.block_streaming = streaming
         if args.lora_low_noise:
             low = apply_loras(low, args.lora_low_noise)
+        offload = OffloadIdleExpert(device)
+        if ctx is not None:         # each rank loads its experts, prepared by ctx
+            dit.prepare = low.prepare = ctx.prepare_dit
+            offload = release_idle_expert
         cfg_low = args.cfg_low_noise if args.cfg_low_noise is not None else (
             cfg if distilled or defaults.guide_low is None else defaults.guide_low)
         boundary = args.boundary or defaults.boundary or default_boundary(config.model_type)
-        model = MoEModel(dit, low, boundary, (cfg, cfg_low), offload=OffloadIdleExpert(device))
+        model = MoEModel(dit, low, boundary, (cfg, cfg_low), offload=offload)
 
     if moe and args.prefetch_expert:
         model.high_noise.prefetch()       # read the first expert while the prompt is encoded
     vae = load_vae(args.vae, device=device)
     check_vae_matches(config.out_dim, vae.config.z_dim, args.dit, args.vae)
     te = load_text_encoder(args.text_encoder,
-                           device="cpu" if args.text_encoder_cpu else device)
+                           device="cpu" if args.text_encoder_cpu or ctx else device)
+    if ctx is not None and not args.text_encoder_cpu:
+        te = ctx.prepare_text_encoder(te)
     negative = args.negative_prompt
     if negative is None:
         from wan_core.prompts import OFFICIAL_NEGATIVE_PROMPT
@@ -585,8 +660,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                        mask=mask, reference_images=controls["references"],
                                        strength=args.vace_scale)
         if cond.trim:
-            print(f"vace: {cond.trim} reference image(s) sampled in front of the video and "
-                  "dropped from it")
+            say(f"vace: {cond.trim} reference image(s) sampled in front of the video and "
+                "dropped from it")
     elif args.task == "t2v" or (args.task == "ti2v" and not args.image):
         cond = VideoConditioning(width, height, frames)
     elif args.task == "ti2v":
@@ -600,14 +675,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         del clip
 
     stats: dict = {}
-    with tqdm(total=steps, desc="sampling", unit="step") as bar:
+    with tqdm(total=steps, desc="sampling", unit="step", disable=not main_rank) as bar:
         latent = generate(model, [context], [negative_context] if cfg != 1 or moe else None,
                           cond, steps=steps, guide_scale=cfg, shift=shift, solver=args.solver,
                           seed=args.seed, callback=lambda step, total, x, x0: bar.update(1),
-                          device=device, cache=recorder or cache, stats=stats)
+                          device=device, cache=recorder or cache, stats=stats, parallel=ctx)
     if cache is not None:
-        print(f"step cache: skipped {stats['skipped']} of {stats['steps']} model evaluations")
+        say(f"step cache: skipped {stats['skipped']} of {stats['steps']} model evaluations")
     del model, dit
+    if not main_rank:
+        return 0                  # rank 0 decodes and writes; the others are done
     with torch.no_grad():
         video = vae.decode(latent.to(device), tile=_tile_option(args.tile))
     write_outputs(args, video, vae.denormalize(latent), fps,
@@ -666,6 +743,33 @@ def _main(argv) -> int:
 
 
 def _run(handler, args) -> int:
+    try:
+        return _run_checked(handler, args)
+    except Exception as e:
+        if getattr(args, "parallel_context", None) is None or not _is_distributed_failure(e):
+            raise
+        print(f"error: another process of this multi-GPU run stopped or did not answer within "
+              f"--dist-timeout ({str(e).splitlines()[0][:200]}); nothing was written",
+              file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if getattr(args, "parallel_context", None) is not None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _is_distributed_failure(error: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(error).lower()
+    return isinstance(error, getattr(dist, "DistError", ())) or any(
+        word in text for word in ("gloo", "nccl", "connection closed", "connection reset",
+                                  "timed out", "broken pipe"))
+
+
+def _run_checked(handler, args) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:

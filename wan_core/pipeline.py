@@ -140,7 +140,7 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
              shift: float = 5.0, solver: str = "unipc", seed: int = 0, denoise: float = 1.0,
              init_latent: Optional[torch.Tensor] = None, callback=None, cancel=None,
              batch_cfg: bool = True, device: Optional[torch.device] = None,
-             cache=None, stats: Optional[dict] = None) -> torch.Tensor:
+             cache=None, stats: Optional[dict] = None, parallel=None) -> torch.Tensor:
     """Sample a normalised latent ``[1, C, F_lat, h, w]`` (float32, on the CPU).
 
     model: a DiT, a :class:`MoEModel`, or either wrapped in :class:`StepCached` (its cache
@@ -158,6 +158,9 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
         fractions count the steps actually run (vid2vid: from its first step). Logs
         "skipped K of N model evaluations" after sampling.
     stats: a dict that receives ``{"evaluated": N - K, "skipped": K, "steps": N}``.
+    parallel: a ``wan_core.parallel.ParallelContext`` (multi-GPU): the model(s) must have been
+        prepared with ``parallel.prepare_dit``; the CFG halves run on two rank groups when it
+        has CFG parallelism. Every rank returns the same latent.
     """
     check_sampling_settings(steps=steps, cfg=guide_scale, shift=shift, denoise=denoise,
                             seed=seed)
@@ -234,7 +237,8 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
     step_cache = None if settings is None else settings.start_run(schedule.sigmas, experts_list)
     velocity_fn = make_velocity_fn(experts, cond_inputs, uncond_inputs, scales, boundary,
                                    batch_cfg=batch_cfg, offload=offload, timestep_fn=timestep_fn,
-                                   cache=step_cache)
+                                   cache=step_cache,
+                                   cfg_split=None if parallel is None else parallel.cfg_split())
     out = sample(velocity_fn, x.to(device), schedule, solver, callback=callback, cancel=cancel,
                  after_step=after_step)
     if step_cache is not None:

@@ -45,6 +45,9 @@ class OnDemandDiT:
         self._options = dict(dtype=dtype, attention=attention, num_heads=num_heads,
                              weight_dtype=weight_dtype, vace_module=vace_module)
         self.block_streaming: Optional[BlockStreaming] = None   # given to each loaded model
+        # Called on each loaded model instead of moving it to ``device`` (multi-GPU runs:
+        # ``wan_core.parallel.ParallelContext.prepare_dit`` shards it and attaches its hooks).
+        self.prepare = None
         self.loras: tuple = ()
         self._base: Optional[OnDemandDiT] = None      # the file's handle, for a LoRA handle
         self._module: Optional[torch.nn.Module] = None
@@ -82,14 +85,18 @@ class OnDemandDiT:
             if self._module is None:
                 streamed = self.block_streaming is not None
                 if self._base is None:
-                    model = load_dit(self.source, device="cpu" if streamed else self.device,
+                    on_cpu = streamed or self.prepare is not None
+                    model = load_dit(self.source, device="cpu" if on_cpu else self.device,
                                      **self._options)
                 else:
                     from .lora import apply_loras
 
                     model = apply_loras(self._base.load(), self.loras)
                 model.block_streaming = self.block_streaming
-                place(model, self.device)
+                if self.prepare is not None:
+                    model = self.prepare(model)
+                else:
+                    place(model, self.device)
                 self._module = model
             return self._module
 

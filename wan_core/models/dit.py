@@ -147,6 +147,39 @@ def rms_norm_rope(x: torch.Tensor, norm: "RMSNorm", heads: int,
 # Attention layers
 # --------------------------------------------------------------------------------------------
 
+class Positions:
+    """What self-attention needs besides its input: the RoPE rotations of the tokens this
+    process holds (``rotations`` [L, 1, head_dim/2] complex64) and how to attend
+    (``attend(q, k, v, backend)``; :func:`attention` over the local tokens, or the all-to-all
+    attention over the whole sequence of ``wan_core.parallel``'s sequence parallelism)."""
+
+    def __init__(self, rotations: torch.Tensor, attend=attention):
+        self.rotations = rotations
+        self.attend = attend
+
+
+class LocalTokens:
+    """Every token on this process: the identity :meth:`WanDiT.sequence_parallel` hook. A
+    sequence-parallel hook (``wan_core.parallel``) has the same methods: ``split`` a token
+    tensor to this process's share, ``split_index`` per-token rows, ``attend`` over the whole
+    sequence, ``gather`` the shares of an output back to ``length`` tokens."""
+
+    def split(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return x
+
+    def split_index(self, index: torch.Tensor) -> torch.Tensor:
+        return index
+
+    def attend(self, q, k, v, backend):
+        return attention(q, k, v, backend)
+
+    def gather(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        return x
+
+
+LOCAL_TOKENS = LocalTokens()
+
+
 class SelfAttention(nn.Module):
     """Self-attention with q/k RMSNorm over the full dim and 3-axis RoPE."""
 
@@ -157,13 +190,13 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, rope, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: Positions, backend: str) -> torch.Tensor:
         """x [B, L, dim] (compute dtype) -> [B, L, dim]."""
         heads = self.num_heads
-        q = rms_norm_rope(self.q(x), self.norm_q, heads, rope)
-        k = rms_norm_rope(self.k(x), self.norm_k, heads, rope)
+        q = rms_norm_rope(self.q(x), self.norm_q, heads, positions.rotations)
+        k = rms_norm_rope(self.k(x), self.norm_k, heads, positions.rotations)
         v = self.v(x).unflatten(-1, (heads, -1))
-        out = attention(q, k, v, backend)
+        out = positions.attend(q, k, v, backend)
         del q, k, v
         return self.o(out.flatten(2))
 
@@ -321,13 +354,13 @@ class WanBlock(nn.Module):
                                  Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.zeros(1, 6, d))
 
-    def forward(self, x, time: TimeModulation, rope, text: TextContext, context_img,
-                backend: str):
+    def forward(self, x, time: TimeModulation, positions: Positions, text: TextContext,
+                context_img, backend: str):
         """x [B, L, dim] float32 residual stream -> updated x."""
         cdt = text.tokens.dtype
         mod = time.for_block(self.modulation[0])
         h = modulate(x, mod[0], mod[1], self.eps).to(cdt)
-        y = self.self_attn(h, rope, backend)
+        y = self.self_attn(h, positions, backend)
         del h
         x = _add_gated(x, y, mod[2])
         y = self.cross_attn(self.norm3(x).to(cdt), text, context_img, backend)
@@ -358,14 +391,14 @@ class VaceBlock(WanBlock):
             self.before_proj = Linear(cfg.dim, cfg.dim)
         self.after_proj = Linear(cfg.dim, cfg.dim)
 
-    def forward(self, c, time: TimeModulation, rope, text: TextContext, backend: str,
-                x0: Optional[torch.Tensor] = None):
+    def forward(self, c, time: TimeModulation, positions: Positions, text: TextContext,
+                backend: str, x0: Optional[torch.Tensor] = None):
         """c [B, L, dim] float32 control stream (block 0: the patch-embedded control, with
         ``x0`` [B, L, dim] the patch-embedded noisy latent) -> (new c, hint [B, L, dim])."""
         cdt = text.tokens.dtype
         if x0 is not None:
             c = self.before_proj(c.to(cdt)).float().add_(x0)
-        c = super().forward(c, time, rope, text, None, backend)
+        c = super().forward(c, time, positions, text, None, backend)
         return c, self.after_proj(c.to(cdt)).float()
 
 
@@ -452,6 +485,9 @@ class WanDiT(nn.Module):
             self.vace_blocks = nn.ModuleList(VaceBlock(cfg, first=i == 0)
                                              for i in range(len(cfg.vace_layers)))
         self._rope_cache: dict = {}
+        # Sequence parallelism (``wan_core.parallel``): ``shard(length)`` -> an object with
+        # LocalTokens' methods for one forward; None keeps every token on this process.
+        self.sequence_parallel = None
 
     def set_attention_backend(self, backend: str) -> None:
         resolve_backend(backend)
@@ -620,7 +656,8 @@ class WanDiT(nn.Module):
         b = x.shape[0]
         tokens, grid = self.embed_patches(x)
         del x
-        e, e0, index = self.embed_time(t, b, tokens.shape[1])
+        length = tokens.shape[1]
+        e, e0, index = self.embed_time(t, b, length)
         text = self.embed_text(context, b)
         context_img = None
         if clip_fea is not None and cfg.has_image_branch:
@@ -628,10 +665,15 @@ class WanDiT(nn.Module):
             if context_img.shape[0] != b:
                 raise ValueError(f"clip_fea gives {context_img.shape[0]} images for a batch "
                                  f"of {b}")
-        rope = self.rope(grid, tokens.device)
-        time = TimeModulation(e0, index)
+        shard = LOCAL_TOKENS if self.sequence_parallel is None else \
+            self.sequence_parallel.shard(length)
+        positions = Positions(shard.split(self.rope(grid, tokens.device), dim=0), shard.attend)
         controls = [] if vace_context is None else self.vace_controls(
-            vace_context, vace_scale, b, grid, tokens.shape[1])
+            vace_context, vace_scale, b, grid, length)
+        for control in controls:
+            control.c = shard.split(control.c)
+        tokens, index = shard.split(tokens), shard.split_index(index)
+        time = TimeModulation(e0, index)
         backend = self.attention_backend
         for i, block in enumerate(self.blocks):
             k = self.config.vace_layers.index(i) if controls and i in self.config.vace_layers \
@@ -640,14 +682,14 @@ class WanDiT(nn.Module):
             if k is not None:
                 vace_block = self.vace_blocks[k]
                 for control in controls:
-                    control.c, h = vace_block(control.c, time, rope, text, backend,
+                    control.c, h = vace_block(control.c, time, positions, text, backend,
                                               x0=tokens if k == 0 else None)
                     h = h.mul_(control.scales[k])
                     hint = h if hint is None else hint.add_(h)
-            tokens = block(tokens, time, rope, text, context_img, backend)
+            tokens = block(tokens, time, positions, text, context_img, backend)
             if hint is not None:
                 tokens = _add_gated(tokens, hint)
-        out = self.head(tokens, e, index)
+        out = shard.gather(self.head(tokens, e, index), length)
         del tokens
         return self.unpatchify(out, grid)
 

@@ -109,7 +109,7 @@ def make_velocity_fn(models: Union[Model, Sequence[Model]], cond: Cond,
                      boundary: Optional[float] = None, *, batch_cfg: bool = True,
                      offload: Optional[Callable[[Model, Optional[Model]], None]] = None,
                      timestep_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                     cache=None):
+                     cache=None, cfg_split: Optional[Callable] = None):
     """Build ``velocity_fn(x, t)`` for :func:`wan_core.sampling.sample`.
 
     models: one model, or ``(high_noise, low_noise)`` Wan 2.2 experts.
@@ -130,6 +130,9 @@ def make_velocity_fn(models: Union[Model, Sequence[Model]], cond: Cond,
         :mod:`wan_core.sampling.cache`): asked before every step whether to reuse a velocity
         instead of evaluating the model (one decision for both CFG halves), told the velocity
         of every evaluated step. ``velocity_fn`` must then be called once per step, in order.
+    cfg_split: CFG parallelism (``wan_core.parallel.ParallelContext.cfg_split``):
+        ``cfg_split(run_cond, run_uncond) -> (v_cond, v_uncond)`` runs one of the two passes on
+        this process and receives the other from its partner; None runs both here.
     """
     experts = tuple(models) if isinstance(models, (list, tuple)) else (models,)
     if len(experts) not in (1, 2):
@@ -176,7 +179,10 @@ def make_velocity_fn(models: Union[Model, Sequence[Model]], cond: Cond,
     def evaluate(model: Model, scale: float, x: torch.Tensor, model_t: torch.Tensor):
         if uncond is None or scale == 1.0:
             return model(x, model_t, **cond)
-        if batch_cfg:
+        if cfg_split is not None:
+            v_cond, v_uncond = cfg_split(lambda: model(x, model_t, **cond),
+                                         lambda: model(x, model_t, **uncond))
+        elif batch_cfg:
             both = model(torch.cat([x, x]), torch.cat([model_t, model_t]), **paired)
             v_cond, v_uncond = both.chunk(2)
         else:

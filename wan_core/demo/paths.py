@@ -1,0 +1,203 @@
+"""Motion paths for the demo's VACE task: the object follows a path drawn as a silhouette clip.
+
+The text model only moves the object in a straight line left, right, up or down at one speed
+(``clips.py``). With the demo's VACE module (``vace_module.safetensors``) a *control clip* sets
+the path instead: a white disc moving over black (the silhouette), which the VACE blocks read
+while the prompt still sets shape, colour and background.
+
+A :class:`MotionPath` is a list of keyframes ``(t, x, y)``: time 0..1 over the clip, position of
+the object's centre (its area centroid) in fractions of the frame, x to the right, y down; the
+position is interpolated linearly between keyframes. It renders at any size and frame count::
+
+    path = parse_path("diagonal")                      # a named path
+    path = parse_path("0.2,0.2:0.8,0.5:0.8,0.5")       # waypoints at equal time steps
+    control = render_control(path, frames=17, size=64)  # [T, H, W, 3] float32 in 0..1
+    clip = render_on_path(combo, path, half=0.125)     # the clip the VACE demo should make
+
+Waypoints given as ``x,y:x,y:...`` are reached at equal time intervals (the first at the first
+frame, the last at the last frame), so a repeated waypoint is a pause. The training paths
+(``random_path``) come in four families: ``line`` (straight, any direction, diagonals
+included), ``curve`` (a quadratic Bezier arc), ``stop`` (straight, then standing still) and
+``turn`` (two straight legs with a corner).
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .clips import BACKGROUNDS, COLOURS, HALF_SIZE, MARGIN, Combo, coverage
+
+FAMILIES = ("line", "curve", "stop", "turn")
+DEMO_HALF = 0.125            # object half size of the CLI's paths (fraction of the frame)
+SILHOUETTE = (1.0, 1.0, 1.0)  # the control clip: a white disc of radius ``half`` on black
+MIN_LENGTH = 0.25            # shortest movement of a random path (fraction of the frame)
+
+
+@dataclass(frozen=True)
+class MotionPath:
+    """Keyframes ``((t, x, y), ...)`` with t rising from 0 to 1; positions in frame fractions."""
+    keys: tuple
+    family: str = "custom"
+
+    def position(self, t: float) -> tuple[float, float]:
+        keys = self.keys
+        if t <= keys[0][0]:
+            return keys[0][1], keys[0][2]
+        for (t0, x0, y0), (t1, x1, y1) in zip(keys, keys[1:]):
+            if t <= t1:
+                a = 0.0 if t1 == t0 else (t - t0) / (t1 - t0)
+                return x0 + a * (x1 - x0), y0 + a * (y1 - y0)
+        return keys[-1][1], keys[-1][2]
+
+    def positions(self, frames: int) -> np.ndarray:
+        """``[frames, 2]`` (x, y) in frame fractions, one per frame."""
+        return np.asarray([self.position(i / max(frames - 1, 1)) for i in range(frames)],
+                          np.float32)
+
+    def pixels(self, frames: int, size: int) -> np.ndarray:
+        """``[frames, 2]`` (x, y) in pixel coordinates (pixel i spans i - 0.5 .. i + 0.5), the
+        frame of reference of ``training.analysis``' centroids."""
+        return self.positions(frames) * size - 0.5
+
+
+def _waypoints(points, family: str) -> MotionPath:
+    n = len(points)
+    return MotionPath(tuple((i / (n - 1), float(x), float(y)) for i, (x, y) in enumerate(points)),
+                      family)
+
+
+def _bezier(p0, p1, p2, count: int = 9) -> list:
+    out = []
+    for i in range(count):
+        s = i / (count - 1)
+        out.append(tuple((1 - s) ** 2 * a + 2 * (1 - s) * s * b + s * s * c
+                         for a, b, c in zip(p0, p1, p2)))
+    return out
+
+
+NAMED = {
+    "diagonal": _waypoints([(0.22, 0.22), (0.78, 0.78)], "line"),
+    "diagonal-up": _waypoints([(0.22, 0.78), (0.78, 0.22)], "line"),
+    "curve": _waypoints(_bezier((0.2, 0.72), (0.5, 0.05), (0.8, 0.72)), "curve"),
+    "stop": MotionPath(((0.0, 0.22, 0.5), (0.5, 0.65, 0.5), (1.0, 0.65, 0.5)), "stop"),
+    "turn": _waypoints([(0.25, 0.25), (0.75, 0.25), (0.75, 0.75)], "turn"),
+}
+PATH_HELP = ("a named path (" + ", ".join(NAMED) + ") or waypoints 'x,y:x,y[:...]' in fractions "
+             "of the frame (0..1, y down), reached at equal time intervals (repeat a point to "
+             "pause), e.g. '0.2,0.8:0.5,0.2:0.8,0.8'")
+_NUMBER = r"\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*"
+_POINT_RE = re.compile(rf"^({_NUMBER}),({_NUMBER})$")
+
+
+def parse_path(spec: str) -> MotionPath:
+    """A named path or ``x,y:x,y[:...]`` waypoints (see :data:`PATH_HELP`); ValueError with the
+    reason for anything else."""
+    text = str(spec).strip()
+    if text.lower() in NAMED:
+        return NAMED[text.lower()]
+    parts = text.split(":")
+    if len(parts) < 2:
+        raise ValueError(f"--path {spec!r} is not a path: give {PATH_HELP}")
+    points = []
+    for part in parts:
+        m = _POINT_RE.match(part)
+        if m is None:
+            raise ValueError(f"--path {spec!r}: waypoint {part!r} is not 'x,y' (two numbers "
+                             f"0..1, e.g. 0.2,0.8); give {PATH_HELP}")
+        x, y = float(m.group(1)), float(m.group(2))
+        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+            raise ValueError(f"--path {spec!r}: waypoint {part.strip()!r} is outside the frame; "
+                             f"x and y are fractions of the frame, 0..1")
+        points.append((x, y))
+    return _waypoints(points, "custom")
+
+
+# ------------------------------------------------------------------------------ random paths
+
+def _bounds(half: float) -> tuple[float, float]:
+    """Range of centroid positions that keeps every shape of ``half`` inside the frame (the
+    triangle's centroid sits half/3 below its box centre)."""
+    lo = half * 4 / 3 + MARGIN
+    return lo, 1.0 - lo
+
+
+def random_path(seed: int, family: str | None = None, half: float = DEMO_HALF) -> MotionPath:
+    """A random path of ``family`` (default: one of :data:`FAMILIES` drawn from the seed) that
+    keeps an object of ``half`` in frame and moves it at least ``MIN_LENGTH``."""
+    rng = random.Random(f"path/{seed}")
+    family = family or FAMILIES[rng.randrange(len(FAMILIES))]
+    lo, hi = _bounds(half)
+
+    def point():
+        return rng.uniform(lo, hi), rng.uniform(lo, hi)
+
+    def far_point(p, min_length=MIN_LENGTH):
+        while True:
+            q = point()
+            if math.dist(p, q) >= min_length:
+                return q
+
+    p0 = point()
+    if family == "line":
+        return _waypoints([p0, far_point(p0)], family)
+    if family == "curve":
+        p2 = far_point(p0, 0.35)
+        mid = ((p0[0] + p2[0]) / 2, (p0[1] + p2[1]) / 2)
+        nx, ny = -(p2[1] - p0[1]), p2[0] - p0[0]             # perpendicular, |n| = |p2 - p0|
+        for _ in range(100):
+            bend = rng.choice((-1, 1)) * rng.uniform(0.4, 1.0)
+            arc = _bezier(p0, (mid[0] + bend * nx, mid[1] + bend * ny), p2)
+            if all(lo <= v <= hi for q in arc for v in q):
+                return _waypoints(arc, family)
+        return random_path(seed * 7919 + 1, family, half)     # no arc fits: another start
+    if family == "stop":
+        p1 = far_point(p0)
+        t_stop = rng.uniform(0.3, 0.7)
+        return MotionPath(((0.0, *p0), (t_stop, *p1), (1.0, *p1)), family)
+    if family == "turn":
+        p1 = far_point(p0, 0.2)
+        while True:
+            p2 = far_point(p1, 0.2)
+            a = (p1[0] - p0[0], p1[1] - p0[1])
+            b = (p2[0] - p1[0], p2[1] - p1[1])
+            cos = (a[0] * b[0] + a[1] * b[1]) / (math.hypot(*a) * math.hypot(*b))
+            if cos < 0.5:                                     # a real corner (> 60 degrees)
+                break
+        t_turn = rng.uniform(0.35, 0.65)
+        return MotionPath(((0.0, *p0), (t_turn, *p1), (1.0, *p2)), family)
+    raise ValueError(f"unknown path family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+def random_half(seed: int) -> float:
+    return random.Random(f"half/{seed}").uniform(*HALF_SIZE)
+
+
+# ------------------------------------------------------------------------------ rendering
+
+def render_control(path: MotionPath, frames: int = 17, size: int = 64,
+                   half: float = DEMO_HALF) -> np.ndarray:
+    """The silhouette clip ``[T, H, W, 3]`` float32 in 0..1: a white disc of radius ``half``
+    centred on the path, over black (the same disc whatever the prompt's shape)."""
+    out = np.zeros((frames, size, size, 3), np.float32)
+    for t, (x, y) in enumerate(path.positions(frames)):
+        out[t] = coverage("circle", float(x), float(y), half, size)[..., None] * \
+            np.asarray(SILHOUETTE, np.float32)
+    return out
+
+
+def render_on_path(combo: Combo, path: MotionPath, half: float = DEMO_HALF, frames: int = 17,
+                   size: int = 64) -> np.ndarray:
+    """``combo``'s object (its direction word ignored) with its area centroid on ``path``, as
+    ``[T, H, W, 3]`` float32 in 0..1: what the VACE demo is asked to make."""
+    fg = np.asarray(COLOURS[combo.colour], np.float32) / 255.0
+    bg = np.asarray(BACKGROUNDS[combo.background], np.float32) / 255.0
+    lift = half / 3 if combo.shape == "triangle" else 0.0    # box centre above the centroid
+    out = np.empty((frames, size, size, 3), np.float32)
+    for t, (x, y) in enumerate(path.positions(frames)):
+        a = coverage(combo.shape, float(x), float(y) - lift, half, size)
+        out[t] = bg + a[..., None] * (fg - bg)
+    return out
