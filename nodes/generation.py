@@ -230,6 +230,95 @@ class WanCoreStepCache:
         return (StepCached(inner, settings),)
 
 
+class WanCoreMultiGPU:
+    CATEGORY = "WanCore"
+    DESCRIPTION = ("Samples on several GPUs: the sampler hands the run to worker processes, one "
+                   "per GPU, joined in one torch.distributed group (NCCL). The video tokens are "
+                   "split over the GPUs (Ulysses sequence parallelism); optionally the CFG "
+                   "passes run on two halves of them and the model's weights are sharded "
+                   "(FSDP). The workers read the model files themselves and stay alive between "
+                   "runs (a changed model or LoRA reloads them); cancelling stops them all. "
+                   "Put it right before WanCore Sampler.")
+    RETURN_TYPES = ("WANCORE_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same model, sampled on the workers by WanCore Sampler.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("WANCORE_MODEL", {"tooltip": "A model from WanCore Load Diffusion Model, "
+                                                   "WanCore LoRA, WanCore MoE or WanCore Step "
+                                                   "Cache (its files are read by the workers)."}),
+            "gpus": ("INT", {"default": 2, "min": 1, "max": 64,
+                             "tooltip": "Worker processes, one per visible GPU. The attention "
+                                        "heads (12 for 1.3B, 40 for 14B) must divide over the "
+                                        "GPUs of one CFG half."}),
+            "cfg_parallel": ("BOOLEAN", {"default": False,
+                                         "tooltip": "Run the conditional and unconditional "
+                                                    "passes on two halves of the GPUs (an even "
+                                                    "GPU count; no gain at cfg 1)."}),
+            "dit_fsdp": ("BOOLEAN", {"default": False,
+                                     "tooltip": "Shard the model's weights over the GPUs "
+                                                "(FSDP): each holds 1/N of them plus one block; "
+                                                "for models too large for one GPU."}),
+        }}
+
+    def apply(self, model, gpus, cfg_parallel=False, dit_fsdp=False):
+        import logging
+
+        import torch
+
+        from wan_core.parallel import OnWorkers, PoolSettings, check_heads, model_spec
+
+        if cfg_parallel and gpus % 2:
+            raise ValueError(f"cfg_parallel splits the GPUs into two halves: use an even "
+                             f"number of gpus (got {gpus})")
+        device = None
+        if torch.cuda.is_available():
+            if gpus > torch.cuda.device_count():
+                raise ValueError(f"gpus is {gpus} but {torch.cuda.device_count()} GPU(s) are "
+                                 "visible to ComfyUI")
+        else:
+            device = "cpu"
+            logging.getLogger("wan_core").warning(
+                "WanCore Multi-GPU: no CUDA GPU; running %d CPU worker processes (gloo)", gpus)
+        settings = PoolSettings(gpus, cfg_parallel, dit_fsdp, device)
+        check_heads(model.config.num_heads, settings.ulysses_size)
+        model_spec(model)                    # refuses in-memory weights now, not in the sampler
+        return (OnWorkers(model, settings),)
+
+
+# One pool of worker processes at a time, kept between runs (nodes/ holds host state).
+_POOLS: dict = {}
+
+
+def _pool_for(settings):
+    from wan_core.parallel import WorkerPool
+
+    pool = _POOLS.get(settings)
+    if pool is not None and pool.alive:
+        return pool
+    for old in list(_POOLS.values()):
+        old.close()
+    _POOLS.clear()
+    _POOLS[settings] = pool = WorkerPool(settings)
+    return pool
+
+
+def _sample_on_workers(model, cache, text_embeds, negative, video_cond, bar, **kwargs):
+    from wan_core.parallel import SamplingJob, model_spec
+
+    def interrupted():
+        host.throw_if_interrupted()
+        return False
+
+    job = SamplingJob(model_spec(model.model), text_embeds["positive"], negative, video_cond,
+                      dict(kwargs, cache=cache))
+    return _pool_for(model.settings).run(job, progress=lambda step, total: bar.update(step),
+                                         interrupted=interrupted)
+
+
 class WanCoreSampler:
     CATEGORY = "WanCore"
     DESCRIPTION = ("Generates a video latent with the official flow-matching solvers. Works with "
@@ -280,6 +369,8 @@ class WanCoreSampler:
         from wan_core.pipeline import MoEModel, generate, unwrap_cache
         from .preview import latent_preview
 
+        from wan_core.parallel import OnWorkers
+
         model, cache = unwrap_cache(model)
         channels = model.config.out_dim
         init = None
@@ -288,7 +379,15 @@ class WanCoreSampler:
                 raise ValueError("denoise < 1 needs a latent input (encode a video with "
                                  "WanCore VAE Encode)")
             init = from_comfy_latent(latent, channels)
-        moe = isinstance(model, MoEModel)
+        moe = isinstance(model, MoEModel) or isinstance(model, OnWorkers) and isinstance(
+            unwrap_cache(model.model)[0], MoEModel)
+        if isinstance(model, OnWorkers):
+            negative = text_embeds["negative"] if cfg != 1.0 or moe else None
+            out = _sample_on_workers(model, cache, text_embeds, negative, video_cond,
+                                     host.ProgressBar(steps), steps=steps, guide_scale=cfg,
+                                     shift=shift, solver=solver, seed=seed, denoise=denoise,
+                                     init_latent=init)
+            return (to_comfy_latent(out),)
         if not moe:          # a pair's experts are loaded (and dropped) by its expert switch
             host.load_for_compute(model)
         device = host.torch_device()
@@ -322,6 +421,7 @@ NODE_CLASS_MAPPINGS = {
     "WanCoreImageToVideo": WanCoreImageToVideo,
     "WanCoreMoE": WanCoreMoE,
     "WanCoreStepCache": WanCoreStepCache,
+    "WanCoreMultiGPU": WanCoreMultiGPU,
     "WanCoreSampler": WanCoreSampler,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -330,5 +430,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WanCoreImageToVideo": "WanCore Image To Video",
     "WanCoreMoE": "WanCore MoE (Wan 2.2 experts)",
     "WanCoreStepCache": "WanCore Step Cache",
+    "WanCoreMultiGPU": "WanCore Multi-GPU",
     "WanCoreSampler": "WanCore Sampler",
 }

@@ -178,3 +178,82 @@ def test_parallel_options_are_checked_before_anything_loads(models, tmp_path, ca
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and needle in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------- worker pool (ComfyUI)
+
+def test_multi_gpu_node_pool_matches_one_process_reuses_and_cancels(models, tmp_path,
+                                                                    monkeypatch):
+    """The WanCore Multi-GPU node: the sampler hands the run to 2 worker processes (gloo on the
+    CPU here), which equal one process; the workers stay alive and keep the model between runs,
+    reload it for a new LoRA strength, and stop together when the run is cancelled."""
+    from tests.conftest import load_pack
+    from tests.tiny_models import FILES
+    from wan_core.sampling import SamplingCancelled
+
+    pack = load_pack()
+    nodes = pack.NODE_CLASS_MAPPINGS
+    generation = __import__(type(nodes["WanCoreSampler"]()).__module__, fromlist=["_POOLS"])
+    folder = tmp_path / "models"
+    (folder / "diffusion_models").mkdir(parents=True)
+    (folder / "loras").mkdir()
+    dit = _two_head_dit(models, folder / "diffusion_models")
+    lora = folder / "loras" / "lora.safetensors"
+    lora.write_bytes((models / FILES["lora_t2v_high"]).read_bytes())   # same shapes as dit_t2v
+    for kind in ("vae", "text_encoders"):
+        (folder / kind).symlink_to(models / kind)
+    monkeypatch.setenv("WANCORE_MODELS_DIR", str(folder))
+    model = nodes["WanCoreModelLoader"]().load(dit.name)["result"][0]
+    (model,) = nodes["WanCoreLoRA"]().apply(model, "lora.safetensors", 0.5)
+    te = nodes["WanCoreTextEncoderLoader"]().load(FILES["umt5"].split("/", 1)[1])[0]
+    (embeds,) = nodes["WanCoreTextEncode"]().encode(te, "a red circle", "")
+    (cond,) = nodes["WanCoreEmptyVideo"]().build(64, 48, 9)
+    sampler = nodes["WanCoreSampler"]()
+    args = (embeds, cond, 7, 3, 4.0, 3.0, "unipc", 1.0)
+    try:
+        (expected,) = sampler.sample(model, *args)
+        (on_workers,) = nodes["WanCoreMultiGPU"]().apply(model, 2, False, True)
+        (latent,) = sampler.sample(on_workers, *args)
+        err = max_abs_err(latent["samples"], expected["samples"])
+        report("Multi-GPU node: 2 worker processes (ulysses 2, FSDP) vs one process", err,
+               BOUND)
+        assert err < BOUND
+        pool = next(iter(generation._POOLS.values()))
+        assert pool.loads == 1
+        sampler.sample(on_workers, *args)                        # same model: no reload
+        assert pool.loads == 1 and pool.alive
+        (stronger,) = nodes["WanCoreLoRA"]().apply(
+            nodes["WanCoreModelLoader"]().load(dit.name)["result"][0], "lora.safetensors", 0.9)
+        (moved,) = nodes["WanCoreMultiGPU"]().apply(stronger, 2, False, True)
+        (other,) = sampler.sample(moved, *args)
+        assert pool.loads == 2 and not torch.equal(other["samples"], latent["samples"])
+
+        calls = []
+
+        def interrupt():
+            calls.append(1)
+            if len(calls) >= 2:
+                raise SamplingCancelled("interrupted from the UI")
+
+        monkeypatch.setattr(generation.host, "throw_if_interrupted", interrupt)
+        with pytest.raises(SamplingCancelled):
+            sampler.sample(moved, *args)
+        assert pool.alive
+        monkeypatch.setattr(generation.host, "throw_if_interrupted", lambda: None)
+        (again,) = sampler.sample(moved, *args)                  # still usable after a cancel
+        assert torch.equal(again["samples"], other["samples"])
+        with pytest.raises(ValueError, match="does not divide the model's 1 attention heads"):
+            nodes["WanCoreMultiGPU"]().apply(_one_head(models), 2, False, False)
+        with pytest.raises(ValueError, match="use an even number of gpus"):
+            nodes["WanCoreMultiGPU"]().apply(model, 3, True, False)
+    finally:
+        for pool in generation._POOLS.values():
+            pool.close()
+        generation._POOLS.clear()
+
+
+def _one_head(models):
+    from tests.tiny_models import FILES
+    from wan_core.loading.on_demand import OnDemandDiT
+
+    return OnDemandDiT(models / FILES["dit_t2v"])

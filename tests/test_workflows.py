@@ -6,6 +6,7 @@ every stored widget value must keep working for those files; a deliberate change
 migration (ComfyUI restores widget values by position).
 """
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +16,10 @@ from tests.workflow_runner import run_workflow
 
 EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
 FROZEN = sorted((ROOT / "tests" / "workflow_contract").glob("wan*.json"))
+INPUTS = ROOT / "example_workflows" / "inputs"       # tools/make_vace_inputs.py
 SMALL = {"width": 64, "height": 64, "frames": 9, "steps": 2}
+VACE = ["wan21_vace_reference_to_video", "wan21_vace_control_video", "wan21_vace_inpaint",
+        "wan21_vace_outpaint", "wan21_vace_extend"]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +34,15 @@ def folders(tmp_path_factory):
     rng = np.random.default_rng(0)
     for name in ("example.png", "start.png", "end.png"):
         Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(root / "input" / name)
+    for path in INPUTS.iterdir():          # what the README says to copy into ComfyUI/input
+        shutil.copy(path, root / "input" / path.name)
     return root
 
 
 def test_every_task_has_an_example():
     names = {p.stem for p in EXAMPLES}
     assert {"wan21_t2v_1.3B", "wan21_i2v_14B_480p", "wan21_flf2v_14B", "wan22_t2v_A14B",
-            "wan22_i2v_A14B", "wan22_ti2v_5B"} <= names
+            "wan22_i2v_A14B", "wan22_ti2v_5B", *VACE} <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
@@ -126,3 +132,112 @@ def test_demo_first_frame_node_draws_the_clip_start_and_names_bad_captions():
     assert np.allclose(image[0].numpy(), (video[:, 0].permute(1, 2, 0).numpy() + 1) / 2, atol=1e-6)
     with pytest.raises(ValueError, match="unknown colour 'orange'.*known: red"):
         node.render("an orange circle moving left on a blue background")
+
+
+# ------------------------------------------------------------------------------ VACE examples
+
+def _load_image_values(path):
+    return [n["widgets_values"][0] for n in json.loads(path.read_text())["nodes"]
+            if n["type"] == "LoadImage"]
+
+
+def test_vace_examples_use_the_shipped_inputs_and_their_notes_list_them():
+    """Every file a VACE example loads is in example_workflows/inputs and named in its note;
+    the inputs stay small (they ship with the pack)."""
+    shipped = {p.name for p in INPUTS.iterdir()}
+    used = set()
+    for name in VACE:
+        path = ROOT / "example_workflows" / f"{name}.json"
+        (note,) = [n["widgets_values"][0] for n in json.loads(path.read_text())["nodes"]
+                   if n["type"] == "MarkdownNote"]
+        assert "ComfyUI/input" in note and "wan2.1_vace_1.3B_fp16.safetensors" in note
+        for file in _load_image_values(path):
+            assert file in shipped and f"`{file}`" in note, (name, file)
+            used.add(file)
+    assert shipped == used | {"vace_pose.webp"}           # the pose clip: the depth one's twin
+    assert sum(p.stat().st_size for p in INPUTS.iterdir()) < 300_000
+
+
+def test_vace_inputs_are_what_the_script_draws():
+    """The lossless files decode to the frames tools/make_vace_inputs.py draws (81 frames, no
+    repeated frame merged away by the encoder), masks exactly black / white."""
+    import importlib.util
+
+    from tests.workflow_runner import LoadImageStandIn
+
+    spec = importlib.util.spec_from_file_location("make_vace_inputs",
+                                                  ROOT / "tools" / "make_vace_inputs.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    frames, masks = make.meadow_clip()
+    grey = np.full_like(frames[0], make.GREY)
+    black, white = np.zeros_like(grey), np.full_like(grey, 255)
+    expected = {
+        "vace_depth.webp": make.depth_clip(), "vace_pose.webp": make.pose_clip(),
+        "vace_clip.webp": frames, "vace_inpaint_mask.webp": masks,
+        "vace_extend_clip.webp": frames[:make.KEEP] + [grey] * (make.FRAMES - make.KEEP),
+        "vace_extend_mask.webp": [black] * make.KEEP + [white] * (make.FRAMES - make.KEEP),
+    }
+    load = LoadImageStandIn(INPUTS)
+    for name, drawn in expected.items():
+        image, mask = load(name)
+        assert image.shape == (81, 120, 208, 3), name
+        assert mask.shape == (81, 64, 64) or not mask.any(), name     # opaque: no mask
+        got = (image.numpy() * 255).round().astype(np.uint8)
+        assert np.array_equal(got, np.stack(make.distinct(drawn))), name
+    image, _ = load("vace_reference.png")
+    assert np.array_equal((image[0].numpy() * 255).round().astype(np.uint8),
+                          make.reference_image())
+
+
+def test_load_image_stand_in_reads_frames_and_alpha_as_comfyui(tmp_path):
+    """All frames of an animated file in one batch; MASK = 1 - alpha; no alpha: 64x64 zeros."""
+    from PIL import Image
+
+    from tests.workflow_runner import LoadImageStandIn
+
+    rgba = [np.full((6, 10, 4), (40 * i, 0, 0, 255), dtype=np.uint8) for i in range(3)]
+    rgba[1][:, :5, 3] = 0                                  # left half transparent
+    images = [Image.fromarray(f, "RGBA") for f in rgba]
+    images[0].save(tmp_path / "a.webp", save_all=True, append_images=images[1:], lossless=True)
+    image, mask = LoadImageStandIn(tmp_path)("a.webp", "image")
+    assert image.shape == (3, 6, 10, 3) and mask.shape == (3, 6, 10)
+    assert np.allclose(image[:, 0, 9, 0].numpy(), [0, 40 / 255, 80 / 255])
+    assert mask[1, :, :5].eq(1).all() and mask[1, :, 5:].eq(0).all() and not mask[0].any()
+    Image.fromarray(rgba[0][..., :3]).save(tmp_path / "b.png")
+    image, mask = LoadImageStandIn(tmp_path)("b.png", "image")
+    assert image.shape == (1, 6, 10, 3) and mask.shape == (1, 64, 64) and not mask.any()
+
+
+def test_outpaint_pad_stand_in():
+    from tests.workflow_runner import image_pad_for_outpaint
+
+    image = _rand_image(2, 4, 6)
+    canvas, mask = image_pad_for_outpaint(image, 3, 1, 2, 0, 0)
+    assert canvas.shape == (2, 5, 11, 3) and mask.shape == (5, 11)
+    assert canvas[:, 0].eq(0.5).all() and canvas[:, 1:, 3:9].equal(image)
+    assert mask[1:, 3:9].eq(0).all() and mask.sum() == 5 * 11 - 4 * 6
+    _, soft = image_pad_for_outpaint(_rand_image(1, 20, 20), 4, 0, 0, 0, 5)
+    assert soft[0, 4] == 1 and 0 < soft[0, 5] < 1 and soft[0, 9:].eq(0).all()
+
+
+def _rand_image(n, h, w):
+    import torch
+
+    return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(0))
+
+
+def test_vace_example_with_a_t2v_model_and_a_vace_module(folders, tmp_path):
+    """The loader's vace_module widget: the control-video example on the T2V 1.3B file plus
+    the VACE module file, as the examples' notes describe."""
+    from tests.tiny_models import FILES
+
+    wf = json.loads((ROOT / "example_workflows" / "wan21_vace_control_video.json").read_text())
+    (loader,) = [n for n in wf["nodes"] if n["type"] == "WanCoreModelLoader"]
+    loader["widgets_values"][0] = FILES["dit_t2v"].split("/", 1)[1]
+    loader["widgets_values"][5] = FILES["vace_module"].split("/", 1)[1]
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(wf))
+    results = run_workflow(path, folders / "models", folders / "input", tmp_path, SMALL)
+    (model,) = results[loader["id"]]
+    assert model.config.model_type == "vace"

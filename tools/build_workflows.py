@@ -25,6 +25,7 @@ UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 VAE21 = "wan_2.1_vae.safetensors"
 VAE22 = "wan2.2_vae.safetensors"
 CLIP = "clip_vision_h.safetensors"
+INPUTS = "example_workflows/inputs"   # tools/make_vace_inputs.py: the VACE examples' inputs
 DEMO = "wancore-demo"          # nodes/host.py EMBEDDED_FOLDER: the demo weights inside the pack
 
 # (output names, output types) of each node type used here.
@@ -43,13 +44,24 @@ OUTPUTS = {
     "WanCoreVAEDecode": [("images", "IMAGE")],
     "WanCoreSaveVideo": [],
     "WanCoreDemoFirstFrame": [("image", "IMAGE")],
+    "WanCoreVACE": [("video_cond", "WANCORE_VIDEO_COND")],
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    "ImageToMask": [("MASK", "MASK")],
+    "ImagePadForOutpaint": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
     "MarkdownNote": [],
+}
+# (sockets, widget names) of the native ComfyUI nodes used here, as ComfyUI lays them out.
+NATIVE = {
+    "LoadImage": ([], ["image", "upload"]),
+    "ImageToMask": ([("image", "IMAGE")], ["channel"]),
+    "ImagePadForOutpaint": ([("image", "IMAGE")], ["left", "top", "right", "bottom",
+                                                   "feathering"]),
 }
 SIZES = {"WanCoreTextEncode": (420, 300), "WanCoreSampler": (320, 300),
          "WanCoreImageToVideo": (320, 260), "LoadImage": (300, 330), "MarkdownNote": (420, 300),
          "WanCoreSaveVideo": (360, 420), "WanCoreMoE": (320, 170),
-         "WanCoreDemoFirstFrame": (420, 130)}
+         "WanCoreDemoFirstFrame": (420, 130), "WanCoreVACE": (340, 250),
+         "ImageToMask": (300, 90), "ImagePadForOutpaint": (300, 220)}
 
 
 @dataclass
@@ -76,6 +88,8 @@ def _pack_nodes() -> dict:
 
 
 def sockets_and_widgets(node_type: str) -> tuple[list, list]:
+    if node_type in NATIVE:
+        return NATIVE[node_type]
     if node_type not in PACK:
         return [], []
     from comfyui_wancore_pack.nodes.schema import sockets_and_widgets as layout
@@ -88,7 +102,7 @@ def build(name: str, title: str, nodes: list[Node], note: str) -> dict:
     links, out_links, socket_lists = [], {}, {}
     for n in nodes:
         sockets, widgets = sockets_and_widgets(n.type)
-        if n.type in PACK and len(widgets) != len(n.widgets):
+        if (n.type in PACK or n.type in NATIVE) and len(widgets) != len(n.widgets):
             raise ValueError(f"{name}: {n.type} takes widgets {widgets}, got {n.widgets}")
         socket_lists[n.key] = sockets
         names = [s for s, _ in sockets]
@@ -142,7 +156,8 @@ def build(name: str, title: str, nodes: list[Node], note: str) -> dict:
 def loaders(dit_files, vae, clip=False, text_encoder=UMT5):
     nodes = []
     for i, (key, file) in enumerate(dit_files):
-        nodes.append(Node(key, "WanCoreModelLoader", [file, "default", "sdpa", -1, 0.0], group="1. Models",
+        nodes.append(Node(key, "WanCoreModelLoader", [file, "default", "sdpa", -1, 0.0, "none"],
+                          group="1. Models",
                           title={"high": "High-noise expert", "low": "Low-noise expert"}.get(key, "")))
     nodes.append(Node("vae", "WanCoreVAELoader", [vae], group="1. Models"))
     nodes.append(Node("te", "WanCoreTextEncoderLoader", [text_encoder, "default"], group="1. Models"))
@@ -151,29 +166,34 @@ def loaders(dit_files, vae, clip=False, text_encoder=UMT5):
     return nodes
 
 
-def tail(model_key, cond_key, sampler_widgets, fps, prefix):
+def tail(model_key, cond_key, sampler_widgets, fps, prefix, column=2):
     return [
         Node("sampler", "WanCoreSampler", sampler_widgets,
              {"model": (model_key, 0, "WANCORE_MODEL"), "text_embeds": ("text", 0, "WANCORE_TEXT_EMBEDS"),
-              "video_cond": (cond_key, 0, "WANCORE_VIDEO_COND")}, column=2, group="3. Sample"),
+              "video_cond": (cond_key, 0, "WANCORE_VIDEO_COND")}, column=column, group="3. Sample"),
         Node("decode", "WanCoreVAEDecode", ["auto", 256],
              {"vae": ("vae", 0, "WANCORE_VAE"), "latent": ("sampler", 0, "LATENT")},
-             column=3, group="4. Output"),
+             column=column + 1, group="4. Output"),
         Node("save", "WanCoreSaveVideo", [float(fps), "mp4", prefix, 19],
-             {"images": ("decode", 0, "IMAGE")}, column=3, group="4. Output"),
+             {"images": ("decode", 0, "IMAGE")}, column=column + 1, group="4. Output"),
     ]
 
 
-def text(prompt, negative=NEGATIVE):
+def text(prompt, negative=NEGATIVE, column=1):
     return Node("text", "WanCoreTextEncode", [prompt, negative],
-                {"text_encoder": ("te", 0, "WANCORE_TEXT_ENCODER")}, column=1, group="2. Prompt & video")
+                {"text_encoder": ("te", 0, "WANCORE_TEXT_ENCODER")}, column=column,
+                group="2. Prompt & video")
 
 
-def note(title, files, tips):
+def note(title, files, tips, inputs=()):
     lines = [f"## {title}", ""]
     if files:
         lines += ["**Model files** (put them in ComfyUI/models/...):", ""]
         lines += [f"- `{folder}/{file}`" for folder, file in files]
+    if inputs:
+        lines += ["", f"**Input files** (copy them from this pack's `{INPUTS}/` into "
+                      "ComfyUI/input):", ""]
+        lines += [f"- `{name}`: {what}" for name, what in inputs]
     lines += ["", "**Tips**", ""] + [f"- {t}" for t in tips]
     return "\n".join(lines)
 
@@ -408,6 +428,161 @@ def workflows() -> dict:
                  "demo workflow's note for the vocabulary).",
                  "Set the LoRA strength to 0 to see what the base model does in 4 steps "
                  "without CFG."]))
+    out.update(vace_workflows())
+    return out
+
+
+VACE13 = "wan2.1_vace_1.3B_fp16.safetensors"
+VACE14 = "wan2.1_vace_14B_fp16.safetensors"
+VACE_MODULE = "Wan2_1-VACE_module_1_3B_bf16.safetensors"
+VACE_TIPS = [
+    "Official VACE settings: 832x480 (1.3B; 1280x720 for the 14B file "
+    f"`{VACE14}`), 81 frames at 16 fps, 50 steps, cfg 5, shift 16.",
+    f"Instead of a whole VACE file: load `wan2.1_t2v_1.3B_bf16.safetensors` and set the "
+    f"loader's vace_module to a VACE module file such as `{VACE_MODULE}` (also in "
+    "models/diffusion_models).",
+    "Chain WanCore VACE nodes (video_cond into the next one's video_cond) to combine controls, "
+    "e.g. a pose clip and a reference image; their effects add up.",
+]
+CLIP_TIP = ("Load Image reads every frame of an animated WebP / GIF as one batch (for an mp4 use "
+            "a video loader node, e.g. Load Video + Get Video Components, or VideoHelperSuite's "
+            "Load Video). A clip needs at least `frames` frames (extra ones are dropped) and is "
+            "resized to cover the video size. The example clips are 208x120 to keep the pack "
+            "small: your own 832x480 clips give sharper results.")
+MASK_TIP = ("Masks: white = generate, black = keep the control video. Convert Image to Mask "
+            "(channel red) reads a black-and-white mask clip; a single mask image stands for "
+            "every frame.")
+
+
+def vace_node(inputs, column=2):
+    return Node("vace", "WanCoreVACE", [832, 480, 81, 1.0],
+                {"vae": ("vae", 0, "WANCORE_VAE"), **inputs}, column=column,
+                group="2. Prompt & video")
+
+
+def load_image(key, file, title):
+    return Node(key, "LoadImage", [file, "image"], column=1, group="2. Prompt & video",
+                title=title)
+
+
+def image_to_mask(key, image_key):
+    return Node(key, "ImageToMask", ["red"], {"image": (image_key, 0, "IMAGE")}, column=1,
+                group="2. Prompt & video", title="Mask (white = generate)")
+
+
+def vace_workflow(name, title, inputs_nodes, cond_inputs, prompt, note_title, input_files, tips,
+                  prefix):
+    return build(name, title, [
+        *loaders([("dit", VACE13)], VAE21),
+        *inputs_nodes,
+        text(prompt, column=2),
+        vace_node(cond_inputs),
+        *tail("dit", "vace", sampler(50, 5.0, 16.0), 16, prefix, column=3),
+    ], note(note_title, [("diffusion_models", VACE13), ("vae", VAE21), ("text_encoders", UMT5)],
+            tips + VACE_TIPS, inputs=input_files))
+
+
+def vace_workflows() -> dict:
+    """Wan 2.1 VACE 1.3B: reference image, control video, inpaint, outpaint and extend, on the
+    input files of tools/make_vace_inputs.py."""
+    out = {}
+    out["wan21_vace_reference_to_video"] = vace_workflow(
+        "wan21_vace_reference_to_video", "Wan 2.1 VACE 1.3B: reference image to video",
+        [load_image("ref", "vace_reference.png", "Reference image")],
+        {"reference_images": ("ref", 0, "IMAGE")},
+        "A small red toy robot with round eyes, an antenna and a yellow chest panel walks across "
+        "a wooden desk next to a laptop, warm lamp light, shallow depth of field.",
+        "Wan 2.1 VACE 1.3B: reference image to video",
+        [("vace_reference.png", "a red toy robot on white")],
+        ["The video shows the subject of the reference image; the prompt says what it does. "
+         "A subject on a plain white background works best (the image is fitted into the frame "
+         "on white).",
+         "Several references (a person and an object): join them with Batch Images into "
+         "reference_images (at most one per 4 frames).",
+         "The reference frames are sampled in front of the video and the sampler drops them "
+         "itself: the result has exactly `frames` frames.",
+         "No control video or mask: the whole video is generated. Add a control video (pose, "
+         "depth) to the same node to also steer the motion."],
+        "WanCore/wan21_vace_r2v")
+
+    out["wan21_vace_control_video"] = vace_workflow(
+        "wan21_vace_control_video", "Wan 2.1 VACE 1.3B: follow a control video (depth / pose)",
+        [load_image("control", "vace_depth.webp", "Control video (depth)")],
+        {"control_video": ("control", 0, "IMAGE")},
+        "A glossy orange basketball bounces across the polished wooden floor of an empty gym, "
+        "realistic, soft daylight from high windows.",
+        "Wan 2.1 VACE 1.3B: control video (depth, pose, edges)",
+        [("vace_depth.webp", "81 frames of a depth-like clip (near = bright): a ball bouncing "
+                             "across a floor"),
+         ("vace_pose.webp", "81 frames of a pose clip (a stick figure walking); load it instead "
+                            "with a prompt like 'A man in a red jacket walks along a beach at "
+                            "sunset'")],
+        ["The video follows the control clip's layout and motion; the prompt gives the look. "
+         "Make control clips from your own videos with a depth, pose or edge preprocessor node "
+         "pack (Depth Anything, DWPose, Canny).",
+         "No mask: the whole video is generated (the control is followed, not kept).",
+         "strength 1.0 is official; lower it (0.5-0.8) to follow the control more loosely.",
+         CLIP_TIP],
+        "WanCore/wan21_vace_control")
+
+    out["wan21_vace_inpaint"] = vace_workflow(
+        "wan21_vace_inpaint", "Wan 2.1 VACE 1.3B: inpaint a masked region of a clip",
+        [load_image("clip", "vace_clip.webp", "Video to edit"),
+         load_image("mask_clip", "vace_inpaint_mask.webp", "Mask clip (white = repaint)"),
+         image_to_mask("mask", "mask_clip")],
+        {"control_video": ("clip", 0, "IMAGE"), "control_masks": ("mask", 0, "MASK")},
+        "A small white rabbit hops across a green meadow under a clear blue sky, a tree and the "
+        "sun in the background, cartoon style.",
+        "Wan 2.1 VACE 1.3B: inpaint (repaint a masked region)",
+        [("vace_clip.webp", "81 frames: a red ball rolling over a meadow"),
+         ("vace_inpaint_mask.webp", "81 frames: a white disc around the ball on black")],
+        ["The white part of the mask is repainted to match the prompt; the black part keeps the "
+         "clip. Describe the whole scene as it should look.",
+         "Make the mask a little larger than the object (VACE works on 8x8-pixel blocks); a "
+         "mask clip that follows the object (e.g. from a segmentation node) replaces it in "
+         "every frame.",
+         MASK_TIP, CLIP_TIP],
+        "WanCore/wan21_vace_inpaint")
+
+    out["wan21_vace_outpaint"] = vace_workflow(
+        "wan21_vace_outpaint", "Wan 2.1 VACE 1.3B: outpaint (extend the canvas of a clip)",
+        [load_image("clip", "vace_clip.webp", "Video to extend outwards"),
+         Node("pad", "ImagePadForOutpaint", [56, 32, 56, 32, 0], {"image": ("clip", 0, "IMAGE")},
+              column=1, group="2. Prompt & video", title="Pad (grey border, mask white)")],
+        {"control_video": ("pad", 0, "IMAGE"), "control_masks": ("pad", 1, "MASK")},
+        "A red ball rolls across a wide green meadow with trees, bushes and flowers under a "
+        "blue summer sky, wide shot, cartoon style.",
+        "Wan 2.1 VACE 1.3B: outpaint (a wider view of a clip)",
+        [("vace_clip.webp", "81 frames: a red ball rolling over a meadow")],
+        ["Pad Image for Outpainting puts the clip in the middle of a grey (0.5) canvas and "
+         "gives the mask: white on the new border (generated), black on the clip (kept).",
+         "Pad so that the padded clip has the video's aspect ratio: 208x120 plus 56 / 32 "
+         "pixels per side is 320x184, close to 832x480 (it is resized to cover the video size "
+         "and centre-cropped). Padding only some sides extends the view that way.",
+         "feathering 0 keeps the mask's edge hard (VACE blends the seam itself).",
+         CLIP_TIP],
+        "WanCore/wan21_vace_outpaint")
+
+    out["wan21_vace_extend"] = vace_workflow(
+        "wan21_vace_extend", "Wan 2.1 VACE 1.3B: extend a clip (continue its first frames)",
+        [load_image("clip", "vace_extend_clip.webp", "Known frames, then grey"),
+         load_image("mask_clip", "vace_extend_mask.webp", "Mask clip (white = generate)"),
+         image_to_mask("mask", "mask_clip")],
+        {"control_video": ("clip", 0, "IMAGE"), "control_masks": ("mask", 0, "MASK")},
+        "A red ball bounces across a green meadow from left to right under a clear blue sky, "
+        "past a tree, the sun shining, cartoon style.",
+        "Wan 2.1 VACE 1.3B: extend a clip (video continuation)",
+        [("vace_extend_clip.webp", "81 frames: the first 17 of a red ball rolling over a "
+                                   "meadow, then grey"),
+         ("vace_extend_mask.webp", "81 frames: black for the 17 known frames, white after")],
+        ["The known frames are kept and the grey frames after them are generated to continue "
+         "the clip. The output's first 17 frames repeat the given ones: drop them when you "
+         "join the result to your clip.",
+         "For your clip: its last frames followed by grey (128, 128, 128) frames up to 81, and "
+         "a mask clip black for the known frames and white after. Known frames anywhere work "
+         "the same way: at the end to extend backwards, first and last to fill the middle.",
+         MASK_TIP, CLIP_TIP],
+        "WanCore/wan21_vace_extend")
     return out
 
 

@@ -1,11 +1,12 @@
 """Train the embedded demo model on 2 CPU cores (see TRAINING.md).
 
     python -m training.train all --out runs/demo --resume
-    python -m training.train {text,encoder_fit,decoder_fit,vae_fit,latents,dit,i2v,dit_mixed,dit_focus,i2v_focus,experts,export,all} --out DIR --resume
+    python -m training.train {text,encoder_fit,decoder_fit,vae_fit,latents,dit,i2v,dit_mixed,dit_focus,i2v_focus,experts,fast_lora,export,vace,all} --out DIR --resume
 
 Stages write their checkpoints under ``DIR/<stage>/``; ``--resume`` continues an interrupted
 stage from its last checkpoint and skips finished ones. ``export`` writes the shipped files to
-``wan_core/demo/weights/`` (or ``--weights DIR``).
+``wan_core/demo/weights/`` (or ``--weights DIR``); ``vace`` (after ``export``: it trains a VACE
+module for the T2V found there) writes ``vace_module.safetensors`` beside them.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from .training import setup_threads
 
 STAGES = ("text", "encoder_fit", "decoder_fit", "vae_fit", "latents", "dit", "i2v", "dit_mixed",
-          "dit_focus", "i2v_focus", "experts", "fast_lora", "export")
+          "dit_focus", "i2v_focus", "experts", "fast_lora", "export", "vace")
 EARLIER = ("vae", "decoder", "decoder_long", "vae_long")   # the first runs' VAE stages (TRAINING.md)
 
 
@@ -71,6 +72,9 @@ def run_stage(stage: str, args) -> None:
     elif stage == "fast_lora":
         from .train_fast import run_fast_lora
         run_fast_lora(args.out, n, args.seed, args.resume, args.weights)
+    elif stage == "vace":
+        from .train_vace import run_vace
+        run_vace(args.out, n, args.seed, args.resume, args.weights)
     elif stage == "export":
         from .export import export
         export(args.out, args.weights)

@@ -258,10 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
                            "and directions)")
     demo.add_argument("--out", default="demo.mp4", help="output video file (.mp4, .webm, .webp)")
     demo.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
-    demo.add_argument("--task", choices=("t2v", "i2v", "moe"), default="t2v",
+    demo.add_argument("--task", choices=("t2v", "i2v", "moe", "vace"), default="t2v",
                       help="t2v: text only; i2v: start from --image (Wan 2.2 I2V layout); moe: "
-                           "the Wan 2.2 high-noise / low-noise expert pair")
+                           "the Wan 2.2 high-noise / low-noise expert pair; vace: the object "
+                           "follows --path or --control (the T2V with its VACE module)")
     demo.add_argument("--image", metavar="FILE", help="first frame for --task i2v")
+    demo.add_argument("--path", metavar="SPEC",
+                      help="--task vace: the path the object follows: a named path (diagonal, "
+                           "diagonal-up, curve, stop, turn) or waypoints 'x,y:x,y[:...]' in "
+                           "fractions of the frame (0..1, y down) reached at equal time "
+                           "intervals (repeat a point to pause), e.g. '0.2,0.8:0.5,0.2:0.8,0.8'")
+    demo.add_argument("--control", metavar="FILE",
+                      help="--task vace: a control video instead of --path: a white disc (the "
+                           "object's silhouette) moving over black")
+    demo.add_argument("--vace-scale", type=float, default=None, metavar="X",
+                      help="--task vace: strength of the control, 0..10 (default 1; 0: the "
+                           "plain T2V)")
     demo.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default 20)")
     demo.add_argument("--cfg", type=_positive_float, default=None, help="guidance scale (default: tuned)")
     demo.add_argument("--frames", type=_positive_int, default=17, help="frame count, 4n+1 (default 17)")

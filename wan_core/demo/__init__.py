@@ -8,10 +8,14 @@ training.train all`` from a clone of the repository (``training/TRAINING.md``; n
     python -m wan_core demo --task i2v --image first.png --prompt "... moving left ..."
     python -m wan_core demo --task moe --prompt "..."     # Wan 2.2 high/low-noise expert pair
     python -m wan_core demo --fast --prompt "..."         # 4 steps, no CFG: the distilled LoRA
+    python -m wan_core demo --task vace --path diagonal --prompt "..."   # VACE: follow a path
+    python -m wan_core demo --task vace --control silhouette.mp4 --prompt "..."
 
 The model knows one plain shape (circle, square, triangle) in one of six colours (red, green,
 blue, yellow, white, purple) moving left, right, up or down over a black, gray, white or blue
-background, at 64x64 pixels.
+background, at 64x64 pixels. With its VACE module (``vace_module.safetensors``, attached to the
+T2V) a control clip, a white disc moving over black (``paths.render_control``), sets the path
+instead: diagonal, curved, stopping, turning (``--path``, see ``paths.PATH_HELP``).
 """
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 FILES = {"vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors",
          "t2v": "dit_t2v.safetensors", "i2v": "dit_i2v.safetensors",
          "high_noise": "dit_high_noise.safetensors", "low_noise": "dit_low_noise.safetensors",
-         "fast_lora": "fast_lora.safetensors"}
-TASKS = ("t2v", "i2v", "moe")
+         "fast_lora": "fast_lora.safetensors", "vace_module": "vace_module.safetensors"}
+TASKS = ("t2v", "i2v", "moe", "vace")
 
 # Sampling defaults, chosen by the held-out evaluation (TRAINING.md).
 STEPS = 20
@@ -55,7 +59,7 @@ class DemoModels:
         self._cache: dict = {}
 
     def path(self, name: str) -> Path:
-        return self.weights / FILES[name]
+        return self.weights / FILES["vace_module" if name == "vace" else name]
 
     def get(self, name: str):
         if name not in self._cache:
@@ -66,6 +70,9 @@ class DemoModels:
                 model = load_vae(path, dtype=torch.float32)
             elif name == "text_encoder":
                 model = load_text_encoder(path, dtype=torch.float32)
+            elif name == "vace":        # the T2V with the VACE module attached
+                model = load_dit(self.path("t2v"), dtype="fp32",
+                                 vace_module=self.path("vace_module"))
             else:
                 model = load_dit(path, dtype="fp32")
             self._cache[name] = model
@@ -86,22 +93,26 @@ class DemoModels:
             return self._cache["t2v_fast"]
         if task == "moe":
             return MoEModel(self.get("high_noise"), self.get("low_noise"), MOE_BOUNDARY)
-        return self.get("i2v" if task == "i2v" else "t2v")
+        return self.get(task if task in ("i2v", "vace") else "t2v")
 
 
 def generate_video(models: DemoModels, prompt: str, task: str = "t2v",
                    image: Optional[torch.Tensor] = None, steps: Optional[int] = None,
                    cfg: Optional[float] = None, shift: Optional[float] = None, seed: int = 0,
                    frames: int = FRAMES, size: int = SIZE, solver: Optional[str] = None,
-                   fast: bool = False, cache=None, stats: Optional[dict] = None) -> torch.Tensor:
+                   fast: bool = False, cache=None, stats: Optional[dict] = None,
+                   control: Optional[torch.Tensor] = None,
+                   vace_scale: float = 1.0) -> torch.Tensor:
     """One demo video: ``[3, frames, size, size]`` in [-1, 1] (float32).
 
-    ``image``: the first frame ``[3, H, W]`` in [-1, 1] for ``task='i2v'``. ``fast``: the T2V
+    ``image``: the first frame ``[3, H, W]`` in [-1, 1] for ``task='i2v'``. ``control``: the
+    control clip ``[3, T, H, W]`` in [-1, 1] for ``task='vace'`` (a silhouette moving along the
+    path, ``paths.render_control``), with strength ``vace_scale`` (0: the plain T2V). ``fast``: the T2V
     with its distilled LoRA; steps / cfg / shift / solver then default to ``FAST``.
     ``cache``: step caching, as ``wan_core.pipeline.generate`` takes it (None, a name from
     ``wan_core.sampling.CACHE_METHODS`` or a ``CacheSettings``); ``stats`` receives the
     evaluated / skipped step counts."""
-    from ..conditioning import VideoConditioning, build_i2v_conditioning
+    from ..conditioning import VideoConditioning, build_i2v_conditioning, build_vace_conditioning
     from ..pipeline import generate
 
     if task not in TASKS:
@@ -118,6 +129,11 @@ def generate_video(models: DemoModels, prompt: str, task: str = "t2v",
         if image is None:
             raise ValueError("the i2v demo needs a first frame (--image FILE)")
         cond = build_i2v_conditioning(vae, image, size, size, frames)
+    elif task == "vace":
+        if control is None:
+            raise ValueError("the vace demo needs a control clip (--path SPEC or --control FILE)")
+        cond = build_vace_conditioning(vae, size, size, frames, video=control[None],
+                                       strength=vace_scale)
     else:
         cond = VideoConditioning(size, size, frames)
     latent = generate(models.dit(task, fast), [context], [negative] if cfg != 1 else None, cond,
@@ -183,6 +199,54 @@ def check_run_args(args) -> Optional[torch.Tensor]:
     return read_image(image_path, "--image") if image_path else None
 
 
+def check_vace_args(args) -> Optional[torch.Tensor]:
+    """``--path`` / ``--control`` / ``--vace-scale``: for ``--task vace`` exactly one of
+    ``--path`` and ``--control``; returns the control clip ``[3, T, H, W]`` in [-1, 1] (drawn from
+    the path, or read from the file and checked to have enough frames), else None. Raises
+    ``UsageError``."""
+    from ..checks import UsageError
+    from ..conditioning import nearest_valid_frames
+    from ..video_io import load_video
+    from . import paths
+
+    task = getattr(args, "task", "t2v") or "t2v"
+    spec, control_file = getattr(args, "path", None), getattr(args, "control", None)
+    scale = getattr(args, "vace_scale", None)
+    if task != "vace":
+        given = [o for o, v in (("--path", spec), ("--control", control_file),
+                                ("--vace-scale", scale)) if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
+                             "--task vace (the object follows a control clip)")
+        return None
+    if spec is None and control_file is None:
+        raise UsageError(f"--task vace needs the path to follow: --path SPEC ({paths.PATH_HELP}) "
+                         "or --control FILE (a video of a white disc moving over black)")
+    if spec is not None and control_file is not None:
+        raise UsageError("give either --path or --control for --task vace, not both")
+    if scale is not None and not (0.0 <= scale <= 10.0):
+        raise UsageError(f"--vace-scale must be 0..10 (1: as trained, 0: the plain T2V); got "
+                         f"{scale:g}")
+    frames = getattr(args, "frames", None) or FRAMES
+    size = getattr(args, "size", None) or SIZE
+    if spec is not None:
+        try:
+            path = paths.parse_path(spec)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        clip = paths.render_control(path, frames, size)
+        return torch.from_numpy(clip).permute(3, 0, 1, 2).contiguous() * 2 - 1
+    try:
+        video = load_video(control_file)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--control: {e}") from None
+    if video.shape[1] < frames:
+        below = nearest_valid_frames(video.shape[1])[0]
+        raise UsageError(f"--control {control_file} has {video.shape[1]} frames but --frames is "
+                         f"{frames}: give a longer control video or --frames {below}")
+    return video[:, :frames]
+
+
 def run(args) -> int:
     """The ``demo`` command. User errors raise ValueError (``UsageError``); the CLI prints
     them as one line and exits with status 2."""
@@ -191,15 +255,17 @@ def run(args) -> int:
 
     started = time.perf_counter()
     fast = bool(getattr(args, "fast", False))
-    needed = ("vae", "text_encoder", "t2v") + (("fast_lora",) if fast else ())
+    task = getattr(args, "task", "t2v") or "t2v"
+    needed = ("vae", "text_encoder", "t2v") + (("fast_lora",) if fast else ()) + \
+        (("vace_module",) if task == "vace" else ())
     missing = [n for n in needed if not weights_path(n).exists()]
     if missing:
         print("wan_core demo: the embedded demo weights are missing "
               f"({', '.join(FILES[n] for n in missing)} in {WEIGHTS_DIR}). Nothing was generated.",
               file=sys.stderr)
         return 1
-    task = getattr(args, "task", "t2v") or "t2v"
     image = check_run_args(args)
+    control = check_vace_args(args)
     cache = cache_option(args)  # ValueError (bad name / threshold) before any work
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     stats: dict = {}
@@ -208,7 +274,9 @@ def run(args) -> int:
                            cfg=getattr(args, "cfg", None), fast=fast,
                            seed=getattr(args, "seed", 0) or 0,
                            frames=getattr(args, "frames", None) or FRAMES,
-                           size=getattr(args, "size", None) or SIZE)
+                           size=getattr(args, "size", None) or SIZE, control=control,
+                           vace_scale=1.0 if getattr(args, "vace_scale", None) is None
+                           else args.vace_scale)
     require_finite(video, "the decoded demo video")
     if cache is not None:
         print(f"step cache: skipped {stats['skipped']} of {stats['steps']} model evaluations")

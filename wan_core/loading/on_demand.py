@@ -14,7 +14,7 @@ when it loads.
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -148,6 +148,23 @@ class OnDemandDiT:
         other._lock = threading.Lock()
         other._prefetch = other._prefetch_error = None
         return other
+
+    def spec(self) -> tuple:
+        """A picklable description of this handle (file, load options, LoRAs, streaming) from
+        which :meth:`from_spec` makes an equal handle in another process."""
+        files = [self.source, self._options.get("vace_module")] + [s for s, _ in self.loras]
+        if any(isinstance(f, Mapping) for f in files):
+            raise ValueError("this model has in-memory weights (a state dict, not a file): "
+                             "another process cannot load it; give model and LoRA files")
+        return (str(self.source), tuple(sorted(self._options.items(), key=lambda kv: kv[0])),
+                tuple((str(s), float(w)) for s, w in self.loras), self.block_streaming)
+
+    @classmethod
+    def from_spec(cls, spec: tuple, device="cpu") -> "OnDemandDiT":
+        source, options, loras, streaming = spec
+        handle = cls(source, device=device, **dict(options))
+        handle.block_streaming = streaming
+        return handle.with_loras(loras) if loras else handle
 
     def meta_model(self) -> WanDiT:
         """The model's structure on the meta device (no memory), e.g. to check a LoRA."""
