@@ -9,6 +9,7 @@ must show the saved video.
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, load_pack
+from tests.workflow_runner import NATIVE_WIDGETS
 
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
 pytestmark = pytest.mark.skipif(not COMFYUI_ROOT, reason="set COMFYUI_ROOT to a ComfyUI checkout")
@@ -78,6 +80,8 @@ def to_api_format(workflow: dict, overrides: dict) -> dict:
             continue
         if node["type"] == "LoadImage":
             inputs = {"image": node["widgets_values"][0]}
+        elif node["type"] in NATIVE_WIDGETS:          # other native nodes: widgets by position
+            inputs = dict(zip(NATIVE_WIDGETS[node["type"]], node["widgets_values"]))
         else:
             cls = pack.NODE_CLASS_MAPPINGS[node["type"]]
             inputs = widget_kwargs(cls, node["widgets_values"])
@@ -102,6 +106,8 @@ def server(tmp_path_factory):
     rng = np.random.default_rng(0)
     for name in ("example.png", "start.png", "end.png"):
         Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(root / "input" / name)
+    for path in (ROOT / "example_workflows" / "inputs").iterdir():     # the VACE examples'
+        shutil.copy(path, root / "input" / path.name)
     (root / "paths.yaml").write_text(
         "wancore_test:\n"
         f"  base_path: {models}\n"
