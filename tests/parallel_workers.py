@@ -70,13 +70,17 @@ def models(names=("t2v", "ti2v", "i2v", "vace", "lora")) -> dict:
     from tests.test_vace_model import vace_config
     from wan_core import apply_loras, load_dit
 
+    from tests.tiny_models import to_fp8_scaled
+
     made = {}
     for name in names:
         cfg = vace_config() if name == "vace" else tiny_config(
-            {"lora": "t2v"}.get(name, name))
+            {"lora": "t2v", "fp8_lora": "t2v"}.get(name, name))
         sd = random_state_dict(cfg, seed={"t2v": 1, "ti2v": 2, "i2v": 3, "vace": 4,
-                                          "lora": 1}[name])
-        model = load_dit(sd, num_heads=cfg.num_heads)
+                                          "lora": 1, "fp8_lora": 5}[name])
+        if name == "fp8_lora":           # ComfyUI's fp8_scaled storage, kept fp8 in memory
+            sd = to_fp8_scaled(sd)
+        model = load_dit(sd, num_heads=cfg.num_heads, dtype="fp32")
         # 3 x 3 x 5 = 45 tokens: odd, so two ranks pad one token
         inputs = random_inputs(cfg, batch=2, frames=3, height=6, width=10, seed=7)
         if name == "ti2v":
@@ -87,7 +91,7 @@ def models(names=("t2v", "ti2v", "i2v", "vace", "lora")) -> dict:
             inputs["vace_context"] = torch.randn(2, 96, 3, 6, 10,
                                                  generator=torch.Generator().manual_seed(8))
             inputs["vace_scale"] = [0.7, 1.2]
-        if name == "lora":
+        if name in ("lora", "fp8_lora"):
             gen = torch.Generator().manual_seed(9)
             lora = {"diffusion_model.blocks.1.self_attn.q.lora_down.weight":
                     torch.randn(4, cfg.dim, generator=gen),
@@ -146,12 +150,13 @@ def ulysses_2(rank: int, out: Path) -> None:
         ctx.prepare_dit(model)
     result = {"forward": forward_all(made)}
     fsdp = dataclasses.replace(ctx, dit_fsdp=True)
-    sharded = models(("t2v", "vace"))
+    sharded = models(("t2v", "vace", "fp8_lora"))
     whole = {}
     for name, (model, _) in sharded.items():
         whole[name] = parallel.local_bytes(model)
         fsdp.prepare_dit(model)
     result["fsdp_forward"] = forward_all(sharded)
+    result["fsdp_fp8_dtype"] = str(sharded["fp8_lora"][0].blocks[0].ffn[0].weight.to_local().dtype)
     result["fsdp_bytes"] = {name: (whole[name], parallel.local_bytes(model),
                                    max(parallel.local_bytes(b) for b in model.blocks) * 2)
                             for name, (model, _) in sharded.items()}

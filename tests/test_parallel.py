@@ -43,6 +43,10 @@ def test_ulysses_and_fsdp_on_2_processes_equal_one(single, tmp_path):
             err = max_abs_err(result["forward"][name], expected)
             report(f"ulysses 2, {name} forward (rank {r}) vs one process", err, BOUND)
             assert err < BOUND, (name, r)
+    expected_fp8 = workers.forward_all(workers.models(("fp8_lora",)))["fp8_lora"]
+    err = max_abs_err(ranks[0]["fsdp_forward"]["fp8_lora"], expected_fp8)
+    report("FSDP + ulysses 2, fp8_scaled model with a LoRA vs one process", err, BOUND)
+    assert err < BOUND and ranks[0]["fsdp_fp8_dtype"] == "torch.float8_e4m3fn"
     for name in ("t2v", "vace"):
         err = max_abs_err(ranks[0]["fsdp_forward"][name], single["forward"][name])
         report(f"FSDP + ulysses 2, {name} forward vs one process", err, BOUND)

@@ -233,6 +233,14 @@ def vace_module_state(out: Path, checkpoint: bool = False) -> dict:
             if k.startswith("vace_")}
 
 
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256 (hex): the module records its base T2V's, so a retrained T2V without a
+    retrained module is caught (``tests/test_demo_vace.py``)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def save_vace_module(out: Path, weights: Path | None = None, state: dict | None = None) -> Path:
     """Write the module beside the demo weights and check that it loads onto the shipped T2V
     as a VACE model (the stage's own export, like ``fast_lora``)."""
@@ -243,7 +251,8 @@ def save_vace_module(out: Path, weights: Path | None = None, state: dict | None 
     folder = Path(weights or WEIGHTS_DIR)
     path = folder / FILES["vace_module"]
     save_file(state if state is not None else vace_module_state(out), str(path),
-              metadata={"format": "pt", "source": "wan_core demo (python -m training.train vace)"})
+              metadata={"format": "pt", "source": "wan_core demo (python -m training.train vace)",
+                        "base_sha256": file_sha256(base_path(folder))})
     model = load_dit(base_path(folder), vace_module=path)
     if model.config.model_type != "vace" or model.config.vace_layers != vace_plan(
             model.config.num_layers, VACE_BLOCKS):
