@@ -26,8 +26,10 @@ from .errors import require_finite
 from .models.configs import DiTConfig, expert_pair_mismatch
 from .conditioning import (VideoConditioning, check_video_size, latent_shape,
                            per_token_timesteps)
-from .sampling import (CacheCalibration, cache_settings, check_sampling_settings,
-                       make_velocity_fn, noise_latent, sample, solver_schedule)
+from .sampling import (CacheCalibration, CacheSettings, cache_settings,
+                       check_sampling_settings, make_velocity_fn, noise_latent, sample,
+                       solver_schedule)
+from .sampling.windows import context_windows_for, slice_inputs, windowed_velocity_fn
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,13 @@ class MoEModel:
 
 @dataclass
 class StepCached:
-    """A model (one DiT or a :class:`MoEModel`) paired with step-cache settings, as the
-    WanCore Step Cache node outputs it; :func:`generate` unwraps it. The model is shared, not
-    copied. ``cache``: a ``wan_core.sampling.CacheSettings``."""
+    """A model (one DiT or a :class:`MoEModel`) paired with sampling options, as the WanCore
+    Step Cache and WanCore Context Windows nodes output it; :func:`generate` unwraps it. The
+    model is shared, not copied. ``cache``: a ``wan_core.sampling.CacheSettings`` or None;
+    ``windows``: a ``wan_core.sampling.ContextWindows`` or None."""
     model: Any
     cache: Any
+    windows: Any = None
 
     @property
     def config(self):
@@ -81,6 +85,18 @@ def unwrap_cache(model) -> tuple:
     if isinstance(model, StepCached):
         return model.model, model.cache
     return model, None
+
+
+def unwrap_options(model) -> tuple:
+    """``(model, cache settings or None, context windows or None)``."""
+    if isinstance(model, StepCached):
+        return model.model, model.cache, model.windows
+    return model, None, None
+
+
+def with_options(model, cache=None, windows=None):
+    """``model`` carrying these sampling options (itself when there are none)."""
+    return model if cache is None and windows is None else StepCached(model, cache, windows)
 
 
 def default_boundary(model_type: str) -> float:
@@ -140,7 +156,8 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
              shift: float = 5.0, solver: str = "unipc", seed: int = 0, denoise: float = 1.0,
              init_latent: Optional[torch.Tensor] = None, callback=None, cancel=None,
              batch_cfg: bool = True, device: Optional[torch.device] = None,
-             cache=None, stats: Optional[dict] = None, parallel=None) -> torch.Tensor:
+             cache=None, stats: Optional[dict] = None, parallel=None,
+             context_windows=None) -> torch.Tensor:
     """Sample a normalised latent ``[1, C, F_lat, h, w]`` (float32, on the CPU).
 
     model: a DiT, a :class:`MoEModel`, or either wrapped in :class:`StepCached` (its cache
@@ -158,14 +175,19 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
         fractions count the steps actually run (vid2vid: from its first step). Logs
         "skipped K of N model evaluations" after sampling.
     stats: a dict that receives ``{"evaluated": N - K, "skipped": K, "steps": N}``.
+    context_windows: a ``wan_core.sampling.ContextWindows`` (or the one the model carries):
+        sample the latent as overlapping windows of the model's length, each with its own
+        conditioning slice and step-cache state (see :mod:`wan_core.sampling.windows`).
     parallel: a ``wan_core.parallel.ParallelContext`` (multi-GPU): the model(s) must have been
         prepared with ``parallel.prepare_dit``; the CFG halves run on two rank groups when it
         has CFG parallelism. Every rank returns the same latent.
     """
     check_sampling_settings(steps=steps, cfg=guide_scale, shift=shift, denoise=denoise,
                             seed=seed)
-    model, carried = unwrap_cache(model)
+    model, carried, carried_windows = unwrap_options(model)
     settings = cache_settings(cache if cache is not None else carried)
+    windows = context_windows_for(context_windows if context_windows is not None
+                                  else carried_windows)
     config = model.config
     channels = config.out_dim
     stride = vae_stride_for(channels)
@@ -234,24 +256,55 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
     else:
         experts, boundary, offload, scales = model, None, None, guide_scale
     experts_list = experts if isinstance(experts, tuple) else (experts,)
-    step_cache = None if settings is None else settings.start_run(schedule.sigmas, experts_list)
-    velocity_fn = make_velocity_fn(experts, cond_inputs, uncond_inputs, scales, boundary,
-                                   batch_cfg=batch_cfg, offload=offload, timestep_fn=timestep_fn,
-                                   cache=step_cache,
-                                   cfg_split=None if parallel is None else parallel.cfg_split())
+    cfg_split = None if parallel is None else parallel.cfg_split()
+    caches = []
+
+    def velocity_for(cond_part, uncond_part):
+        step_cache = None if settings is None else settings.start_run(schedule.sigmas,
+                                                                      experts_list)
+        if step_cache is not None:
+            caches.append(step_cache)
+        return make_velocity_fn(experts, cond_part, uncond_part, scales, boundary,
+                                batch_cfg=batch_cfg, offload=offload, timestep_fn=timestep_fn,
+                                cache=step_cache, cfg_split=cfg_split)
+
+    if windows is None:
+        velocity_fn = velocity_for(cond_inputs, uncond_inputs)
+    else:
+        check_windows(windows, settings, first is not None)
+        velocity_fn = windowed_velocity_fn(
+            windows, shape[1] - cond.trim, cond.trim,
+            lambda start, length: velocity_for(
+                slice_inputs(cond_inputs, start, length, cond.trim),
+                None if uncond_inputs is None else slice_inputs(uncond_inputs, start, length,
+                                                                cond.trim)))
     out = sample(velocity_fn, x.to(device), schedule, solver, callback=callback, cancel=cancel,
                  after_step=after_step)
-    if step_cache is not None:
-        skipped, total_steps = step_cache.skipped, step_cache.skipped + step_cache.evaluated
+    if caches:
+        skipped = sum(c.skipped for c in caches)
+        evaluated = sum(c.evaluated for c in caches)
         log.info("step cache (%s): skipped %d of %d model evaluations",
-                 getattr(settings, "method", "calibration"), skipped, total_steps)
+                 getattr(settings, "method", "calibration"), skipped, skipped + evaluated)
         if stats is not None:
-            stats.update(evaluated=step_cache.evaluated, skipped=skipped, steps=total_steps)
+            stats.update(evaluated=evaluated, skipped=skipped, steps=skipped + evaluated)
     elif stats is not None:
         stats.update(evaluated=len(schedule), skipped=0, steps=len(schedule))
     out = out.float().cpu()[:, :, cond.trim:]
     require_finite(out, "the sampled latent")
     return out
+
+
+def check_windows(windows, settings, first_frame_known: bool) -> None:
+    """Context windows need a cache state per window and frame-aligned conditioning."""
+    if first_frame_known:
+        raise ValueError("context windows cannot split TI2V-5B's image-to-video run (its given "
+                         "first frame belongs to one window); use text-to-video, or no windows")
+    if settings is not None and not isinstance(settings, CacheSettings):
+        raise ValueError("cache calibration records one run of the whole model: run it without "
+                         "context windows")
+    if settings is not None and windows.schedule != "static":
+        raise ValueError("the step cache keeps one state per context window, so it needs the "
+                         "windows to stay in place: use schedule 'static' with a step cache")
 
 
 def calibrate_cache(model: Union[torch.nn.Module, MoEModel], context, negative_context,

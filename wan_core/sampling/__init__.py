@@ -17,6 +17,7 @@ from .schedule import (DISTILLED_CFG, DISTILLED_SHIFT, DISTILLED_STEPS, NUM_TRAI
                        timesteps_for)
 from .settings import SEED_MAX, check_sampling_settings
 from .solvers import SOLVERS, SamplingCancelled, noise_latent, sample
+from .windows import BLENDS, SCHEDULES, ContextWindows
 
 __all__ = [
     "CACHE_METHODS", "CacheCalibration", "CacheSettings", "StepCache", "cache_settings",
@@ -25,4 +26,5 @@ __all__ = [
     "SamplingCancelled", "Schedule", "flow_schedule", "flow_sigmas", "guide",
     "distilled_schedule", "make_velocity_fn", "noise_latent", "sample", "schedule_from_sigmas", "shift_sigmas",
     "solver_schedule", "timesteps_for", "SEED_MAX", "check_sampling_settings",
+    "BLENDS", "SCHEDULES", "ContextWindows",
 ]
