@@ -23,8 +23,8 @@ N-1 ranks (a ring forwards N-1 chunks), a ring all-reduce 2(N-1)/N of its tensor
 shapes" column is the same quantity predicted from the shapes the code exchanges (the formula
 the 14B model below uses), so the two columns check each other.
 
-Devices: when at least as many CUDA GPUs are visible as a configuration has processes (and
-``--device`` is not ``cpu``), each rank takes GPU ``rank`` and the group uses NCCL; peak memory
+Devices: when at least as many CUDA GPUs are visible as the largest configuration has processes
+(and ``--device`` is not ``cpu``), each rank takes GPU ``rank`` and the group uses NCCL; peak memory
 is then ``torch.cuda.max_memory_allocated``. Otherwise everything runs on the CPU over gloo,
 ``--threads`` (default 1) threads per process, and peak memory is the peak RSS of the process
 (VmHWM: ``resource.getrusage``'s ``ru_maxrss`` is carried over from the parent through fork and
@@ -34,8 +34,11 @@ machine with fewer cores than processes the wall times measure the cores, not th
 ``model``: Wan 2.1 14B (dim 5120, ffn 13824, 40 layers, 40 heads) at 480P (832x480x81, 32,760
 tokens) and 720P (1280x720x81, 75,600 tokens), 50 steps with CFG, on 1, 2, 4 and 8 GPUs with
 Ulysses over all GPUs or Ulysses x CFG 2, DiT FSDP over all GPUs (as the official multi-GPU
-run). Compute from the DiT FLOP formula at the rates of the named constants below; bytes from
-the shapes exchanged (the formula the measured part checks); communication time = bytes /
+run). Compute from the DiT FLOP formula, layers x [L (12 d^2 + 4 d ffn) + 4 L^2 d + 4 * 512 L d
++ 4 * 512 d^2], twice per step (CFG), each rank doing 1/N of the tokens and heads, at the rates
+of the named constants below (the 512-token text projection is repeated on every rank); bytes
+from the shapes exchanged (the formula the measured part checks; as wan_core does, cond and
+uncond go as one batch, so the weights are gathered once per step); communication time = bytes /
 bandwidth + a fixed latency per collective, for NVLink and PCIe 4 / 5. "Serial": compute plus
 communication; "overlapped": the larger of the two (an upper bound: wan_core's all-to-alls wait
 for their result, FSDP2 prefetches the next block's weights). End to end, the time outside the
@@ -53,7 +56,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,7 +96,7 @@ LAYOUTS = {lay.key: lay for lay in (
     Layout("u4", 4),
     Layout("u4-fsdp", 4, fsdp=True),
 )}
-DEFAULT_CONFIGS = ("1", "u2", "u2-fsdp", "cfg2", "u2xcfg2", "u2xcfg2-fsdp", "u4")
+DEFAULT_CONFIGS = ("1", "u2", "u2-fsdp", "cfg2", "u2xcfg2", "u2xcfg2-fsdp", "u4", "u4-fsdp")
 
 
 def _video(text: str) -> tuple:
@@ -218,6 +221,8 @@ def _free_port() -> int:
 
 
 def _use_cuda(world: int, device: str) -> bool:
+    """One GPU per rank when enough are visible (decided once for all the layouts of a run,
+    so that every row is on the same kind of device)."""
     return device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() >= world
 
 
@@ -249,9 +254,10 @@ def _run_rank(rank: int, layout: Layout, opts: dict) -> dict:
     from wan_core import load_dit, parallel
     from wan_core.conditioning import VideoConditioning
     from wan_core.models.configs import DiTConfig
+    from wan_core.ops.streaming import place
     from wan_core.pipeline import generate
 
-    cuda = _use_cuda(layout.world, opts["device"])
+    cuda = opts["device"] == "cuda"
     counter = CommCounter().install()
     ctx = None
     if layout.world > 1:
@@ -272,7 +278,7 @@ def _run_rank(rank: int, layout: Layout, opts: dict) -> dict:
     if ctx is not None:
         ctx.prepare_dit(model)
     else:
-        model.to(device)
+        place(model, device)
     held = parallel.local_bytes(model)
     gen = torch.Generator().manual_seed(2)
     text = [torch.randn(40, cfg.text_dim, generator=gen)]
@@ -335,7 +341,8 @@ def measure(args) -> None:
         opts = dict(dim=args.dim, heads=args.heads, layers=args.layers, ffn=args.ffn,
                     text_dim=args.text_dim, freq_dim=64, dtype=args.dtype, video=(width, height,
                     frames), warmup=args.warmup, steps=args.steps, threads=args.threads,
-                    device=args.device, out=out)
+                    out=out, device="cuda" if _use_cuda(
+                        max(LAYOUTS[k].world for k in args.configs), args.device) else "cpu")
         results, latents = {}, {}
         started = time.perf_counter()
         for key in args.configs:
@@ -356,16 +363,17 @@ def measure(args) -> None:
           f"{args.layers} layers, ffn {args.ffn}, {args.dtype}; {width}x{height}x{frames} "
           f"({tokens:,} tokens), CFG on; median of {args.steps} steps after {args.warmup} "
           f"warm-up; {args.threads} thread(s) per process; {on}; {os.cpu_count()} CPU cores; "
-          f"whole run {total:.0f} s")
-    print("| configuration | processes | s / step | vs 1 process | CPU s / step per rank | "
-          "sent per rank per step, MB: all-to-all / gathers / CFG / FSDP (counted) | "
-          "same, from shapes | peak memory per rank, MB | DiT weights per rank, MB | "
-          "max abs diff vs 1 process |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"load average {os.getloadavg()[0]:.1f} at the end; whole run {total:.0f} s")
+    print("| configuration | processes | s / step | vs 1 process | CPU s / step: per rank; all "
+          "ranks (vs 1 process) | cores busy | sent per rank per step, MB: all-to-all / "
+          "gathers / CFG / FSDP (counted) | same, from shapes | peak memory per rank, MB | "
+          "DiT weights per rank, MB | max abs diff vs 1 process |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key, ranks in results.items():
         layout = LAYOUTS[key]
         step = statistics.median(r["step_s"] for r in ranks)
         cpu = statistics.mean(r["cpu_step_s"] for r in ranks)
+        cpu_all = sum(r["cpu_step_s"] for r in ranks)
         sent = {k: max(r["sent_per_step"].get(k, 0) for r in ranks)
                 for k in ("all-to-all", "gather", "cfg", "fsdp", "other")}
         r0 = ranks[0]
@@ -383,13 +391,15 @@ def measure(args) -> None:
             memory = ", ".join(f"{r['peak_rss_mb']:,.0f}" for r in ranks)
         err = float((latents[key] - latents[base_key]).abs().max())
         print(f"| {layout.label} | {layout.world} | {step:.3f} | {step / base['step_s']:.2f}x | "
-              f"{cpu:.3f} ({cpu / base['cpu_step_s']:.2f}x) | {counted} | {shapes} | {memory} | "
+              f"{cpu:.3f}; {cpu_all:.3f} ({cpu_all / base['cpu_step_s']:.2f}x) | "
+              f"{cpu_all / step:.2f} | {counted} | {shapes} | {memory} | "
               f"{r0['weights_mb']:.1f} of {r0['whole_weights_mb']:.1f} | {err:.1e} |")
     if not base["device"].startswith("cuda") and (os.cpu_count() or 1) < 4:
         print(f"\nOn {os.cpu_count()} CPU cores the processes of a configuration share the "
-              "cores, so several processes are slower than one: the wall times measure the "
-              "machine, not the method. The byte counts and the per-rank CPU times are the "
-              "figures that carry over.")
+              "cores (and with other jobs): with free cores N processes would take about 1/N of "
+              "the time, here the wall times measure the machine, not the method. 'Cores busy' "
+              "= the CPU seconds of all ranks per wall second; 'all ranks' CPU time against "
+              "1 process is the cost of splitting the work. The byte counts carry over.")
 
 
 # ------------------------------------------------------------------------ the 14B model
@@ -427,13 +437,12 @@ def param_bytes_14b() -> int:
     return cfg.num_params() * WEIGHT_BYTES
 
 
-def forward_flops(tokens: int) -> tuple:
-    """(GEMM, attention) FLOPs of one 14B forward over ``tokens`` video tokens:
-    layers x [L (12 d^2 + 4 d ffn) + 4 * 512 * d^2] and layers x [4 L^2 d + 4 * 512 * L d]."""
-    L, d = tokens, DIM
-    gemm = LAYERS * (L * (12 * d * d + 4 * d * FFN) + 4 * TEXT_TOKENS * d * d)
-    attention = LAYERS * (4 * L * L * d + 4 * TEXT_TOKENS * L * d)
-    return gemm, attention
+def block_bytes_14b() -> int:
+    from wan_core.models.configs import DiTConfig
+
+    one, none = (DiTConfig(model_type="t2v", dim=DIM, ffn_dim=FFN, num_heads=HEADS,
+                           num_layers=n).num_params() for n in (1, 0))
+    return (one - none) * WEIGHT_BYTES
 
 
 def step_model(tokens: int, latent_numel: int, gpus: int, cfg_parallel: bool, link: str,
@@ -472,7 +481,8 @@ def model(args) -> None:
     print(f"\n## Model: Wan 2.1 14B, {STEPS} steps with CFG (two forwards per step), per rank; "
           f"GEMMs at {GEMM_FLOPS / 1e12:.0f} TFLOP/s, attention at "
           f"{ATTENTION_FLOPS / 1e12:.0f} TFLOP/s; DiT FSDP over all GPUs ({param_gb:.1f} GB "
-          "of bf16 weights gathered per forward); links: " +
+          f"of bf16 weights gathered per step, N GPUs hold {param_gb:.1f} / N GB + the "
+          f"{block_bytes_14b() / 1e9:.2f} GB block in use); links: " +
           ", ".join(f"{k} {bw / 1e9:.0f} GB/s + {lat * 1e6:.0f} us per call"
                     for k, (bw, lat) in LINKS.items()))
     print("| video | GPUs | layout | link | compute s / step | all-to-all + gathers s / step "

@@ -153,12 +153,13 @@ class WanCoreMoE:
 
     def combine(self, high_noise_model, low_noise_model, boundary, cfg_high_noise, cfg_low_noise):
         from wan_core.models.configs import expert_pair_mismatch
-        from wan_core.pipeline import MoEModel, StepCached, default_boundary, unwrap_cache
+        from wan_core.pipeline import MoEModel, default_boundary, unwrap_options, with_options
 
-        # A WanCore Step Cache on the experts caches the pair (the high-noise one's settings).
-        high_noise_model, cache_high = unwrap_cache(high_noise_model)
-        low_noise_model, cache_low = unwrap_cache(low_noise_model)
-        cache = cache_high or cache_low
+        # A WanCore Step Cache / Context Windows on the experts applies to the pair (the
+        # high-noise one's settings first).
+        high_noise_model, cache_high, windows_high = unwrap_options(high_noise_model)
+        low_noise_model, cache_low, windows_low = unwrap_options(low_noise_model)
+        cache, windows = cache_high or cache_low, windows_high or windows_low
 
         problem = expert_pair_mismatch(high_noise_model.config, low_noise_model.config)
         if problem:
@@ -167,7 +168,7 @@ class WanCoreMoE:
         boundary = boundary or default_boundary(high_noise_model.config.model_type)
         pair = MoEModel(high_noise_model, low_noise_model, boundary,
                         (cfg_high_noise, cfg_low_noise), offload=_swap_experts)
-        return (pair if cache is None else StepCached(pair, cache),)
+        return (with_options(pair, cache, windows),)
 
 
 def _swap_experts(active, idle):
@@ -220,14 +221,61 @@ class WanCoreStepCache:
     def apply(self, model, method, threshold, start, end):
         from dataclasses import replace
 
-        from wan_core.pipeline import MoEModel, StepCached, unwrap_cache
+        from wan_core.pipeline import MoEModel, unwrap_options, with_options
         from wan_core.sampling import cache_settings, check_calibration
 
         settings = replace(cache_settings(method), threshold=threshold, start=start, end=end)
-        inner, _ = unwrap_cache(model)
+        inner, _, windows = unwrap_options(model)
         experts = inner.experts if isinstance(inner, MoEModel) else (inner,)
         check_calibration(settings, [expert.config for expert in experts])  # before sampling
-        return (StepCached(inner, settings),)
+        return (with_options(inner, settings, windows),)
+
+
+class WanCoreContextWindows:
+    CATEGORY = "WanCore"
+    DESCRIPTION = ("Long videos: the sampler samples the video as overlapping windows of the "
+                   "model's length (each window a clip of its own, the overlaps blended every "
+                   "step), so a 241-frame video needs the memory of one 81-frame window. Works "
+                   "with CFG, Wan 2.2 expert pairs, LoRAs, VACE and the step cache (one cache "
+                   "state per window). Put it right before WanCore Sampler.")
+    RETURN_TYPES = ("WANCORE_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same model carrying the window settings, for WanCore Sampler.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from wan_core.sampling import BLENDS, SCHEDULES
+
+        return {"required": {
+            "model": ("WANCORE_MODEL", {"tooltip": "A diffusion model, a WanCore LoRA / Step "
+                                                   "Cache output or a WanCore MoE pair."}),
+            "context_frames": ("INT", {
+                "default": 81, "min": 5, "max": 1001, "step": 4,
+                "tooltip": "Frames per window, 4n+1: the model's length (81 for Wan 2.1 / 2.2, "
+                           "121 for TI2V-5B)."}),
+            "context_overlap": ("INT", {
+                "default": 16, "min": 0, "max": 996, "step": 4,
+                "tooltip": "Frames shared by neighbouring windows (a multiple of 4); more "
+                           "overlap = smoother seams, more windows."}),
+            "schedule": (list(SCHEDULES), {
+                "default": "static",
+                "tooltip": "static: the same windows every step. uniform: the inner windows "
+                           "move by half a stride every other step so no seam stays put (not "
+                           "with a step cache)."}),
+            "blend": (list(BLENDS), {
+                "default": "linear",
+                "tooltip": "How overlaps are mixed: linear ramps over the overlap, pyramid "
+                           "weights each window by the distance to its centre."}),
+        }}
+
+    def apply(self, model, context_frames, context_overlap, schedule="static", blend="linear"):
+        from wan_core.pipeline import unwrap_options, with_options
+        from wan_core.sampling import ContextWindows
+
+        windows = ContextWindows(context_frames, context_overlap, schedule, blend)
+        inner, cache, _ = unwrap_options(model)
+        return (with_options(inner, cache, windows),)
 
 
 class WanCoreMultiGPU:
@@ -366,12 +414,12 @@ class WanCoreSampler:
 
     def sample(self, model, text_embeds, video_cond, seed, steps, cfg, shift, solver, denoise,
                latent=None):
-        from wan_core.pipeline import MoEModel, generate, unwrap_cache
+        from wan_core.pipeline import MoEModel, generate, unwrap_cache, unwrap_options
         from .preview import latent_preview
 
         from wan_core.parallel import OnWorkers
 
-        model, cache = unwrap_cache(model)
+        model, cache, windows = unwrap_options(model)
         channels = model.config.out_dim
         init = None
         if denoise < 1.0:
@@ -386,7 +434,7 @@ class WanCoreSampler:
             out = _sample_on_workers(model, cache, text_embeds, negative, video_cond,
                                      host.ProgressBar(steps), steps=steps, guide_scale=cfg,
                                      shift=shift, solver=solver, seed=seed, denoise=denoise,
-                                     init_latent=init)
+                                     init_latent=init, context_windows=windows)
             return (to_comfy_latent(out),)
         if not moe:          # a pair's experts are loaded (and dropped) by its expert switch
             host.load_for_compute(model)
@@ -405,7 +453,7 @@ class WanCoreSampler:
             out = generate(model, text_embeds["positive"], negative, video_cond, steps=steps,
                            guide_scale=cfg, shift=shift, solver=solver, seed=seed,
                            denoise=denoise, init_latent=init, callback=callback, cancel=cancel,
-                           device=device, cache=cache)
+                           device=device, cache=cache, context_windows=windows)
         finally:
             if moe:
                 # The next run starts with the high-noise expert (and its LoRAs may change):
@@ -421,6 +469,7 @@ NODE_CLASS_MAPPINGS = {
     "WanCoreImageToVideo": WanCoreImageToVideo,
     "WanCoreMoE": WanCoreMoE,
     "WanCoreStepCache": WanCoreStepCache,
+    "WanCoreContextWindows": WanCoreContextWindows,
     "WanCoreMultiGPU": WanCoreMultiGPU,
     "WanCoreSampler": WanCoreSampler,
 }
@@ -430,6 +479,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WanCoreImageToVideo": "WanCore Image To Video",
     "WanCoreMoE": "WanCore MoE (Wan 2.2 experts)",
     "WanCoreStepCache": "WanCore Step Cache",
+    "WanCoreContextWindows": "WanCore Context Windows",
     "WanCoreMultiGPU": "WanCore Multi-GPU",
     "WanCoreSampler": "WanCore Sampler",
 }

@@ -262,12 +262,13 @@ class WanCoreLoRA:
 
     def apply(self, model, lora_name, strength=1.0, expert="both"):
         from wan_core import apply_loras
-        from wan_core.pipeline import StepCached, unwrap_cache
+        from wan_core.pipeline import unwrap_options, with_options
 
         path = host.model_path("loras", lora_name)
-        inner, cache = unwrap_cache(model)  # after WanCore Step Cache: keep its settings
+        # after WanCore Step Cache / Context Windows: keep their settings
+        inner, cache, windows = unwrap_options(model)
         patched = apply_loras(inner, [(path, strength)], expert=expert)
-        return (patched if cache is None else StepCached(patched, cache),)
+        return (with_options(patched, cache, windows),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -180,3 +180,30 @@ def test_bad_context_windows_are_refused():
         ContextWindows(81, 16, "looped")
     with pytest.raises(ValueError, match="blend must be one of linear, pyramid"):
         ContextWindows(81, 16, "static", "gaussian")
+
+
+def test_context_windows_node_survives_step_cache_lora_and_moe_nodes(models, monkeypatch):
+    from tests.conftest import load_pack
+    from tests.tiny_models import FILES
+    from wan_core.pipeline import unwrap_options
+
+    nodes = load_pack().NODE_CLASS_MAPPINGS
+    monkeypatch.setenv("WANCORE_MODELS_DIR", str(models))
+    loader = nodes["WanCoreModelLoader"]()
+    high = loader.load(FILES["dit_t2v_high"].split("/", 1)[1])["result"][0]
+    low = loader.load(FILES["dit_t2v_low"].split("/", 1)[1])["result"][0]
+    (windowed,) = nodes["WanCoreContextWindows"]().apply(high, 17, 8, "static", "pyramid")
+    (cached,) = nodes["WanCoreStepCache"]().apply(windowed, "easycache", 0.3, 0.2, 1.0)
+    (patched,) = nodes["WanCoreLoRA"]().apply(cached, FILES["lora_t2v_high"].split("/", 1)[1],
+                                              0.5)
+    (pair,) = nodes["WanCoreMoE"]().combine(patched, low, 0.0, 4.0, 3.0)
+    _, cache, windows = unwrap_options(pair)
+    assert cache.method == "easycache" and windows == ContextWindows(17, 8, "static", "pyramid")
+    te = nodes["WanCoreTextEncoderLoader"]().load(FILES["umt5"].split("/", 1)[1])[0]
+    (embeds,) = nodes["WanCoreTextEncode"]().encode(te, "a red circle", "")
+    (cond,) = nodes["WanCoreEmptyVideo"]().build(64, 48, 41)
+    (latent,) = nodes["WanCoreSampler"]().sample(pair, embeds, cond, 0, 3, 4.0, 5.0, "unipc",
+                                                 1.0)
+    assert latent["samples"].shape == (1, 16, 11, 6, 8)
+    with pytest.raises(ValueError, match="must be smaller than the window"):
+        nodes["WanCoreContextWindows"]().apply(high, 17, 16)

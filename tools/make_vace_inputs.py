@@ -39,8 +39,8 @@ GREY = 128               # the neutral grey VACE expects where nothing is known
 def distinct(frames: list) -> list:
     """``frames`` with no two consecutive frames equal: WebP (like GIF and APNG) encoders merge
     a repeated frame into the previous one, and the file would load with fewer frames. Every
-    second frame of a repeated run has its top-left pixel moved one level towards grey
-    (invisible, and in a region WanCore VACE treats the same either way)."""
+    second frame of a repeated run has its top-left pixel moved one level (1/255) towards grey:
+    invisible, and on the same side of a mask's 0.5 threshold."""
     out = [frames[0]]
     for frame in frames[1:]:
         if np.array_equal(frame, out[-1]):

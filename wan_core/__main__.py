@@ -125,6 +125,31 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
                              "less faithful)")
 
 
+def _add_context_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "context windows (long videos: the video sampled as overlapping windows of the "
+        "model's length)")
+    group.add_argument("--context-frames", type=_positive_int, metavar="N",
+                       help="frames per window, 4n+1 (81 for Wan 2.1 / 2.2); enables windows")
+    group.add_argument("--context-overlap", type=_whole_number(0), default=16, metavar="M",
+                       help="frames shared by neighbouring windows, a multiple of 4 (default 16)")
+    group.add_argument("--context-schedule", choices=("static", "uniform"), default="static",
+                       help="static: the same windows every step (default); uniform: inner "
+                            "windows move by half a stride every other step")
+    group.add_argument("--context-blend", choices=("linear", "pyramid"), default="linear",
+                       help="how overlapping windows are mixed (default linear)")
+
+
+def context_windows_option(args):
+    """``--context-frames`` & co. -> a ContextWindows (ValueError on bad values), or None."""
+    if getattr(args, "context_frames", None) is None:
+        return None
+    from wan_core.sampling import ContextWindows
+
+    return ContextWindows(args.context_frames, args.context_overlap, args.context_schedule,
+                          args.context_blend)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m wan_core",
@@ -235,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the text encoder on the CPU (saves GPU memory)")
     gen.add_argument("--tile", default="auto", type=_tile,
                      help="VAE decode tiling: auto (by memory), off, or a tile size in pixels")
+    _add_context_options(gen)
     multi = gen.add_argument_group(
         "several GPUs (start with torchrun --nproc-per-node N -m wan_core generate ...; only "
         "rank 0 prints and writes)")
@@ -420,6 +446,10 @@ def check_generate_args(args: argparse.Namespace) -> dict:
     check_distinct_outputs(("--out", args.out), ("--save-latents", args.save_latents),
                            ("--calibrate-cache", args.calibrate_cache))
     cache = cache_option(args)           # a bad name / threshold / file: before any work
+    windows = context_windows_option(args)
+    if windows is not None and cache is not None and windows.schedule != "static":
+        raise UsageError("the step cache keeps one state per context window: use "
+                         "--context-schedule static with --cache")
     device = check_device(args.device)
     image = read_image(args.image, "--image") if args.image else None
     end_image = read_image(args.end_image, "--end-image") if args.end_image else None
@@ -467,7 +497,7 @@ def check_generate_args(args: argparse.Namespace) -> dict:
                                    dim=config.dim, ffn_dim=config.ffn_dim, weights=weights)
         print(check_memory(estimate, device, f"a {width}x{height}, {frames}-frame video"))
     return {"device": device, "image": image, "end_image": end_image, "config": config,
-            "cache": cache, "controls": controls}
+            "cache": cache, "controls": controls, "windows": windows}
 
 
 def read_vace_inputs(args: argparse.Namespace) -> dict:
@@ -691,7 +721,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         latent = generate(model, [context], [negative_context] if cfg != 1 or moe else None,
                           cond, steps=steps, guide_scale=cfg, shift=shift, solver=args.solver,
                           seed=args.seed, callback=lambda step, total, x, x0: bar.update(1),
-                          device=device, cache=recorder or cache, stats=stats, parallel=ctx)
+                          device=device, cache=recorder or cache, stats=stats, parallel=ctx,
+                          context_windows=checked["windows"])
     if cache is not None:
         say(f"step cache: skipped {stats['skipped']} of {stats['steps']} model evaluations")
     del model, dit

@@ -8,7 +8,7 @@ One function, :func:`generate`, serves every task; the task is decided by the co
 - TI2V-5B: ``first_latent``, whose tokens get timestep 0 and which is re-imposed each step;
 - VACE: ``vace`` control latents (and scales), with ``trim`` reference-image latent frames in
   front of the video that are sampled along and dropped from the result;
-- vid2vid: ``init_latent`` with ``denoise`` < 1.
+- vid2vid: ``init_latent`` with ``denoise`` < 1 (0: ``init_latent`` comes back unchanged).
 
 ``model`` is one DiT or a :class:`MoEModel` (Wan 2.2 high-noise + low-noise experts). Noise is
 drawn on the CPU from ``seed``, so a seed gives the same video on every device.
@@ -125,12 +125,86 @@ def draw_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
     return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))[None]
 
 
-def denoise_start(steps: int, denoise: float) -> tuple[int, int]:
-    """``(total, start)``: run the last ``steps`` of a ``total``-step grid (ComfyUI's rule)."""
-    if not 0.0 < denoise <= 1.0:
-        raise ValueError(f"denoise must be in (0, 1] (got {denoise})")
+def check_denoise(denoise) -> float:
+    """``denoise`` as a float in [0, 1], else ValueError (NaN, a bool and text included)."""
+    if not (isinstance(denoise, (int, float)) and not isinstance(denoise, bool)
+            and 0.0 <= denoise <= 1.0):
+        raise ValueError(f"denoise must be a number from 0 to 1 (got {denoise!r}): 1 generates "
+                         "from noise, below 1 starts from an input video's latent (video-to-"
+                         "video), 0 returns that latent unchanged")
+    return float(denoise)
+
+
+def denoise_start(steps: int, denoise: float,
+                  max_total: Optional[int] = None) -> tuple[int, int]:
+    """``(total, start)``: run the last ``steps`` of a ``total``-step grid, ComfyUI's KSampler
+    rule: ``total = int(steps / denoise)`` (at least ``steps``), ``start = total - steps``.
+
+    ``denoise`` 0 gives ``(steps, steps)``: no step runs. ``max_total`` caps ``total`` (the
+    distilled grid is looked up on 1000 training timesteps, so it has at most 1000 steps)."""
+    denoise = check_denoise(denoise)
+    if denoise == 0.0:
+        return steps, steps
     total = max(steps, int(steps / denoise))
+    if max_total is not None:
+        total = max(steps, min(total, max_total))
     return total, total - steps
+
+
+def denoise_schedule(solver: str, steps: int, shift: float, denoise: float):
+    """``(schedule, start)``: the ``steps`` steps a run at ``denoise`` (in (0, 1]) takes, the last
+    ones of ``solver``'s ``total``-step grid (:func:`denoise_start`). The distilled solver keeps
+    its own family of grids (its training timesteps ``1000 * (1 - i / total)`` shifted), capped
+    at 1000 steps."""
+    from .sampling.schedule import NUM_TRAIN_TIMESTEPS
+
+    cap = NUM_TRAIN_TIMESTEPS if solver == "distilled" else None
+    total, start = denoise_start(steps, denoise, cap)
+    return solver_schedule(solver, total, shift).from_step(start), start
+
+
+def input_latent(init_latent: Optional[torch.Tensor], shape: Sequence[int],
+                 cond: VideoConditioning) -> torch.Tensor:
+    """The vid2vid input latent as ``[1, *shape]`` float32 on the CPU (checked).
+
+    With VACE reference images (``cond.trim`` leading latent frames) the input may cover the
+    video only: the references' own latents (from the control) are put in front of it."""
+    if init_latent is None:
+        raise ValueError("denoise below 1 needs an input latent to start from (encode the "
+                         "input video with the VAE: WanCore VAE Encode, or --video)")
+    init = init_latent.detach().float().cpu()
+    if init.dim() == 4:
+        init = init[None]
+    video = (shape[0], shape[1] - cond.trim, *shape[2:])
+    if cond.trim and tuple(init.shape[1:]) == tuple(video):
+        references = cond.vace[0][0][:1, :shape[0], :cond.trim].float().cpu()
+        init = torch.cat([references, init], dim=2)
+    if init.dim() != 5 or init.shape[0] != 1 or tuple(init.shape[1:]) != tuple(shape):
+        stride = cond.height // shape[2]
+        got = tuple(init.shape[1:]) if init.dim() == 5 else tuple(init.shape)
+        hint = ""
+        if init.dim() == 5 and init.shape[0] == 1:
+            hint = (f" (a {init.shape[4] * stride}x{init.shape[3] * stride} input of "
+                    f"{(init.shape[2] - 1) * 4 + 1} frames for a {cond.width}x{cond.height}, "
+                    f"{cond.frames}-frame video: encode the input at the video's size and "
+                    "frame count)")
+        raise ValueError(f"input latent has shape {got}, but the video settings need "
+                         f"{tuple(video)}{hint}")
+    return init
+
+
+def start_latent(noise: torch.Tensor, init_latent: Optional[torch.Tensor],
+                 cond: VideoConditioning, denoise: float, schedule, start: int) -> torch.Tensor:
+    """Where sampling starts: the noise (``denoise`` 1), else the input latent noised to the
+    schedule's first sigma, ``(1 - sigma) * input + sigma * noise``."""
+    if denoise >= 1.0:
+        return noise
+    init = input_latent(init_latent, noise.shape[1:], cond)
+    if start == 0:
+        log.warning("denoise %g with %d steps rounds to the whole schedule: the input is noised "
+                    "to sigma %.3f and barely kept; use a lower denoise or more steps",
+                    denoise, len(schedule), float(schedule.sigmas[0]))
+    return noise_latent(init, noise, float(schedule.sigmas[0]))
 
 
 def _model_device(model) -> torch.device:
@@ -166,7 +240,12 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
         ``[1, L, 4096]`` tensor); ``negative_context=None`` disables CFG.
     cond: size and image conditioning (see the module docstring).
     guide_scale: CFG scale; for a :class:`MoEModel` its own ``guide_scales`` win when set.
-    init_latent: normalised latent to start from when ``denoise`` < 1 (vid2vid).
+    denoise / init_latent: video-to-video. Below 1, sampling starts from ``init_latent`` (the
+        normalised latent of the input video, ``[1, C, F_lat, h, w]``) noised to the first
+        sigma of the last ``steps`` steps of an ``int(steps / denoise)``-step grid (ComfyUI's
+        KSampler rule; MoE experts switch at the same timesteps as on that grid). 0: no step
+        runs and ``init_latent`` is returned unchanged (nothing is evaluated). 1: plain
+        generation from noise (``init_latent`` is ignored).
     callback: ``callback(step, total, x, x0)``; cancel: returns True to stop (raises
         ``SamplingCancelled``).
     cache: step caching (:mod:`wan_core.sampling.cache`): None (off), a name from
@@ -182,8 +261,8 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
         prepared with ``parallel.prepare_dit``; the CFG halves run on two rank groups when it
         has CFG parallelism. Every rank returns the same latent.
     """
-    check_sampling_settings(steps=steps, cfg=guide_scale, shift=shift, denoise=denoise,
-                            seed=seed)
+    check_sampling_settings(steps=steps, cfg=guide_scale, shift=shift, seed=seed)
+    denoise = check_denoise(denoise)
     model, carried, carried_windows = unwrap_options(model)
     settings = cache_settings(cache if cache is not None else carried)
     windows = context_windows_for(context_windows if context_windows is not None
@@ -215,17 +294,12 @@ def generate(model: Union[torch.nn.Module, MoEModel], context, negative_context,
         shape = (shape[0], shape[1] + cond.trim, *shape[2:])
     noise = draw_noise(shape, seed)
 
-    total, start = denoise_start(steps, denoise)
-    schedule = solver_schedule(solver, total, shift).from_step(start)
-    if start > 0:
-        if init_latent is None:
-            raise ValueError("denoise < 1 needs an input latent to start from")
-        if tuple(init_latent.shape[1:]) != tuple(shape):
-            raise ValueError(f"input latent has shape {tuple(init_latent.shape[1:])}, but the "
-                             f"video settings need {tuple(shape)}")
-        x = noise_latent(init_latent.float().cpu(), noise, float(schedule.sigmas[0]))
-    else:
-        x = noise
+    if denoise == 0.0:        # no step runs: the input latent comes back unchanged
+        if stats is not None:
+            stats.update(evaluated=0, skipped=0, steps=0)
+        return input_latent(init_latent, shape, cond)[:, :, cond.trim:].clone()
+    schedule, start = denoise_schedule(solver, steps, shift, denoise)
+    x = start_latent(noise, init_latent, cond, denoise, schedule, start)
 
     first = cond.first_latent
     if first is None:

@@ -76,7 +76,7 @@ def model_spec(model) -> tuple:
     from ..pipeline import MoEModel, StepCached
 
     if isinstance(model, StepCached):
-        return ("cached", model_spec(model.model), model.cache)
+        return ("cached", model_spec(model.model), model.cache, model.windows)
     if isinstance(model, MoEModel):
         return ("moe", model_spec(model.high_noise), model_spec(model.low_noise),
                 model.boundary, model.guide_scales)
@@ -93,7 +93,7 @@ def build_model(spec: tuple, prepare: Callable):
 
     kind = spec[0]
     if kind == "cached":
-        return StepCached(build_model(spec[1], prepare), spec[2])
+        return StepCached(build_model(spec[1], prepare), spec[2], spec[3])
     if kind == "moe":
         high, low = build_model(spec[1], prepare), build_model(spec[2], prepare)
         return MoEModel(high, low, spec[3], spec[4], offload=_release_idle)
