@@ -69,9 +69,9 @@ def _layout(pack, node_type):
 def test_released_workflow_still_means_the_same(path):
     """Every node type still exists; every linked socket keeps its index, name and type; every
     stored widget value still lands on a widget of the same name and is valid there."""
+    pack = load_pack()
     from comfyui_wancore_pack.nodes.schema import validate_widget, widget_kwargs
 
-    pack = load_pack()
     workflow = json.loads(path.read_text())
     frozen_names = json.loads((path.parent / "widget_names.json").read_text())
     for node in workflow["nodes"]:
@@ -241,3 +241,34 @@ def test_vace_example_with_a_t2v_model_and_a_vace_module(folders, tmp_path):
     results = run_workflow(path, folders / "models", folders / "input", tmp_path, SMALL)
     (model,) = results[loader["id"]]
     assert model.config.model_type == "vace"
+
+
+TITLE_BAR = 30     # LiteGraph draws a node's title bar above its ``pos``
+
+
+def _overlap(a, b) -> bool:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    return ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah
+
+
+def _inside(node_rect, group_rect) -> bool:
+    x, y, w, h = node_rect
+    gx, gy, gw, gh = group_rect
+    return gx <= x and gy <= y and x + w <= gx + gw and y + h <= gy + gh
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_workflows_open_tidy(path):
+    """No group overlaps another, and every node (its title bar included) sits inside exactly
+    one group, as the workflow opens in the frontend."""
+    workflow = json.loads(path.read_text())
+    groups = [(g["title"], g["bounding"]) for g in workflow["groups"]]
+    for i, (title, rect) in enumerate(groups):
+        for other, other_rect in groups[:i]:
+            assert not _overlap(rect, other_rect), f"group {title!r} overlaps {other!r}"
+    for node in workflow["nodes"]:
+        (x, y), (w, h) = node["pos"], node["size"]
+        rect = (x, y - TITLE_BAR, w, h + TITLE_BAR)
+        holders = [title for title, group in groups if _inside(rect, group)]
+        assert len(holders) == 1, f"{node['type']} at {node['pos']} is inside {holders}"

@@ -110,13 +110,23 @@ def build(name: str, title: str, nodes: list[Node], note: str) -> dict:
             link_id = len(links) + 1
             links.append([link_id, ids[src], slot, ids[n.key], names.index(input_name), typ])
             out_links.setdefault((src, slot), []).append(link_id)
-    column_y: dict[int, int] = {}
+    # Each group gets its own band of columns, left to right in the order the groups first
+    # appear, so no group overlaps another and every node sits inside its own group.
+    column_x: dict = {}
+    x = 0
+    for group in dict.fromkeys(n.group for n in nodes):
+        for column in sorted({n.column for n in nodes if n.group == group}):
+            column_x[(group, column)] = x
+            x += max(SIZES.get(n.type, (320, 130))[0] for n in nodes
+                     if n.group == group and n.column == column) + 60
+        x += 40
+    column_y: dict = {}
     ui_nodes = []
     for order, n in enumerate(nodes):
         w, h = SIZES.get(n.type, (320, 130))
-        x = n.column * 460
-        y = column_y.get(n.column, 80)
-        column_y[n.column] = y + h + 60
+        x = column_x[(n.group, n.column)]
+        y = column_y.get((n.group, n.column), 80)
+        column_y[(n.group, n.column)] = y + h + 60
         node = {
             "id": ids[n.key], "type": n.type, "pos": [x, y], "size": [w, h], "flags": {},
             "order": order, "mode": n.mode,
@@ -138,14 +148,16 @@ def build(name: str, title: str, nodes: list[Node], note: str) -> dict:
                  "widgets_values": [note]}
     ui_nodes.append(note_node)
     groups = []
-    for gi, group in enumerate(dict.fromkeys(n.group for n in nodes if n.group)):
-        members = [u for u, n in zip(ui_nodes, nodes) if n.group == group]
+    members_of = [(group, [u for u, n in zip(ui_nodes, nodes) if n.group == group])
+                  for group in dict.fromkeys(n.group for n in nodes if n.group)]
+    members_of.append(("Read me", [note_node]))
+    for gi, (group, members) in enumerate(members_of):
         x0 = min(m["pos"][0] for m in members) - 20
         y0 = min(m["pos"][1] for m in members) - 60
         x1 = max(m["pos"][0] + m["size"][0] for m in members) + 20
         y1 = max(m["pos"][1] + m["size"][1] for m in members) + 20
         groups.append({"id": gi + 1, "title": group, "bounding": [x0, y0, x1 - x0, y1 - y0],
-                       "color": ["#3f789e", "#8A8", "#b06634", "#a1309b"][gi % 4],
+                       "color": ["#3f789e", "#8A8", "#b06634", "#a1309b", "#444"][gi % 5],
                        "font_size": 22, "flags": {}})
     return {"last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes,
             "links": links, "groups": groups, "config": {},
