@@ -681,3 +681,15 @@ def test_a_gguf_missing_tensors_names_them(tmp_path):
                    lambda key: gguf.GGMLQuantizationType.Q8_0)
         with pytest.raises(CheckpointError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             load_dit(path)
+
+
+def test_mistyped_options_and_a_missing_command_are_explained(capsys, no_model_loads):
+    assert main(["demo", "--promt", "a red circle"]) == 2
+    _one_error_line(capsys, "unrecognized arguments: --promt", "(did you mean --prompt?)")
+    assert main(["generate", "--dit", "x", "--vae", "y", "--text-encoder", "z", "--prompt", "p",
+                 "--sead", "3"]) == 2
+    _one_error_line(capsys, "(did you mean --seed?)")
+    assert main([]) == 2
+    _one_error_line(capsys, "choose a command: generate (", "demo (")
+    assert main(["demo", "--zzzzzz"]) == 2                       # nothing close: no guess
+    assert "did you mean" not in _one_error_line(capsys, "unrecognized arguments: --zzzzzz")

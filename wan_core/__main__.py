@@ -27,10 +27,46 @@ MIN_TILE = 64
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``error: ...``, exit status 2), like every other error."""
+    """argparse with one-line errors (``error: ...``, exit status 2), like every other error;
+    a mistyped option gets the nearest real one suggested, a missing command the list."""
 
     def error(self, message):
+        commands = self._commands()
+        if commands and "required: command" in message:
+            message = "choose a command: " + "; ".join(
+                f"{name} ({help_text})" for name, help_text in commands)
+        elif message.startswith("unrecognized arguments:"):
+            message += self._suggestion(message.split(":", 1)[1].split())
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+    def _command_action(self):
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action
+        return None
+
+    def _commands(self) -> list:
+        action = self._command_action()
+        if action is None:
+            return []
+        helps = {a.dest: a.help for a in action._choices_actions}
+        return [(name, helps.get(name, "")) for name in action.choices]
+
+    def _suggestion(self, unknown: list) -> str:
+        import difflib
+
+        parsers = [self]
+        action = self._command_action()
+        if action is not None:
+            parsers += list(action.choices.values())
+        known = sorted({o for p in parsers for a in p._actions for o in a.option_strings})
+        for token in unknown:
+            if token.startswith("--"):
+                close = difflib.get_close_matches(token.split("=", 1)[0], known, n=1,
+                                                  cutoff=0.6)
+                if close:
+                    return f" (did you mean {close[0]}?)"
+        return ""
 
 
 def _whole_number(low: int, high: int | None = None, hint: str = "", allowed: str = ""):
