@@ -261,3 +261,41 @@ def _one_head(models):
     from wan_core.loading.on_demand import OnDemandDiT
 
     return OnDemandDiT(models / FILES["dit_t2v"])
+
+
+def test_workers_exit_when_their_host_is_killed(tmp_path):
+    """A worker whose host (ComfyUI) died without closing the pool stops by itself."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time\n"
+            f"sys.path.insert(0, {str(workers.ROOT)!r})\n"
+            "from wan_core.parallel import PoolSettings, WorkerPool\n"
+            "pool = WorkerPool(PoolSettings(1, device='cpu'))\n"
+            "print(' '.join(str(p.pid) for p in pool._procs), flush=True)\n"
+            "time.sleep(120)\n")
+    host = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in host.stdout.readline().split()]
+        assert pids
+        os.kill(host.pid, signal.SIGKILL)
+        host.wait(timeout=10)
+
+        def alive(pid):
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return False
+            with open(f"/proc/{pid}/stat") as f:           # a zombie has exited
+                return f.read().split()[2] != "Z"
+
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        if host.poll() is None:
+            host.kill()

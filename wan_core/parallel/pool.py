@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 POLL_S = 0.2
+ORPHAN_CHECK_S = 2.0      # an idle worker checks this often that its host is still there
 
 
 class WorkerError(RuntimeError):
@@ -117,7 +118,20 @@ def _release(model) -> None:
 
 # ------------------------------------------------------------------------------ the workers
 
-def _worker(rank: int, settings: PoolSettings, port: int, jobs, results, cancel) -> None:
+def _parent_alive(pid: int) -> bool:
+    """Whether the host that started this worker still runs (a worker outliving a killed
+    ComfyUI would wait for jobs forever)."""
+    if os.getppid() != pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _worker(rank: int, settings: PoolSettings, port: int, jobs, results, cancel,
+            parent: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(settings.processes),
                       LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
@@ -146,7 +160,12 @@ def _worker(rank: int, settings: PoolSettings, port: int, jobs, results, cancel)
             results.put(("progress", step, total))
 
     while True:
-        job = jobs.get()
+        try:
+            job = jobs.get(timeout=ORPHAN_CHECK_S)
+        except queue.Empty:
+            if _parent_alive(parent):
+                continue
+            break
         if job is None:
             break
         try:
@@ -193,7 +212,7 @@ class WorkerPool:
         port = _free_port()
         self._procs = [context.Process(target=_worker, daemon=True, name=f"wancore-rank{r}",
                                        args=(r, settings, port, self._jobs[r], self._results,
-                                             self._cancel))
+                                             self._cancel, os.getpid()))
                        for r in range(settings.processes)]
         for p in self._procs:
             p.start()
