@@ -313,8 +313,6 @@ class WanCoreMultiGPU:
         }}
 
     def apply(self, model, gpus, cfg_parallel=False, dit_fsdp=False):
-        import logging
-
         import torch
 
         from wan_core.parallel import OnWorkers, PoolSettings, check_heads, model_spec
@@ -328,11 +326,10 @@ class WanCoreMultiGPU:
                 raise ValueError(f"gpus is {gpus} but {torch.cuda.device_count()} GPU(s) are "
                                  "visible to ComfyUI")
         else:
-            device = "cpu"
-            logging.getLogger("wan_core").warning(
-                "WanCore Multi-GPU: no CUDA GPU; running %d CPU worker processes (gloo)", gpus)
+            device = "cpu"                  # no CUDA: CPU worker processes over gloo
         settings = PoolSettings(gpus, cfg_parallel, dit_fsdp, device)
-        check_heads(model.config.num_heads, settings.ulysses_size)
+        check_heads(model.config.num_heads, settings.ulysses_size,
+                    "gpus" + (" / 2 (cfg_parallel)" if cfg_parallel else ""))
         model_spec(model)                    # refuses in-memory weights now, not in the sampler
         return (OnWorkers(model, settings),)
 
@@ -347,15 +344,36 @@ def _pool_for(settings):
     pool = _POOLS.get(settings)
     if pool is not None and pool.alive:
         return pool
-    for old in list(_POOLS.values()):
-        old.close()
-    _POOLS.clear()
+    _close_pools()
+    if settings.device == "cpu":
+        import logging
+
+        logging.getLogger("wan_core").warning(
+            "WanCore Multi-GPU: no CUDA GPU; starting %d CPU worker processes (gloo)",
+            settings.processes)
+    if not _POOLS_CLOSED_AT_EXIT:
+        import atexit
+
+        atexit.register(_close_pools)
+        _POOLS_CLOSED_AT_EXIT.append(True)
     _POOLS[settings] = pool = WorkerPool(settings)
     return pool
 
 
+_POOLS_CLOSED_AT_EXIT: list = []
+
+
+def _close_pools() -> None:
+    for pool in list(_POOLS.values()):
+        pool.close()
+    _POOLS.clear()
+
+
 def _sample_on_workers(model, cache, text_embeds, negative, video_cond, bar, **kwargs):
     from wan_core.parallel import SamplingJob, model_spec
+
+    def progress(step, total):      # ComfyUI's progress hook may raise to interrupt: the
+        bar.update(step)            # pool then stops the workers before re-raising it
 
     def interrupted():
         host.throw_if_interrupted()
@@ -363,8 +381,7 @@ def _sample_on_workers(model, cache, text_embeds, negative, video_cond, bar, **k
 
     job = SamplingJob(model_spec(model.model), text_embeds["positive"], negative, video_cond,
                       dict(kwargs, cache=cache))
-    return _pool_for(model.settings).run(job, progress=lambda step, total: bar.update(step),
-                                         interrupted=interrupted)
+    return _pool_for(model.settings).run(job, progress=progress, interrupted=interrupted)
 
 
 class WanCoreSampler:
@@ -404,8 +421,14 @@ class WanCoreSampler:
                                                 "distilled: Euler on the grid the 4-step "
                                                 "distilled LoRAs (LightX2V, Lightning) were "
                                                 "trained on; use 4 steps, cfg 1, shift 5."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Below 1: video-to-video from the input latent."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "1: generate from noise. Below 1: video-to-"
+                                                 "video from the input latent, noised to this "
+                                                 "strength (ComfyUI's rule: the last `steps` "
+                                                 "steps of an int(steps / denoise)-step "
+                                                 "schedule; about 0.3 keeps the layout). 0: the "
+                                                 "input latent comes back unchanged (no step "
+                                                 "runs)."}),
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Start latent for denoise < 1 (vid2vid)."}),
@@ -427,6 +450,11 @@ class WanCoreSampler:
                 raise ValueError("denoise < 1 needs a latent input (encode a video with "
                                  "WanCore VAE Encode)")
             init = from_comfy_latent(latent, channels)
+        if denoise == 0.0:      # no step runs: the input latent, checked, comes back as it is
+            generate(model, text_embeds["positive"], None, video_cond, steps=steps,
+                     guide_scale=cfg, shift=shift, solver=solver, seed=seed, denoise=0.0,
+                     init_latent=init)
+            return (dict(latent),)
         moe = isinstance(model, MoEModel) or isinstance(model, OnWorkers) and isinstance(
             unwrap_cache(model.model)[0], MoEModel)
         if isinstance(model, OnWorkers):

@@ -175,19 +175,73 @@ def test_moe_workflow_with_block_streaming_and_the_step_cache_enabled(server):
     _run(url, root, to_api_format(workflow, {**SMALL, "blocks_on_gpu": 1}))
 
 
-def _run(url, root, prompt):
-    prompt_id = _post(url + "/prompt", {"prompt": prompt})["prompt_id"]
-    deadline = time.time() + 300
+def test_multi_gpu_workers_are_reused_and_an_interrupt_stops_them(server):
+    """WanCore Multi-GPU (2 CPU gloo workers, CFG-parallel: the tiny model has 1 head) before
+    the sampler: a second run reuses the workers; /interrupt while they sample stops them (the
+    real ComfyUI raises its interruption from the progress hook), and the next run gets its own
+    video, not the interrupted run's."""
+    url, root = server
+    workflow = json.loads((ROOT / "example_workflows" / "wan21_t2v_1.3B.json").read_text())
+    prompt = to_api_format(workflow, SMALL)
+    (sampler,) = [node for node in prompt.values() if node["class_type"] == "WanCoreSampler"]
+    prompt["multi_gpu"] = {"class_type": "WanCoreMultiGPU", "inputs": {
+        "model": sampler["inputs"]["model"], "gpus": 2, "cfg_parallel": True, "dit_fsdp": False}}
+    sampler["inputs"]["model"] = ["multi_gpu", 0]
+    (empty,) = [node for node in prompt.values() if node["class_type"] == "WanCoreEmptyVideo"]
+
+    def queue(seed, frames, steps):
+        sampler["inputs"].update(seed=seed, steps=steps)
+        empty["inputs"]["frames"] = frames
+        return json.loads(json.dumps(prompt))
+
+    def frames_of(path):
+        import av
+
+        with av.open(str(path)) as container:
+            return sum(1 for _ in container.decode(video=0))
+
+    assert frames_of(_run(url, root, queue(1, 9, 2))) == 9
+    log = (root / "comfy.log").read_text()
+    assert frames_of(_run(url, root, queue(2, 9, 2))) == 9
+    # the workers (spawned processes log ComfyUI's start-up lines) were not started again
+    started = (root / "comfy.log").read_text()[len(log):]
+    assert "Total VRAM" not in started, started[-3000:]
+
+    prompt_id = _post(url + "/prompt", {"prompt": queue(3, 41, 200)})["prompt_id"]
+    deadline = time.time() + 120
+    while not any(item[1] == prompt_id for item in _get(url + "/queue")["queue_running"]):
+        assert time.time() < deadline, "the long run did not start"
+        time.sleep(0.2)
+    time.sleep(3)                                       # the sampler is running by now
+    request = urllib.request.Request(url + "/interrupt", data=json.dumps(
+        {"prompt_id": prompt_id}).encode(), headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=30).close()          # answers with no body
+    status = _wait(url, prompt_id, 120)
+    assert "execution_interrupted" in [m[0] for m in status["messages"]], status
+    assert frames_of(_run(url, root, queue(4, 9, 2))) == 9       # not the interrupted run's 41
+
+
+def _wait(url, prompt_id, timeout=300):
+    """The prompt's history status once it completed or failed."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         history = _get(f"{url}/history/{prompt_id}")
-        if prompt_id in history and history[prompt_id].get("status", {}).get("completed"):
-            break
-        if prompt_id in history and history[prompt_id].get("status", {}).get("status_str") == "error":
-            raise AssertionError(json.dumps(history[prompt_id]["status"])[-3000:])
-        time.sleep(1)
-    else:
-        raise AssertionError("workflow did not finish in 300 s")
-    outputs = history[prompt_id]["outputs"]
+        status = history.get(prompt_id, {}).get("status", {})
+        if status.get("completed") or status.get("status_str") == "error":
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"workflow did not finish in {timeout} s")
+
+
+def _run(url, root, prompt):
+    """Queue ``prompt``, require success and a saved video; returns the video's path."""
+    prompt_id = _post(url + "/prompt", {"prompt": prompt})["prompt_id"]
+    status = _wait(url, prompt_id)
+    if status.get("status_str") == "error":
+        raise AssertionError(json.dumps(status)[-3000:])
+    outputs = _get(f"{url}/history/{prompt_id}")[prompt_id]["outputs"]
     videos = [v for out in outputs.values() for v in out.get("wancore_video", [])]
     assert videos, outputs
-    assert (root / "output" / videos[0]["subfolder"] / videos[0]["filename"]).stat().st_size > 0
+    path = root / "output" / videos[0]["subfolder"] / videos[0]["filename"]
+    assert path.stat().st_size > 0
+    return path

@@ -246,7 +246,24 @@ def test_multi_gpu_node_pool_matches_one_process_reuses_and_cancels(models, tmp_
         monkeypatch.setattr(generation.host, "throw_if_interrupted", lambda: None)
         (again,) = sampler.sample(moved, *args)                  # still usable after a cancel
         assert torch.equal(again["samples"], other["samples"])
-        with pytest.raises(ValueError, match="does not divide the model's 1 attention heads"):
+
+        class RaisingBar:               # ComfyUI's progress hook raises its interruption
+            def __init__(self, total):
+                self.calls = 0
+
+            def update(self, step, preview=None):
+                self.calls += 1
+                if self.calls == 2:
+                    raise SamplingCancelled("interrupted from the progress hook")
+
+        monkeypatch.setattr(generation.host, "ProgressBar", RaisingBar)
+        with pytest.raises(SamplingCancelled):
+            sampler.sample(moved, *args)
+        monkeypatch.setattr(generation.host, "ProgressBar", lambda total: RaisingBar(-1))
+        monkeypatch.setattr(RaisingBar, "update", lambda self, step, preview=None: None)
+        (after,) = sampler.sample(moved, *args)      # the stopped job's result never leaks
+        assert pool.alive and torch.equal(after["samples"], other["samples"])
+        with pytest.raises(ValueError, match="gpus 2 does not divide the model.s 1 attention"):
             nodes["WanCoreMultiGPU"]().apply(_one_head(models), 2, False, False)
         with pytest.raises(ValueError, match="use an even number of gpus"):
             nodes["WanCoreMultiGPU"]().apply(model, 3, True, False)

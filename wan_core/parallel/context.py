@@ -38,11 +38,12 @@ def divisors(n: int, limit: Optional[int] = None) -> list:
     return [d for d in range(1, n + 1) if n % d == 0 and (limit is None or d <= limit)]
 
 
-def check_heads(num_heads: int, ulysses_size: int) -> None:
-    """Ulysses gives each rank ``num_heads / ulysses_size`` heads: it must divide."""
+def check_heads(num_heads: int, ulysses_size: int, option: str = "--ulysses-size") -> None:
+    """Ulysses gives each rank ``num_heads / ulysses_size`` heads: it must divide. ``option``
+    names the setting in the message (the CLI's option, or the node's widgets)."""
     if num_heads % ulysses_size:
         sizes = ", ".join(str(d) for d in divisors(num_heads))
-        raise ParallelError(f"--ulysses-size {ulysses_size} does not divide the model's "
+        raise ParallelError(f"{option} {ulysses_size} does not divide the model's "
                             f"{num_heads} attention heads; use one of {sizes}")
 
 

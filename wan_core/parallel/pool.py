@@ -20,7 +20,9 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import sys
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -190,6 +192,26 @@ def _worker(rank: int, settings: PoolSettings, port: int, jobs, results, cancel,
         dist.destroy_process_group()
 
 
+@contextmanager
+def _main_not_reimported():
+    """Start spawned workers without re-running the host's main script: multiprocessing's
+    spawn makes each child import the parent's ``__main__`` (ComfyUI's main.py, which sets up
+    paths, memory management and every pack's start-up script). The workers need only
+    wan_core, so the main module is hidden from the start-up data while they start."""
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__")
+             if main is not None and hasattr(main, name)}
+    try:
+        if main is not None:
+            main.__spec__ = None
+            if "__file__" in saved:
+                del main.__file__
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -214,8 +236,9 @@ class WorkerPool:
                                        args=(r, settings, port, self._jobs[r], self._results,
                                              self._cancel, os.getpid()))
                        for r in range(settings.processes)]
-        for p in self._procs:
-            p.start()
+        with _main_not_reimported():
+            for p in self._procs:
+                p.start()
         self.devices = {}
         self.loads = 0
         try:
@@ -274,7 +297,12 @@ class WorkerPool:
                     self._cancel.set()
             kind, a, b = self._next()
             if kind == "progress" and progress is not None:
-                progress(a, b)
+                try:
+                    progress(a, b)
+                except BaseException:      # e.g. a host whose progress hook raises to cancel
+                    self._cancel.set()
+                    self._drain()
+                    raise
             elif kind == "loaded":
                 self.loads += 1
             elif kind == "done":
