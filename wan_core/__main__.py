@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also save the raw latents (safetensors, key 'latent')")
     gen.add_argument("--device", default=None,
                      help="compute device, e.g. cuda or cpu (default: cuda when available)")
+    gen.add_argument("--fp8-matmul", action="store_true",
+                     help="multiply the fp8-stored weights (fp8 / fp8_scaled files) in fp8 "
+                          "(torch._scaled_mm; Ada / Hopper GPUs, else one warning and bf16)")
     gen.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                      help="DiT compute dtype (default: the file's; fp8 files compute in bf16)")
     stream = gen.add_mutually_exclusive_group()
@@ -297,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tile", default="auto", type=_tile,
                      help="VAE decode tiling: auto (by memory), off, or a tile size in pixels")
     _add_context_options(gen)
+    _add_video_options(gen)
     multi = gen.add_argument_group(
         "several GPUs (start with torchrun --nproc-per-node N -m wan_core generate ...; only "
         "rank 0 prints and writes)")
@@ -326,13 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "follows --path or --control (the T2V with its VACE module)")
     demo.add_argument("--image", metavar="FILE", help="first frame for --task i2v")
     demo.add_argument("--path", metavar="SPEC",
-                      help="--task vace: the path the object follows: a named path (diagonal, "
-                           "diagonal-up, curve, stop, turn) or waypoints 'x,y:x,y[:...]' in "
-                           "fractions of the frame (0..1, y down) reached at equal time "
-                           "intervals (repeat a point to pause), e.g. '0.2,0.8:0.5,0.2:0.8,0.8'")
+                      help="--task vace: the path the object follows, drawn as its white "
+                           "silhouette on black: a named path (diagonal, diagonal-up, curve, "
+                           "stop, turn) or waypoints 'x,y:x,y[:...]' in fractions of the frame "
+                           "(0..1, y down) reached at equal time intervals (repeat a point to "
+                           "pause), e.g. '0.2,0.8:0.5,0.2:0.8,0.8'")
     demo.add_argument("--control", metavar="FILE",
-                      help="--task vace: a control video instead of --path: a white disc (the "
-                           "object's silhouette) moving over black")
+                      help="--task vace: a control video instead of --path: the object's "
+                           "silhouette (or a disc) in white moving over black")
     demo.add_argument("--vace-scale", type=float, default=None, metavar="X",
                       help="--task vace: strength of the control, 0..10 (default 1; 0: the "
                            "plain T2V)")
@@ -365,7 +370,8 @@ def _inputs(args) -> list:
              ("--vace-module-low-noise", args.vace_module_low_noise),
              ("--control-video", args.control_video), ("--control-mask", args.control_mask),
              ("--text-encoder", args.text_encoder), ("--clip-vision", args.clip_vision),
-             ("--image", args.image), ("--end-image", args.end_image)]
+             ("--image", args.image), ("--end-image", args.end_image),
+             ("--video", getattr(args, "video", None))]
     pairs += [("--cache-calibration", args.cache_calibration)]
     pairs += [("--reference-image", path) for path in args.reference_image]
     pairs += [("--lora", path) for path, _ in args.lora]
@@ -377,7 +383,7 @@ def check_image_inputs(config, args: argparse.Namespace) -> None:
     """An image-to-video DiT needs --image; a Wan 2.1 I2V / FLF2V one also --clip-vision."""
     from wan_core.checks import UsageError
 
-    if config.model_type in ("i2v", "flf2v") and not args.image:
+    if config.model_type in ("i2v", "flf2v") and not (args.image or getattr(args, "video", None)):
         raise UsageError(f"{args.dit} is an image-to-video model ({config.model_type}); "
                          "give --task i2v --image FILE (or flf2v with --end-image)")
     if config.has_image_branch and not args.clip_vision:
@@ -438,12 +444,14 @@ def check_generate_args(args: argparse.Namespace) -> dict:
     from wan_core.sampling import check_calibration
     from wan_core.video_io import FORMATS
 
-    if args.task in ("i2v", "flf2v") and not args.image:
+    video_run = check_video_args(args)        # --video / --denoise / --extend
+    if args.task in ("i2v", "flf2v") and not args.image and not args.video:
         raise UsageError(f"--task {args.task} needs --image (the start frame)")
     if args.task == "flf2v" and not args.end_image:
         raise UsageError("--task flf2v needs --end-image (the last frame)")
-    if args.end_image and args.task != "flf2v":
-        raise UsageError("--end-image is for --task flf2v")
+    if args.end_image and args.task != "flf2v" and not args.extend:
+        raise UsageError("--end-image is for --task flf2v (or --extend: the last segment ends "
+                         "on it)")
     if args.image and args.task in ("t2v", "vace"):
         raise UsageError(f"--image needs --task i2v, flf2v or ti2v ({args.task} uses no start "
                          "image; VACE takes --reference-image or --control-video)")
@@ -526,14 +534,16 @@ def check_generate_args(args: argparse.Namespace) -> dict:
         defaults = DEFAULTS.get(config.variant, DEFAULTS["custom"])
         width, height = args.size or defaults.size
         frames = args.frames or default_frames(controls) or defaults.frames
+        check_video_model(args, video_run, config, width, height, frames)
         check_video_size(width, height, frames, vae_stride_for(config.out_dim))
         weights = sum(file_size(p) for p in (args.dit, args.dit_low_noise, args.vae,
                                              args.text_encoder, args.clip_vision))
         estimate = estimate_memory(width, height, frames, latent_channels=config.out_dim,
                                    dim=config.dim, ffn_dim=config.ffn_dim, weights=weights)
         print(check_memory(estimate, device, f"a {width}x{height}, {frames}-frame video"))
-    return {"device": device, "image": image, "end_image": end_image, "config": config,
-            "cache": cache, "controls": controls, "windows": windows}
+    return {"device": device, "image": image if image is not None else video_run["first_frame"],
+            "end_image": end_image, "config": config, "cache": cache, "controls": controls,
+            "windows": windows, "video_run": video_run}
 
 
 def read_vace_inputs(args: argparse.Namespace) -> dict:
@@ -564,6 +574,202 @@ def default_frames(controls) -> int | None:
     if not controls or controls["video"] is None:
         return None
     return nearest_valid_frames(controls["video"].shape[2])[0]
+
+
+# ------------------------------------------------- video-to-video (--video --denoise), --extend
+
+def _denoise(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1 (got {text!r})") from None
+    if not 0.0 <= value <= 1.0:              # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"must be from 0 to 1 (got {text!r}): 0 keeps the video as it is, about 0.3 keeps "
+            "its layout, 1 ignores it")
+    return value
+
+
+def _add_video_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("video-to-video and long videos (--video, --extend)")
+    group.add_argument("--video", metavar="FILE",
+                       help="an input clip (mp4, webm, animated webp): restyled with --denoise "
+                            "and / or continued with --extend. Its length (4n+1 frames at most) "
+                            "is the default --frames and its size the default --size; another "
+                            "--size resizes it. An I2V task without --image starts from its "
+                            "first frame")
+    group.add_argument("--denoise", type=_denoise, metavar="X",
+                       help="video-to-video strength for --video, 0..1: the video is encoded, "
+                            "noised to this strength and sampled with the prompt (ComfyUI's "
+                            "KSampler rule: the last --steps steps of an int(steps / X)-step "
+                            "schedule). About 0.3 keeps the layout; 0 returns the video as the "
+                            "VAE reconstructs it")
+    group.add_argument("--extend", type=_whole_number(1), metavar="N",
+                       help="append N segments, each continuing from the end of the clip so "
+                            "far (the generated one, or --video): through an image-to-video "
+                            "model (--task i2v or ti2v) or a VACE model (--task vace), from "
+                            "the clip's last --extend-overlap frames. --end-image: the last "
+                            "segment ends on it")
+    group.add_argument("--extend-frames", type=_positive_int, metavar="N",
+                       help="frames each segment is generated with, 4n+1 (default: --frames); "
+                            "each adds N - overlap frames")
+    group.add_argument("--extend-overlap", type=_positive_int, metavar="N",
+                       help="frames of the clip each segment continues from, dropped from the "
+                            "segment (default 1 for i2v, the official conditioning, where more "
+                            "mark several frames as given; ti2v: 1 only; default 5 for vace)")
+    group.add_argument("--no-colour-match", action="store_true",
+                       help="--extend: keep each segment's colours as generated (by default "
+                            "they are matched to the clip's over the overlap)")
+
+
+def extend_overlap(args: argparse.Namespace) -> int:
+    return args.extend_overlap or (5 if args.task == "vace" else 1)
+
+
+def check_video_args(args: argparse.Namespace) -> dict:
+    """``--video`` / ``--denoise`` / ``--extend``: checked before any model loads. Reads the
+    video; it sets the default ``--frames`` (its length, the 4n+1 count at or below it) and
+    ``--size`` (its size). Returns ``video`` ([3, T, H, W] in [-1, 1], cut to --frames, or
+    None), ``size_from_video`` and ``first_frame`` (the start image of an I2V task without
+    --image, else None)."""
+    from wan_core.checks import UsageError
+    from wan_core.conditioning import nearest_valid_frames
+    from wan_core.video_io import load_video
+
+    run = {"video": None, "size_from_video": False, "first_frame": None}
+    if args.denoise is not None and not args.video:
+        raise UsageError("--denoise restyles an input video: give --video FILE")
+    if not args.extend:
+        given = [option for option, value in (("--extend-frames", args.extend_frames),
+                                              ("--extend-overlap", args.extend_overlap),
+                                              ("--no-colour-match", args.no_colour_match))
+                 if value]
+        if given:
+            raise UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} "
+                             "--extend N")
+    else:
+        if args.task not in ("i2v", "ti2v", "vace"):
+            raise UsageError(f"--extend continues the clip through an image-to-video model "
+                             f"(--task i2v or ti2v) or a VACE model (--task vace), not --task "
+                             f"{args.task}" + (" (with --end-image the last segment ends on "
+                                               "it: use --task i2v)" if args.task == "flf2v"
+                                               else ""))
+        if args.save_latents:
+            raise UsageError("--save-latents saves one latent, and an extended video is made of "
+                             "several segments: leave out --save-latents or --extend")
+        if args.calibrate_cache:
+            raise UsageError("--calibrate-cache records one plain generation: leave out --extend")
+        if uses_parallel(args):
+            raise UsageError("--extend runs in one process: leave out the multi-GPU options")
+    if not args.video:
+        return run
+    if args.denoise is None and not args.extend:
+        raise UsageError("--video needs --denoise X (restyle it: video-to-video) or --extend N "
+                         "(continue it)")
+    if args.calibrate_cache and args.denoise is None:
+        raise UsageError("--calibrate-cache records a generation: with --video give --denoise")
+    try:
+        video = load_video(args.video)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--video: {e}") from None
+    count = video.shape[1]
+    if args.frames is None:
+        args.frames = nearest_valid_frames(count)[0]
+        if args.frames != count:
+            print(f"--video {args.video} has {count} frames, not 4n+1: using its first "
+                  f"{args.frames} (give --frames to choose)")
+    elif args.frames > count:
+        below = nearest_valid_frames(count)[0]
+        raise UsageError(f"--video {args.video} has {count} frames but --frames is "
+                         f"{args.frames}: give --frames {below} or less (4n+1), or a longer "
+                         "video")
+    run["video"] = video[:, :args.frames]
+    if args.size is None:
+        args.size = (video.shape[3], video.shape[2])
+        run["size_from_video"] = True
+    if args.task in ("i2v", "flf2v") and not args.image:
+        run["first_frame"] = run["video"][:, 0]
+        print(f"--task {args.task}: the start image is the first frame of --video")
+    return run
+
+
+def check_video_model(args: argparse.Namespace, run: dict, config, width: int, height: int,
+                      frames: int) -> None:
+    """With the DiT's config (from the file header): a size taken from ``--video`` must suit
+    the model, and ``--extend`` the model and the sizes."""
+    from wan_core.checks import UsageError
+    from wan_core.conditioning import PATCH
+    from wan_core.extend import check_extend
+    from wan_core.models.configs import DEFAULTS
+    from wan_core.pipeline import vae_stride_for
+
+    multiple = vae_stride_for(config.out_dim) * PATCH
+    if run["size_from_video"] and (width % multiple or height % multiple):
+        fit = [max(multiple, v // multiple * multiple) for v in (width, height)]
+        default = DEFAULTS.get(config.variant, DEFAULTS["custom"]).size
+        raise UsageError(f"--video {args.video} is {width}x{height}, not a size this model "
+                         f"takes (width and height multiples of {multiple}): give --size, e.g. "
+                         f"--size {fit[0]}x{fit[1]} or the model's {default[0]}x{default[1]}, "
+                         "and the video is resized to it")
+    if args.extend:
+        check_extend(config, width, height, segments=args.extend,
+                     frames=args.extend_frames or frames, overlap=extend_overlap(args),
+                     clip_frames=frames, method="vace" if args.task == "vace" else "i2v",
+                     end_image=bool(args.end_image), clip_vision=bool(args.clip_vision))
+
+
+def prepare_video_run(args: argparse.Namespace, run: dict, vae, width: int, height: int,
+                      device) -> tuple:
+    """``(clip, generate_kwargs)``: the --video clip at the video's size (resized with one
+    printed line when --size differs), and ``denoise`` / ``init_latent`` for video-to-video."""
+    import torch
+
+    from wan_core.extend import fit_video
+
+    clip = run["video"]
+    if clip is None:
+        return None, {}
+    if (clip.shape[3], clip.shape[2]) != (width, height):
+        print(f"--video: resized from {clip.shape[3]}x{clip.shape[2]} to {width}x{height} "
+              "(scaled to cover, centre-cropped)")
+        clip = fit_video(clip, width, height)
+    if args.denoise is None:
+        return clip, {}
+    with torch.no_grad():
+        init = vae.encode(clip[None].to(device), tile=_tile_option(args.tile)).float().cpu()
+    return clip, {"denoise": args.denoise, "init_latent": init}
+
+
+def run_extension(args: argparse.Namespace, model, vae, context, negative_context, clip,
+                  *, steps: int, cfg: float, shift: float, frames: int, device, cache,
+                  end_image, main_rank: bool = True):
+    """``--extend N``: the clip ``[3, T, H, W]`` with N segments appended; prints what each
+    segment did and the seams."""
+    from tqdm import tqdm
+
+    from wan_core import load_clip_vision
+    from wan_core.extend import extend_video, seam_ratios
+
+    clip_vision = load_clip_vision(args.clip_vision, device=device) if args.clip_vision \
+        else None
+    report: list = []
+    seed = (args.seed + 1) % (SEED_MAX + 1)      # the first clip used args.seed
+    with tqdm(total=args.extend * steps, desc="extending", unit="step",
+              disable=not main_rank) as bar:
+        out = extend_video(model, vae, context, negative_context, clip, segments=args.extend,
+                           frames=args.extend_frames or frames, overlap=extend_overlap(args),
+                           method="vace" if args.task == "vace" else "i2v",
+                           end_image=end_image, clip_vision=clip_vision, steps=steps,
+                           guide_scale=cfg, shift=shift, solver=args.solver, seed=seed,
+                           colour_match=not args.no_colour_match, device=device, cache=cache,
+                           tile=_tile_option(args.tile), report=report,
+                           callback=lambda step, total, x, x0: bar.update(1))
+    ratios, _ = seam_ratios(out, [r.start for r in report])
+    for r, ratio in zip(report, ratios):
+        print(f"extend: segment {r.index} of {args.extend} (seed {r.seed}) added {r.added} "
+              f"frames; colour drift {r.drift.size:.3f} -> {r.drift_after.size:.3f}; seam "
+              f"change {ratio:.2f}x the median inside segments")
+    return out
 
 
 def release_idle_expert(active, idle) -> None:
@@ -647,6 +853,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     main_rank = ctx is None or ctx.is_main
     say = print if main_rank else (lambda *a, **k: None)     # only rank 0 prints and writes
     load_device = "cpu" if ctx is not None else device       # sharded / moved by ctx
+    compute_mode = "fp8" if args.fp8_matmul else None
 
     streaming = None
     if args.blocks_on_device is not None or args.vram_budget is not None:
@@ -656,11 +863,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # Experts on demand: each is read from its file when the sampler switches to it and
         # the idle one is dropped, so at most one expert is in memory at a time.
         dit = OnDemandDiT(args.dit, dtype=args.dtype, device=load_device,
-                          vace_module=args.vace_module)
+                          vace_module=args.vace_module, compute=compute_mode)
         dit.block_streaming = streaming
     else:
         dit = load_dit(args.dit, dtype=args.dtype,
-                       device="cpu" if streaming else load_device, vace_module=args.vace_module)
+                       device="cpu" if streaming else load_device, vace_module=args.vace_module,
+                       compute=compute_mode)
     config = dit.config
     variant = config.variant
     if moe and variant == "wan2.1-t2v-14B":
@@ -701,7 +909,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = dit
     if moe:
         low = OnDemandDiT(args.dit_low_noise, dtype=args.dtype, device=load_device,
-                          vace_module=args.vace_module_low_noise)
+                          vace_module=args.vace_module_low_noise, compute=compute_mode)
         low.block_streaming = streaming
         if args.lora_low_noise:
             low = apply_loras(low, args.lora_low_noise)
@@ -753,25 +961,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
         del clip
 
     stats: dict = {}
-    with tqdm(total=steps, desc="sampling", unit="step", disable=not main_rank) as bar:
-        latent = generate(model, [context], [negative_context] if cfg != 1 or moe else None,
-                          cond, steps=steps, guide_scale=cfg, shift=shift, solver=args.solver,
-                          seed=args.seed, callback=lambda step, total, x, x0: bar.update(1),
-                          device=device, cache=recorder or cache, stats=stats, parallel=ctx,
-                          context_windows=checked["windows"])
-    if cache is not None:
-        say(f"step cache: skipped {stats['skipped']} of {stats['steps']} model evaluations")
+    given, v2v = prepare_video_run(args, checked["video_run"], vae, width, height, device)
+    latent = None
+    if given is None or v2v:      # a clip given only to be extended is not sampled again
+        with tqdm(total=steps, desc="sampling", unit="step", disable=not main_rank) as bar:
+            latent = generate(model, [context], [negative_context] if cfg != 1 or moe else None,
+                              cond, steps=steps, guide_scale=cfg, shift=shift,
+                              solver=args.solver, seed=args.seed,
+                              callback=lambda step, total, x, x0: bar.update(1),
+                              device=device, cache=recorder or cache, stats=stats, parallel=ctx,
+                              context_windows=checked["windows"], **v2v)
+        if cache is not None:
+            say(f"step cache: skipped {stats['skipped']} of {stats['steps']} model evaluations")
+    extender = model if args.extend else None      # kept for the segments
     del model, dit
     if not main_rank:
         return 0                  # rank 0 decodes and writes; the others are done
-    with torch.no_grad():
-        video = vae.decode(latent.to(device), tile=_tile_option(args.tile))
-    write_outputs(args, video, vae.denormalize(latent), fps,
+    if latent is None:
+        video = given[None]
+    else:
+        with torch.no_grad():
+            video = vae.decode(latent.to(device), tile=_tile_option(args.tile))
+    if args.extend:
+        video = run_extension(args, extender, vae, [context],
+                              [negative_context] if cfg != 1 or moe else None, video[0].cpu(),
+                              steps=steps, cfg=cfg, shift=shift, frames=frames, device=device,
+                              cache=cache, end_image=checked["end_image"])[None]
+        del extender
+    write_outputs(args, video, None if latent is None else vae.denormalize(latent), fps,
                   calibration=recorder.result() if recorder is not None else None)
     if recorder is not None:
         print(f"cache calibration saved to {args.calibrate_cache}; use it with --cache magcache "
               f"(or teacache) --cache-calibration {args.calibrate_cache}")
-    print(f"wrote {args.out} ({frames} frames, {width}x{height}, {fps:g} fps) in "
+    print(f"wrote {args.out} ({video.shape[2]} frames, {width}x{height}, {fps:g} fps) in "
           f"{time.perf_counter() - started:.1f} s")
     return 0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -136,8 +137,29 @@ def read_dit(source, vace_module=None, meta: bool = False) -> dict:
     return attach_vace_module(sd, read(vace_module), source, vace_module)
 
 
+COMPUTE_MODES = (None, "default", "fp8")
+
+
+def enable_compute(model: WanDiT, compute) -> WanDiT:
+    """``compute='fp8'``: multiply the fp8-stored Linears in fp8 (``wan_core.ops.fp8``); one
+    warning and the bf16 path where no weight is stored in fp8, or (at the first call) where
+    the device cannot multiply in fp8."""
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"compute must be None or 'fp8' (got {compute!r})")
+    if compute != "fp8":
+        return model
+    from ..ops.fp8 import set_fp8_compute
+
+    if set_fp8_compute(model) == 0:
+        warnings.warn("compute='fp8': no Linear weight of this model is stored in fp8 "
+                      "(e4m3); use an fp8 / fp8_scaled file or weight_dtype='fp8_e4m3fn'. The "
+                      "model multiplies in bf16", stacklevel=3)
+    return model
+
+
 def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
-             num_heads: Optional[int] = None, weight_dtype=None, vace_module=None) -> WanDiT:
+             num_heads: Optional[int] = None, weight_dtype=None, vace_module=None,
+             compute=None) -> WanDiT:
     """Load a Wan DiT from a file, folder, index json or state dict.
 
     dtype: compute dtype ('fp32', 'bf16', 'fp16' or a torch dtype); None keeps the file's
@@ -147,10 +169,14 @@ def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
     file's. num_heads: only needed for custom models whose dim is not a multiple of 128 and
     whose file carries no ``num_heads`` metadata. vace_module: a separate VACE module file (or
     state dict) attached to this base model (makes a VACE model; see
-    :func:`attach_vace_module`). The model is built on the meta device and the loaded tensors
-    are assigned to it.
+    :func:`attach_vace_module`). compute: 'fp8' multiplies the fp8-stored Linears in fp8
+    (``torch._scaled_mm``, the activation quantised per token; :func:`enable_compute`). The
+    model is built on the meta device and the loaded tensors are assigned to it.
     """
     resolve_backend(attention)
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"compute must be None or 'fp8' (got {compute!r})")
+    mode = compute
     stored = _stored_weight_dtype(weight_dtype)
     sd, cfg, compute = describe_dit(read_dit(source, vace_module), source, dtype, num_heads)
     with torch.device("meta"):
@@ -171,4 +197,4 @@ def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
                               f"{cfg.variant} ({cfg.model_type}) architecture: "
                               f"{' '.join(lines[:4])[:600]}") from None
     del sd
-    return model.eval().requires_grad_(False)
+    return enable_compute(model.eval().requires_grad_(False), mode)

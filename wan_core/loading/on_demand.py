@@ -34,7 +34,8 @@ class OnDemandDiT:
     """
 
     def __init__(self, source, dtype=None, device="cpu", attention: str = "sdpa",
-                 num_heads: Optional[int] = None, weight_dtype=None, vace_module=None):
+                 num_heads: Optional[int] = None, weight_dtype=None, vace_module=None,
+                 compute=None):
         resolve_backend(attention)
         stored = _stored_weight_dtype(weight_dtype)        # checked before the file is read
         sd, self.config, self.compute_dtype = describe_dit(
@@ -44,6 +45,8 @@ class OnDemandDiT:
         self.device = torch.device(device)
         self._options = dict(dtype=dtype, attention=attention, num_heads=num_heads,
                              weight_dtype=weight_dtype, vace_module=vace_module)
+        if compute is not None:
+            self._options["compute"] = compute
         self.block_streaming: Optional[BlockStreaming] = None   # given to each loaded model
         # Called on each loaded model instead of moving it to ``device`` (multi-GPU runs:
         # ``wan_core.parallel.ParallelContext.prepare_dit`` shards it and attaches its hooks).

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fp8 import device_multiplies_fp8, fp8_linear, usable
 from .gguf import dequantize
 
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -46,6 +47,7 @@ class Linear(nn.Linear):
         self.register_buffer("scale_weight", None, persistent=False)
         self.patches = nn.ModuleList()
         self.qtype: int | None = None
+        self.fp8_compute = False      # multiply in fp8 (``wan_core.ops.fp8``) where it can
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -75,9 +77,14 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.bias
-        if b is not None and b.dtype != x.dtype:
-            b = b.to(x.dtype)
-        y = F.linear(x, self.compute_weight(x.dtype), b)
+        if self.fp8_compute and self.qtype is None and usable(self.weight) and \
+                all(p.low_rank for p in self.patches) and \
+                device_multiplies_fp8(x.device.type, x.device.index):
+            y = fp8_linear(x, self.weight, self.scale_weight, b, x.dtype)
+        else:
+            if b is not None and b.dtype != x.dtype:
+                b = b.to(x.dtype)
+            y = F.linear(x, self.compute_weight(x.dtype), b)
         for patch in self.patches:
             if patch.low_rank:
                 y = patch.add_to_output(x, y)
