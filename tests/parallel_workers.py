@@ -165,28 +165,26 @@ def ulysses_2(rank: int, out: Path) -> None:
     torch.save(result, out / f"ulysses_2_rank{rank}.pt")
 
 
-def cfg_2(rank: int, out: Path) -> None:
-    """CFG parallelism on 2 ranks with a Wan 2.2 expert pair."""
+def _moe_generation(rank: int, out: Path, name: str, **layout) -> None:
+    """A cached CFG generation of the expert pair under ``parallel.init(**layout)``."""
     from wan_core import parallel
 
-    ctx = parallel.init(ulysses_size=1, cfg_parallel=True, device="cpu")
+    ctx = parallel.init(device="cpu", **layout)
     pair = moe_pair()
     for expert in pair.experts:
         ctx.prepare_dit(expert)
-    torch.save({"generation": tiny_generation(pair, parallel=ctx)},
-               out / f"cfg_2_rank{rank}.pt")
+    torch.save({"generation": tiny_generation(pair, parallel=ctx)}, out / f"{name}_rank{rank}.pt")
+
+
+def cfg_2(rank: int, out: Path) -> None:
+    """CFG parallelism on 2 ranks with a Wan 2.2 expert pair."""
+    _moe_generation(rank, out, "cfg_2", ulysses_size=1, cfg_parallel=True)
 
 
 def ulysses_2_cfg_2_fsdp(rank: int, out: Path) -> None:
     """4 ranks: Ulysses 2 x CFG 2, DiT weights sharded over all 4."""
-    from wan_core import parallel
-
-    ctx = parallel.init(ulysses_size=2, cfg_parallel=True, dit_fsdp=True, device="cpu")
-    pair = moe_pair()
-    for expert in pair.experts:
-        ctx.prepare_dit(expert)
-    torch.save({"generation": tiny_generation(pair, parallel=ctx)},
-               out / f"ulysses_2_cfg_2_fsdp_rank{rank}.pt")
+    _moe_generation(rank, out, "ulysses_2_cfg_2_fsdp", ulysses_size=2, cfg_parallel=True,
+                    dit_fsdp=True)
 
 
 def dead_rank(rank: int, out: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.reference import max_abs_err, report
-from wan_core import load_vae
+from tests.tiny_models import diffusers_wan21_vae
 from wan_core.conditioning import (VideoConditioning, VideoSizeError, build_vace_conditioning,
                                    fit_reference_image, vace_context)
 
@@ -35,14 +35,7 @@ LAT = (FRAMES - 1) // 4 + 1
 @pytest.fixture(scope="module")
 def vaes():
     """(diffusers AutoencoderKLWan, our WanVAE with the same weights, WanVACEPipeline)."""
-    ref = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4],
-                                     num_res_blocks=1, attn_scales=[],
-                                     temperal_downsample=[False, True, True]).eval()
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    ours = load_vae(ref.state_dict(), dtype=torch.float32)
+    ref, ours = diffusers_wan21_vae(7)
     pipe = diffusers.WanVACEPipeline(tokenizer=None, text_encoder=None, vae=ref, scheduler=None,
                                      transformer=None)
     # only transformer.config.patch_size is read by the methods under test

@@ -15,8 +15,8 @@ from tests.conftest import load_pack
 from tests.dit_helpers import random_state_dict
 from tests.reference import max_abs_err, report
 from tests.test_vace_model import diffusers_vace, vace_config
-from tests.tiny_models import FILES
-from wan_core import load_dit, load_vae
+from tests.tiny_models import FILES, diffusers_wan21_vae
+from wan_core import load_dit
 from wan_core.conditioning import build_vace_conditioning
 from wan_core.pipeline import MoEModel, draw_noise, generate
 from wan_core.sampling import OFFICIAL_SIGMA_MAX, CacheSettings, flow_schedule
@@ -35,14 +35,7 @@ def tiny():
     sd = random_state_dict(cfg, seed=21)
     ours = load_dit(sd, num_heads=cfg.num_heads)
     ref, _ = diffusers_vace(cfg, sd)
-    vae_ref = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4],
-                                         num_res_blocks=1, attn_scales=[],
-                                         temperal_downsample=[False, True, True]).eval()
-    gen = torch.Generator().manual_seed(8)
-    with torch.no_grad():
-        for p in vae_ref.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    vae = load_vae(vae_ref.state_dict(), dtype=torch.float32)
+    vae_ref, vae = diffusers_wan21_vae(8)
     return cfg, ours, ref, vae_ref, vae
 
 

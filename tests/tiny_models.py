@@ -265,3 +265,20 @@ def write_models(root: Path) -> Path:
     except ImportError:
         pass
     return root
+
+
+def diffusers_wan21_vae(seed: int):
+    """(diffusers ``AutoencoderKLWan``, our WanVAE with the same random weights): a tiny Wan 2.1
+    VAE (base dim 8, z 16) for parity tests against diffusers' Wan pipelines."""
+    import diffusers
+
+    from wan_core import load_vae
+
+    ref = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4],
+                                     num_res_blocks=1, attn_scales=[],
+                                     temperal_downsample=[False, True, True]).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return ref, load_vae(ref.state_dict(), dtype=torch.float32)
