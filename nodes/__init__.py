@@ -2,12 +2,12 @@
 NODE_DISPLAY_NAME_MAPPINGS; this package merges them."""
 from __future__ import annotations
 
-from . import demo, generation, loaders, vace, vae_nodes, video
+from . import demo, extend, generation, loaders, vace, vae_nodes, video
 from .schema import with_input_checks
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-for _module in (loaders, generation, vace, vae_nodes, video, demo):
+for _module in (loaders, generation, vace, vae_nodes, video, extend, demo):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 for _id, _cls in NODE_CLASS_MAPPINGS.items():  # every input checked before a node runs

@@ -38,7 +38,8 @@ MODEL_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".gguf
 # The embedded demo model (wan_core/demo/weights) is offered in the loaders' lists under this
 # folder name, so the demo workflow runs without any download.
 EMBEDDED_FOLDER = "wancore-demo"
-EMBEDDED = {"diffusion_models": ("t2v", "i2v", "high_noise", "low_noise"), "vae": ("vae",),
+EMBEDDED = {"diffusion_models": ("t2v", "i2v", "high_noise", "low_noise", "vace_module"),
+            "vae": ("vae",),
             "text_encoders": ("text_encoder",), "loras": ("fast_lora",)}
 
 

@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, load_pack
-from tests.workflow_runner import NATIVE_WIDGETS
+from tests.workflow_runner import NATIVE_WIDGETS, SMALL
 
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
 pytestmark = pytest.mark.skipif(not COMFYUI_ROOT, reason="set COMFYUI_ROOT to a ComfyUI checkout")
-SMALL = {"width": 64, "height": 64, "frames": 9, "steps": 2}
 EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
 
 
@@ -82,6 +81,7 @@ def to_api_format(workflow: dict, overrides: dict) -> dict:
             inputs = {"image": node["widgets_values"][0]}
         elif node["type"] in NATIVE_WIDGETS:          # other native nodes: widgets by position
             inputs = dict(zip(NATIVE_WIDGETS[node["type"]], node["widgets_values"]))
+            inputs.update({k: v for k, v in overrides.items() if k in inputs})
         else:
             cls = pack.NODE_CLASS_MAPPINGS[node["type"]]
             inputs = widget_kwargs(cls, node["widgets_values"])

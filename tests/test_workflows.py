@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, load_pack
-from tests.workflow_runner import run_workflow
+from tests.workflow_runner import SMALL, run_workflow
 
 EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
 FROZEN = sorted((ROOT / "tests" / "workflow_contract").glob("wan*.json"))
 INPUTS = ROOT / "example_workflows" / "inputs"       # tools/make_vace_inputs.py
-SMALL = {"width": 64, "height": 64, "frames": 9, "steps": 2}
 VACE = ["wan21_vace_reference_to_video", "wan21_vace_control_video", "wan21_vace_inpaint",
         "wan21_vace_outpaint", "wan21_vace_extend"]
 
@@ -45,17 +44,35 @@ def test_every_task_has_an_example():
             "wan22_i2v_A14B", "wan22_ti2v_5B", *VACE} <= names
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_example_workflow_runs_to_a_video(path, folders, tmp_path):
+def _small_frames(workflow: dict) -> int:
+    """Frames of the saved video under SMALL: 9, plus what each WanCore Extend Video adds."""
+    from comfyui_wancore_pack.nodes.schema import widget_kwargs
+
+    pack = load_pack()
+    frames = SMALL["frames"]
+    for node in workflow["nodes"]:
+        if node["type"] == "WanCoreExtendVideo":
+            w = widget_kwargs(pack.NODE_CLASS_MAPPINGS[node["type"]], node["widgets_values"])
+            frames += w["segments"] * (SMALL["frames_per_segment"] - w["overlap_frames"])
+    return frames
+
+
+def _saved_video(results, output_dir):
     from wan_core.video_io import read_video
 
-    results = run_workflow(path, folders / "models", folders / "input", tmp_path, SMALL)
     saved = [ui for key, ui in results.items() if isinstance(key, tuple) and ui and
              "wancore_video" in ui]
     assert len(saved) == 1, results.keys()
     info = saved[0]["wancore_video"][0]
-    frames, fps = read_video(tmp_path / info["subfolder"] / info["filename"])
-    assert frames.shape == (9, 64, 64, 3)
+    frames, fps = read_video(output_dir / info["subfolder"] / info["filename"])
+    return frames
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_workflow_runs_to_a_video(path, folders, tmp_path):
+    results = run_workflow(path, folders / "models", folders / "input", tmp_path, SMALL)
+    frames = _saved_video(results, tmp_path)
+    assert frames.shape == (_small_frames(json.loads(path.read_text())), 64, 64, 3)
     assert np.isfinite(frames).all() and frames.std() > 0
 
 
@@ -66,9 +83,11 @@ def _layout(pack, node_type):
 
 
 @pytest.mark.parametrize("path", FROZEN, ids=lambda p: p.stem)
-def test_released_workflow_still_means_the_same(path):
+def test_released_workflow_still_means_the_same(path, folders, monkeypatch):
     """Every node type still exists; every linked socket keeps its index, name and type; every
-    stored widget value still lands on a widget of the same name and is valid there."""
+    stored widget value still lands on a widget of the same name and is valid there (model
+    names against a models folder that has the files the workflows name)."""
+    monkeypatch.setenv("WANCORE_MODELS_DIR", str(folders / "models"))
     pack = load_pack()
     from comfyui_wancore_pack.nodes.schema import validate_widget, widget_kwargs
 
@@ -219,6 +238,80 @@ def test_outpaint_pad_stand_in():
     assert mask[1:, 3:9].eq(0).all() and mask.sum() == 5 * 11 - 4 * 6
     _, soft = image_pad_for_outpaint(_rand_image(1, 20, 20), 4, 0, 0, 0, 5)
     assert soft[0, 4] == 1 and 0 < soft[0, 5] < 1 and soft[0, 9:].eq(0).all()
+
+
+def test_image_from_batch_and_scale_stand_ins():
+    """ImageFromBatch clamps to the batch; ImageScale: sizes, 0 = from the aspect ratio, crop
+    center cuts the middle to the target aspect before resizing, lanczos through 8 bits."""
+    import torch
+    import torch.nn.functional as F
+
+    from tests.workflow_runner import image_from_batch, image_scale
+
+    image = _rand_image(5, 6, 12)
+    assert image_from_batch(image, 1, 3)[0].equal(image[1:4])
+    assert image_from_batch(image, 3, 81)[0].equal(image[3:])
+    assert image_from_batch(image, 9, 2)[0].equal(image[4:])
+    (out,) = image_scale(image, "bilinear", 24, 12, "disabled")
+    assert out.shape == (5, 12, 24, 3)
+    assert torch.allclose(out, F.interpolate(image.movedim(-1, 1), size=(12, 24),
+                                             mode="bilinear").movedim(1, -1))
+    assert image_scale(image, "nearest-exact", 0, 3, "disabled")[0].shape == (5, 3, 6, 3)
+    assert image_scale(image, "area", 4, 0, "center")[0].shape == (5, 2, 4, 3)
+    assert image_scale(image, "bicubic", 0, 0, "center")[0] is image
+    (square,) = image_scale(image, "nearest-exact", 6, 6, "center")     # the middle 6x6
+    assert square.equal(image[:, :, 3:9])
+    (tall,) = image_scale(image, "nearest-exact", 12, 12, "center")
+    assert tall.shape == (5, 12, 12, 3)
+    (lanczos,) = image_scale(image, "lanczos", 12, 6, "disabled")   # same size: 8-bit copy
+    assert torch.allclose(lanczos, (image * 255).floor() / 255, atol=1e-6)
+
+
+def test_every_shipped_input_an_example_loads_is_named_in_its_note():
+    """Load Image reads either a file of example_workflows/inputs (named in the note, to copy
+    into ComfyUI/input) or a picture of the user's own (example.png, start.png, end.png)."""
+    shipped = {p.name for p in INPUTS.iterdir()}
+    for path in EXAMPLES:
+        (note,) = [n["widgets_values"][0] for n in json.loads(path.read_text())["nodes"]
+                   if n["type"] == "MarkdownNote"]
+        for file in _load_image_values(path):
+            if file in shipped:
+                assert "ComfyUI/input" in note and f"`{file}`" in note, (path.stem, file)
+            else:
+                assert file in ("example.png", "start.png", "end.png"), (path.stem, file)
+
+
+def test_long_video_workflow_samples_241_frames_one_window_at_a_time(folders, tmp_path,
+                                                                     monkeypatch):
+    """wan21_t2v_long_context_windows at its full length (241 frames; 64x64, 2 steps): the
+    sampler's latent has all 61 latent frames while every model call sees one 81-frame window
+    (21 latent frames), 4 windows per step. Decode and save are muted here (the tiny VAE takes
+    long over 241 frames on a CPU); the run above decodes the 9-frame version."""
+    import torch
+
+    from wan_core.models.dit import WanDiT
+
+    seen = []
+    forward = WanDiT.forward
+
+    def recording(self, x, *args, **kwargs):
+        seen.append(tuple(x.shape[2:]))
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(WanDiT, "forward", recording)
+    workflow = json.loads((ROOT / "example_workflows" /
+                           "wan21_t2v_long_context_windows.json").read_text())
+    for node in workflow["nodes"]:
+        if node["type"] in ("WanCoreVAEDecode", "WanCoreSaveVideo"):
+            node["mode"] = 2                                    # muted: not run
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(workflow))
+    results = run_workflow(path, folders / "models", folders / "input", tmp_path,
+                           {"width": 64, "height": 64, "steps": 2})
+    (sampler,) = [n for n in workflow["nodes"] if n["type"] == "WanCoreSampler"]
+    latent = results[sampler["id"]][0]["samples"]
+    assert latent.shape == (1, 16, 61, 8, 8) and torch.isfinite(latent).all()
+    assert seen == [(21, 8, 8)] * 8
 
 
 def _rand_image(n, h, w):

@@ -3,10 +3,10 @@
 Nodes run in dependency order; widget values are mapped by position exactly as ComfyUI maps
 them (``nodes.schema``); links feed outputs to inputs. The few native nodes the example
 workflows use get stand-ins that behave as ComfyUI's (``LoadImage`` reads every frame of a file
-in ``input_dir``; ``ImageToMask``, ``ImagePadForOutpaint``); notes are skipped. Nodes run
-under ``torch.inference_mode`` as in ComfyUI. ``overrides`` replaces widget values by name on
-every pack node that has that widget (the tests shrink sizes, frames and steps for tiny
-models).
+in ``input_dir``; ``ImageToMask``, ``ImagePadForOutpaint``, ``ImageFromBatch``, ``ImageScale``);
+notes are skipped. Nodes run under ``torch.inference_mode`` as in ComfyUI. ``overrides``
+replaces widget values by name on every node, pack or native, that has that widget (the tests
+shrink sizes, frames and steps for tiny models: ``SMALL``).
 """
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ import torch
 from tests.conftest import load_pack
 
 SKIPPED = {"Note", "MarkdownNote"}
+# What the tests shrink every example workflow to for the tiny models, by widget name: 64x64
+# (WanCore nodes and Upscale Image), 9 frames (and Image From Batch's length: the frames a
+# video-to-video clip keeps), 2 steps, 9-frame extension segments.
+SMALL = {"width": 64, "height": 64, "frames": 9, "length": 9, "steps": 2,
+         "frames_per_segment": 9}
 
 
 class LoadImageStandIn:
@@ -87,14 +92,60 @@ def image_pad_for_outpaint(image, left, top, right, bottom, feathering):
     return (canvas, mask)
 
 
+def image_from_batch(image, batch_index, length):
+    """ComfyUI's ImageFromBatch: ``length`` images from ``batch_index`` on, both clamped to the
+    batch (an index past the end gives the last image; a length past the end stops there)."""
+    start = min(batch_index, image.shape[0] - 1)
+    return (image[start:start + min(length, image.shape[0] - start)].clone(),)
+
+
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+
+
+def image_scale(image, upscale_method, width, height, crop):
+    """ComfyUI's ImageScale (Upscale Image): every image resized to ``width`` x ``height``; a 0
+    takes that side from the aspect ratio (both 0: unchanged). ``crop`` center first cuts the
+    middle of the image to the target aspect ratio (no stretching). lanczos resizes 8-bit
+    copies with PIL; the other methods are torch's interpolation (no antialiasing)."""
+    import torch.nn.functional as F
+
+    assert upscale_method in UPSCALE_METHODS, upscale_method
+    if width == 0 and height == 0:
+        return (image,)
+    n, h, w, c = image.shape
+    if width == 0:
+        width = max(1, round(w * height / h))
+    elif height == 0:
+        height = max(1, round(h * width / w))
+    x = image.movedim(-1, 1)                       # [N, C, H, W]
+    if crop == "center":
+        ratio = (width / height) / (w / h)
+        left = round((w - w * ratio) / 2) if ratio < 1 else 0
+        top = round((h - h / ratio) / 2) if ratio > 1 else 0
+        x = x[:, :, top:h - top, left:w - left]
+    if upscale_method == "lanczos":
+        from PIL import Image
+
+        frames = []
+        for frame in x:
+            pixels = np.clip(255.0 * frame.movedim(0, -1).cpu().numpy(), 0, 255).astype(np.uint8)
+            resized = Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS)
+            frames.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0))
+        return (torch.stack(frames),)
+    return (F.interpolate(x, size=(height, width), mode=upscale_method).movedim(1, -1),)
+
+
 # Native ComfyUI nodes the example workflows use: widget names in saved order, and a stand-in
 # (LoadImage's needs the input folder).
 NATIVE_WIDGETS = {
     "LoadImage": ["image", "upload"],
     "ImageToMask": ["channel"],
     "ImagePadForOutpaint": ["left", "top", "right", "bottom", "feathering"],
+    "ImageFromBatch": ["batch_index", "length"],
+    "ImageScale": ["upscale_method", "width", "height", "crop"],
 }
-NATIVE = {"ImageToMask": image_to_mask, "ImagePadForOutpaint": image_pad_for_outpaint}
+NATIVE = {"ImageToMask": image_to_mask, "ImagePadForOutpaint": image_pad_for_outpaint,
+          "ImageFromBatch": image_from_batch, "ImageScale": image_scale}
 
 
 def _bypass(node: dict, links: dict, run):
@@ -143,7 +194,10 @@ def run_workflow(path: Path, models_dir: Path, input_dir: Path, output_dir: Path
             names = NATIVE_WIDGETS[node["type"]]
             values = node.get("widgets_values", [])
             assert len(values) == len(names), f"{node['type']} stores {values}, takes {names}"
-            out = NATIVE[node["type"]](**dict(zip(names, values)), **kwargs)
+            widget_values = dict(zip(names, values))
+            widget_values.update({k: v for k, v in (overrides or {}).items()
+                                  if k in widget_values})
+            out = NATIVE[node["type"]](**widget_values, **kwargs)
         else:
             cls = pack.NODE_CLASS_MAPPINGS[node["type"]]
             widget_values = widget_kwargs(cls, node.get("widgets_values", []))

@@ -45,9 +45,14 @@ OUTPUTS = {
     "WanCoreSaveVideo": [],
     "WanCoreDemoFirstFrame": [("image", "IMAGE")],
     "WanCoreVACE": [("video_cond", "WANCORE_VIDEO_COND")],
+    "WanCoreVAEEncode": [("latent", "LATENT")],
+    "WanCoreExtendVideo": [("images", "IMAGE")],
+    "WanCoreContextWindows": [("model", "WANCORE_MODEL")],
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
     "ImageToMask": [("MASK", "MASK")],
     "ImagePadForOutpaint": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    "ImageFromBatch": [("IMAGE", "IMAGE")],
+    "ImageScale": [("IMAGE", "IMAGE")],
     "MarkdownNote": [],
 }
 # (sockets, widget names) of the native ComfyUI nodes used here, as ComfyUI lays them out.
@@ -56,12 +61,16 @@ NATIVE = {
     "ImageToMask": ([("image", "IMAGE")], ["channel"]),
     "ImagePadForOutpaint": ([("image", "IMAGE")], ["left", "top", "right", "bottom",
                                                    "feathering"]),
+    "ImageFromBatch": ([("image", "IMAGE")], ["batch_index", "length"]),
+    "ImageScale": ([("image", "IMAGE")], ["upscale_method", "width", "height", "crop"]),
 }
 SIZES = {"WanCoreTextEncode": (420, 300), "WanCoreSampler": (320, 300),
          "WanCoreImageToVideo": (320, 260), "LoadImage": (300, 330), "MarkdownNote": (420, 300),
          "WanCoreSaveVideo": (360, 420), "WanCoreMoE": (320, 170),
          "WanCoreDemoFirstFrame": (420, 130), "WanCoreVACE": (340, 250),
-         "ImageToMask": (300, 90), "ImagePadForOutpaint": (300, 220)}
+         "ImageToMask": (300, 90), "ImagePadForOutpaint": (300, 220),
+         "WanCoreExtendVideo": (340, 420), "WanCoreContextWindows": (320, 170),
+         "ImageFromBatch": (300, 110), "ImageScale": (300, 170)}
 
 
 @dataclass
@@ -178,11 +187,13 @@ def loaders(dit_files, vae, clip=False, text_encoder=UMT5):
     return nodes
 
 
-def tail(model_key, cond_key, sampler_widgets, fps, prefix, column=2):
+def tail(model_key, cond_key, sampler_widgets, fps, prefix, column=2, latent_key=None):
+    latent = {"latent": (latent_key, 0, "LATENT")} if latent_key else {}
     return [
         Node("sampler", "WanCoreSampler", sampler_widgets,
              {"model": (model_key, 0, "WANCORE_MODEL"), "text_embeds": ("text", 0, "WANCORE_TEXT_EMBEDS"),
-              "video_cond": (cond_key, 0, "WANCORE_VIDEO_COND")}, column=column, group="3. Sample"),
+              "video_cond": (cond_key, 0, "WANCORE_VIDEO_COND"), **latent}, column=column,
+             group="3. Sample"),
         Node("decode", "WanCoreVAEDecode", ["auto", 256],
              {"vae": ("vae", 0, "WANCORE_VAE"), "latent": ("sampler", 0, "LATENT")},
              column=column + 1, group="4. Output"),
@@ -210,8 +221,8 @@ def note(title, files, tips, inputs=()):
     return "\n".join(lines)
 
 
-def sampler(steps, cfg, shift, seed=42, solver="unipc"):
-    return [seed, "fixed", steps, cfg, shift, solver, 1.0]
+def sampler(steps, cfg, shift, seed=42, solver="unipc", denoise=1.0):
+    return [seed, "fixed", steps, cfg, shift, solver, denoise]
 
 
 # What the step-distilled LoRAs were trained with (wan_core.sampling.DISTILLED_*).
@@ -441,6 +452,7 @@ def workflows() -> dict:
                  "Set the LoRA strength to 0 to see what the base model does in 4 steps "
                  "without CFG."]))
     out.update(vace_workflows())
+    out.update(long_video_workflows())
     return out
 
 
@@ -595,6 +607,147 @@ def vace_workflows() -> dict:
          "the same way: at the end to extend backwards, first and last to fill the middle.",
          MASK_TIP, CLIP_TIP],
         "WanCore/wan21_vace_extend")
+    return out
+
+
+V2V_CLIP_TIP = ("Load Image reads every frame of an animated WebP / GIF as one batch (for an mp4 "
+                "use a video loader node, e.g. Load Video + Get Video Components, or "
+                "VideoHelperSuite's Load Video). The example clip is 208x120 to keep the pack "
+                "small: your own 832x480 clips give sharper results.")
+
+
+def long_video_workflows() -> dict:
+    """Video-to-video, extension and context windows (README: Long videos and video-to-video)."""
+    out = {}
+    f = "wan2.1_t2v_1.3B_bf16.safetensors"
+    out["wan21_v2v_restyle"] = build(
+        "wan21_v2v_restyle", "Wan 2.1 T2V 1.3B: restyle a clip (video to video)", [
+            *loaders([("dit", f)], VAE21),
+            load_image("clip", "vace_clip.webp", "Video to restyle"),
+            Node("frames", "ImageFromBatch", [0, 81], {"image": ("clip", 0, "IMAGE")},
+                 column=1, group="2. Prompt & video", title="Frames to restyle (4n+1)"),
+            Node("scale", "ImageScale", ["bilinear", 832, 480, "center"],
+                 {"image": ("frames", 0, "IMAGE")}, column=1, group="2. Prompt & video",
+                 title="Scale to the video size"),
+            Node("encode", "WanCoreVAEEncode", ["auto", 256],
+                 {"vae": ("vae", 0, "WANCORE_VAE"), "images": ("scale", 0, "IMAGE")},
+                 column=2, group="2. Prompt & video"),
+            text("A red ball rolls across a snowy meadow under a grey winter sky, a bare tree "
+                 "in the background, soft watercolour painting.", column=2),
+            Node("video", "WanCoreEmptyVideo", [832, 480, 81], column=2,
+                 group="2. Prompt & video", title="Video settings (= the clip's)"),
+            *tail("dit", "video", sampler(50, 5.0, 5.0, denoise=0.6), 16, "WanCore/wan21_v2v",
+                  column=3, latent_key="encode"),
+        ], note("Wan 2.1 T2V 1.3B: video to video (restyle a clip)",
+                [("diffusion_models", f), ("vae", VAE21), ("text_encoders", UMT5)],
+                ["WanCore VAE Encode turns the clip into a latent; the sampler noises it to "
+                 "`denoise` and samples from there with the prompt: the layout and motion come "
+                 "from the clip, the look from the prompt. Describe the whole scene as it "
+                 "should look.",
+                 "denoise follows ComfyUI's KSampler rule: the last `steps` steps of an "
+                 "int(steps / denoise)-step schedule (here 50 of 83), starting at about "
+                 "shift x d / (1 + (shift - 1) x d) of the noise (shift 5: 0.3 starts at 0.68, "
+                 "0.6 at 0.88). About 0.3 keeps the layout closely; 0.6 restyles freely and "
+                 "keeps the rough motion; 1 ignores the clip; 0 runs no step and gives back "
+                 "the VAE's reconstruction of the clip.",
+                 "WanCore Empty Video must have the clip's size and frame count (832x480, 81 "
+                 "here). VAE Encode needs 4n+1 frames: Image From Batch picks them "
+                 "(batch_index = first frame, length = how many) from a longer clip.",
+                 "Upscale Image brings the clip to the video size: the 208x120 example 4x to "
+                 "832x480; crop center fills the frame with clips of another aspect ratio.",
+                 "Official T2V 1.3B settings: 832x480, 50 steps, cfg 5, shift 5, 16 fps.",
+                 V2V_CLIP_TIP],
+                inputs=[("vace_clip.webp", "81 frames: a red ball rolling over a meadow "
+                                           "(the VACE examples' clip)")]))
+
+    f = "wan2.1_i2v_480p_14B_bf16.safetensors"
+    out["wan21_extend_clip"] = build(
+        "wan21_extend_clip", "Wan 2.1 I2V 14B 480P: a clip extended three times", [
+            *loaders([("dit", f)], VAE21, clip=True),
+            Node("image", "LoadImage", ["example.png", "image"], column=1,
+                 group="2. Prompt & video", title="Start image"),
+            text("The cat in the picture gets up and walks slowly along the garden path, the "
+                 "camera follows it."),
+            Node("i2v", "WanCoreImageToVideo", [832, 480, 81, "i2v"],
+                 {"vae": ("vae", 0, "WANCORE_VAE"), "start_image": ("image", 0, "IMAGE"),
+                  "clip_vision": ("clip", 0, "WANCORE_CLIP_VISION")}, column=1,
+                 group="2. Prompt & video"),
+            Node("sampler", "WanCoreSampler", sampler(40, 5.0, 3.0),
+                 {"model": ("dit", 0, "WANCORE_MODEL"),
+                  "text_embeds": ("text", 0, "WANCORE_TEXT_EMBEDS"),
+                  "video_cond": ("i2v", 0, "WANCORE_VIDEO_COND")}, column=2,
+                 group="3. Sample the first clip"),
+            Node("decode", "WanCoreVAEDecode", ["auto", 256],
+                 {"vae": ("vae", 0, "WANCORE_VAE"), "latent": ("sampler", 0, "LATENT")},
+                 column=3, group="3. Sample the first clip"),
+            Node("extend", "WanCoreExtendVideo",
+                 [3, 1, 81, 43, "fixed", 40, 5.0, 3.0, "unipc", True],
+                 {"model": ("dit", 0, "WANCORE_MODEL"), "vae": ("vae", 0, "WANCORE_VAE"),
+                  "text_embeds": ("text", 0, "WANCORE_TEXT_EMBEDS"),
+                  "video": ("decode", 0, "IMAGE"),
+                  "clip_vision": ("clip", 0, "WANCORE_CLIP_VISION")}, column=4,
+                 group="4. Extend (3 segments)"),
+            Node("save", "WanCoreSaveVideo", [16.0, "mp4", "WanCore/wan21_extend", 19],
+                 {"images": ("extend", 0, "IMAGE")}, column=5, group="5. Output"),
+        ], note("Wan 2.1 I2V 14B 480P: extend a clip (long video)",
+                [("diffusion_models", f), ("vae", VAE21), ("text_encoders", UMT5),
+                 ("clip_vision", CLIP)],
+                ["The first clip is an ordinary I2V generation; WanCore Extend Video then "
+                 "appends 3 segments, each an I2V generation that starts on the clip's last "
+                 "frame. A segment's first frame stands for the given one and is dropped: each "
+                 "adds 81 - 1 = 80 frames, 81 + 3 x 80 = 321 frames in all (20 s at 16 fps).",
+                 "overlap_frames 1 is exactly the official I2V conditioning. A larger overlap "
+                 "(5 or 9) marks the clip's last frames as given and shows the model the motion "
+                 "so far (smaller seams on the demo model); each segment then adds 81 - overlap "
+                 "frames.",
+                 "colour_match (on): a segment can come out slightly brighter, darker or "
+                 "tinted, and this adds up over segments; the drift is measured over the "
+                 "overlap (mean and contrast per channel) and corrected on the whole segment.",
+                 "Official I2V 480P settings for the clip and every segment: 832x480, 81 "
+                 "frames, 40 steps, cfg 5, shift 3. Segment k uses the node's seed + k "
+                 "(43, 44, 45 here).",
+                 "One segment is generated at a time: memory stays that of one 81-frame I2V "
+                 "run, time grows with the segments.",
+                 "A prompt per segment: chain Extend Video nodes (images into the next one's "
+                 "video), each with its own Text Encode. end_image: the last segment ends on "
+                 "that image.",
+                 "To extend your own clip, connect it (Load Image reads an animated WebP; or a "
+                 "video loader node) to video instead of the decoded first clip: its size is "
+                 "every segment's size (832x480 for this model).",
+                 "Wan 2.2 I2V A14B: load its two experts and WanCore MoE as in "
+                 "`wan22_i2v_A14B`, connect the MoE to model and leave clip_vision empty "
+                 "(shift 5, cfg 3.5)."]))
+
+    f = "wan2.1_t2v_1.3B_bf16.safetensors"
+    out["wan21_t2v_long_context_windows"] = build(
+        "wan21_t2v_long_context_windows",
+        "Wan 2.1 T2V 1.3B: a 241-frame video in context windows", [
+            *loaders([("dit", f)], VAE21),
+            text("A drone flies slowly along a winding river through an autumn forest, "
+                 "golden evening light, realistic, smooth camera motion."),
+            Node("video", "WanCoreEmptyVideo", [832, 480, 241], column=1,
+                 group="2. Prompt & video"),
+            Node("windows", "WanCoreContextWindows", [81, 16, "static", "linear"],
+                 {"model": ("dit", 0, "WANCORE_MODEL")}, column=2, group="3. Sample"),
+            *tail("windows", "video", sampler(50, 5.0, 5.0), 16, "WanCore/wan21_t2v_long"),
+        ], note("Wan 2.1 T2V 1.3B: a long video in context windows",
+                [("diffusion_models", f), ("vae", VAE21), ("text_encoders", UMT5)],
+                ["241 frames (15 s at 16 fps) are sampled as overlapping 81-frame windows, the "
+                 "model's length, here 4: at every step each window is evaluated as a clip of "
+                 "its own and the windows' results are blended where they overlap (16 frames or "
+                 "more: the first window starts at frame 0, the last ends at the last frame).",
+                 "Memory is that of one window: only one window is in the model at a time "
+                 "(measured: 1.08x one 81-frame window's peak for 241 frames, against 2.75x in "
+                 "one pass). Time: about 4x an 81-frame run (4 windows every step).",
+                 "schedule uniform moves the inner windows by half a stride every other step, "
+                 "so no seam stays at one frame (not with the step cache); blend pyramid "
+                 "weights each window by its distance to the window's centre. More "
+                 "context_overlap (a multiple of 4) = smoother seams, more windows.",
+                 "Every window gets the same prompt: describe something that can go on for the "
+                 "whole video (a walk, a drive, a flight).",
+                 "Also with Wan 2.2 A14B pairs (after WanCore MoE), LoRAs, VACE and the step "
+                 "cache (one cache state per window). Frames: 4n+1.",
+                 "Official T2V 1.3B settings: 832x480, 50 steps, cfg 5, shift 5, 16 fps."]))
     return out
 
 

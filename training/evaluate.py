@@ -67,8 +67,11 @@ MISSING_PX = 32.0    # VACE: the error counted for a frame where no object is fo
 
 
 def evaluate_vace(models: DemoModels, count: int = 16, steps=None, cfg=None, seed: int = 0,
-                  vace_scale: float = 1.0, verbose: bool = False) -> dict:
-    """Centroid error against the control path on ``count`` held-out paths.
+                  vace_scale: float = 1.0, verbose: bool = False,
+                  silhouette: str = "shape") -> dict:
+    """Centroid error against the control path on ``count`` held-out paths, the controls drawn
+    in the object's shape (as the demo's ``--path`` draws them) or, with ``silhouette="disc"``,
+    as a shape-agnostic disc.
 
     Returns ``error`` (mean over clips of the mean per-frame distance, px, between the
     generated object's centroid and the path; a frame without an object counts
@@ -81,7 +84,7 @@ def evaluate_vace(models: DemoModels, count: int = 16, steps=None, cfg=None, see
     totals: dict = {}
     per_family: dict = {}
     errors, found = [], []
-    items = heldout_paths(count)
+    items = heldout_paths(count, silhouette)
     for i, (family, (_, control, caption, path, _)) in enumerate(items):
         video = generate_video(models, caption, "vace", steps=steps, cfg=cfg, seed=seed + i,
                                control=control, vace_scale=vace_scale)
@@ -117,6 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=None, help="default 32 (vace: 16)")
     parser.add_argument("--vace-scale", type=float, default=1.0,
                         help="vace: strength of the control (0: the plain T2V)")
+    parser.add_argument("--silhouette", choices=("shape", "disc"), default="shape",
+                        help="vace: controls in the object's shape (as the demo draws them) or "
+                             "a disc")
     parser.add_argument("--steps", type=int, default=None, help=f"default {STEPS} (--fast: 4)")
     parser.add_argument("--cfg", type=float, default=None, help=f"default {CFG} (--fast: 1)")
     parser.add_argument("--fast", action="store_true",
@@ -132,12 +138,12 @@ def main(argv=None) -> int:
     models = DemoModels(args.weights)
     if args.task == "vace":
         result = evaluate_vace(models, args.count or 16, args.steps, args.cfg, args.seed,
-                               args.vace_scale, args.verbose)
+                               args.vace_scale, args.verbose, args.silhouette)
     else:
         result = evaluate(models, args.task, args.count or 32, args.steps, args.cfg, args.seed,
                           args.verbose, args.fast)
-    print(f"{args.task}{' fast' if args.fast else ''}"
-          f"{f' vace_scale {args.vace_scale:g}' if args.task == 'vace' else ''} steps "
+    vace = f" vace_scale {args.vace_scale:g} silhouette {args.silhouette}"
+    print(f"{args.task}{' fast' if args.fast else ''}{vace if args.task == 'vace' else ''} steps "
           f"{args.steps} cfg {args.cfg}: " +
           " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                    for k, v in result.items()) +

@@ -3,7 +3,7 @@
 ``STEPS``: the shipped weights (TRAINING.md): the third run's stages, with ``i2v`` from the
 fourth session (3000 steps, resumed to 6000, 9000, then 12000: ``--resume --steps N``) and
 ``dit_mixed`` from the fifth (6000 steps, resumed to 8500, then 10500), ``dit_focus`` and
-``i2v_focus`` from the sixth (one run each). ``SECOND_RUN``
+``i2v_focus`` from the sixth (one run each), ``vace`` (issue 25, one run). ``SECOND_RUN``
 and ``FIRST_RUN``: the earlier recipes' counts (end-to-end VAE stages ``vae`` ... ``vae_long``,
 kept for reference; their DiTs were trained on that VAE's latents). ``T2V_STAGES`` /
 ``I2V_STAGES``: the DiT stages whose last finished one is shipped (``final_stage``)."""
@@ -15,7 +15,7 @@ from .training import finished
 
 STEPS = {"text": 400, "encoder_fit": 2000, "decoder_fit": 2400, "vae_fit": 300, "dit": 6400,
          "i2v": 12000, "dit_mixed": 10500, "dit_focus": 4000, "i2v_focus": 3000, "experts": 100,
-         "fast_lora": 5500, "vace": 4000}
+         "fast_lora": 5500, "vace": 3000}
 SECOND_RUN = {"vae": 1500, "text": 400, "decoder": 1200, "decoder_long": 400, "vae_long": 650,
               "dit": 3200, "i2v": 300, "experts": 100}
 FIRST_RUN = {"vae": 1500, "text": 400, "decoder": 1200, "decoder_long": 400, "dit": 1100,

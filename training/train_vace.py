@@ -11,9 +11,10 @@ the control video's latent channels (16:32) and zeros elsewhere. Only the module
 Data (``wan_core.demo.paths``): a training combination's object (caption from the training
 split, its direction word drawn independently of the path, so the control has to win) moving
 along a random path of one of four families (straight in any direction, Bezier arc, move then
-stop, two legs with a corner), its centroid on the path. The control is the silhouette: a white
-disc of the object's half size over black on the same path, whatever the shape (the prompt sets
-the shape). The control latent is exactly ``conditioning.vace_context(vae, ..., video=
+stop, two legs with a corner), its centroid on the path. The control is the silhouette, white
+over black on the same path: for half the clips the object's own shape (what the demo's
+``--path`` draws from the prompt's shape), for the other half a disc of the object's half size
+whatever its shape (a shape-agnostic control; the prompt picks the shape). The control latent is exactly ``conditioning.vace_context(vae, ..., video=
 silhouette)`` (mask all ones: channels 0:16 the latent of a zero video, 16:32 the silhouette's
 latent, 32:96 ones); checked against it when the cache is built. The cache holds the target and
 silhouette latents of ``CLIPS`` clips, encoded with the shipped VAE, and the shipped text
@@ -53,20 +54,30 @@ BATCH = 32
 LR = 1e-3
 WARMUP = 50
 HELDOUT_SEED = 10**6    # held-out paths use seeds from here (training: 0 .. CLIPS - 1)
+SHAPE_SILHOUETTE = 0.5  # share of training controls drawn in the object's shape (else a disc)
 
 
 # ------------------------------------------------------------------------------ clips
 
-def path_clip(seed: int, split: str = "train", family: str | None = None):
+def path_clip(seed: int, split: str = "train", family: str | None = None,
+              silhouette: str | None = None, shape: str | None = None):
     """``(video, control, caption, path, half)`` of path clip ``seed``: video and control
-    ``[3, T, H, W]`` float32 in [-1, 1]. The combination is drawn from ``split``; its
-    direction word has nothing to do with the path."""
-    combos = list(dataset.iter_combos(split))
+    ``[3, T, H, W]`` float32 in [-1, 1]. The combination is drawn from ``split`` (among those
+    of ``shape`` when given); its direction word has nothing to do with the path.
+    ``silhouette``: ``"shape"`` (the object's own shape) or ``"disc"``; by default drawn from
+    the seed, shape with probability ``SHAPE_SILHOUETTE``."""
+    combos = [c for c in dataset.iter_combos(split) if shape is None or c.shape == shape]
     combo = combos[random.Random(f"vace-combo/{split}/{seed}").randrange(len(combos))]
     half = random_half(seed)
     path = random_path(seed, family, half)
+    if silhouette is None:
+        shaped = random.Random(f"vace-silhouette/{seed}").random() < SHAPE_SILHOUETTE
+        silhouette = "shape" if shaped else "disc"
+    if silhouette not in ("shape", "disc"):
+        raise ValueError(f"silhouette must be 'shape' or 'disc' (got {silhouette!r})")
     video = render_on_path(combo, path, half, FRAMES, SIZE)
-    control = render_control(path, FRAMES, SIZE, half)
+    control = render_control(path, FRAMES, SIZE, half,
+                             combo.shape if silhouette == "shape" else None)
 
     def signed(x):
         return torch.from_numpy(x).permute(3, 0, 1, 2).contiguous() * 2.0 - 1.0
@@ -74,14 +85,18 @@ def path_clip(seed: int, split: str = "train", family: str | None = None):
     return signed(video), signed(control), combo.caption, path, half
 
 
-def heldout_paths(count: int = 16):
-    """``count`` held-out path clips: the families in turn, seeds from ``HELDOUT_SEED`` (never
-    trained on), captions from the held-out combinations."""
+def heldout_paths(count: int = 16, silhouette: str = "shape"):
+    """``count`` held-out path clips: the path families and the shapes in turn, seeds from
+    ``HELDOUT_SEED`` (never trained on), captions from the held-out combinations, controls
+    drawn as ``silhouette``."""
     from wan_core.demo.paths import FAMILIES
 
-    return [(FAMILIES[i % len(FAMILIES)],
-             path_clip(HELDOUT_SEED + i, "heldout", FAMILIES[i % len(FAMILIES)]))
-            for i in range(count)]
+    out = []
+    for i in range(count):
+        family = FAMILIES[i % len(FAMILIES)]
+        shape = dataset.SHAPES[i % len(dataset.SHAPES)]
+        out.append((family, path_clip(HELDOUT_SEED + i, "heldout", family, silhouette, shape)))
+    return out
 
 
 # ------------------------------------------------------------------------------ cache
@@ -253,6 +268,7 @@ def save_vace_module(out: Path, weights: Path | None = None, state: dict | None 
     save_file(state if state is not None else vace_module_state(out), str(path),
               metadata={"format": "pt", "source": "wan_core demo (python -m training.train vace)",
                         "base_sha256": file_sha256(base_path(folder))})
+    path.chmod(0o644)
     model = load_dit(base_path(folder), vace_module=path)
     if model.config.model_type != "vace" or model.config.vace_layers != vace_plan(
             model.config.num_layers, VACE_BLOCKS):

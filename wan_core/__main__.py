@@ -617,6 +617,9 @@ def _add_video_options(parser: argparse.ArgumentParser) -> None:
                        help="frames of the clip each segment continues from, dropped from the "
                             "segment (default 1 for i2v, the official conditioning, where more "
                             "mark several frames as given; ti2v: 1 only; default 5 for vace)")
+    group.add_argument("--extend-prompt", action="append", default=[], metavar="TEXT",
+                       help="--extend: the prompt of the next segment (repeatable: one per "
+                            "segment in order, the last one for the rest; default --prompt)")
     group.add_argument("--no-colour-match", action="store_true",
                        help="--extend: keep each segment's colours as generated (by default "
                             "they are matched to the clip's over the overlap)")
@@ -642,6 +645,7 @@ def check_video_args(args: argparse.Namespace) -> dict:
     if not args.extend:
         given = [option for option, value in (("--extend-frames", args.extend_frames),
                                               ("--extend-overlap", args.extend_overlap),
+                                              ("--extend-prompt", args.extend_prompt),
                                               ("--no-colour-match", args.no_colour_match))
                  if value]
         if given:
@@ -742,9 +746,10 @@ def prepare_video_run(args: argparse.Namespace, run: dict, vae, width: int, heig
 
 def run_extension(args: argparse.Namespace, model, vae, context, negative_context, clip,
                   *, steps: int, cfg: float, shift: float, frames: int, device, cache,
-                  end_image, main_rank: bool = True):
+                  end_image, prompts=(), main_rank: bool = True):
     """``--extend N``: the clip ``[3, T, H, W]`` with N segments appended; prints what each
-    segment did and the seams."""
+    segment did and the seams. ``prompts``: the encoded ``--extend-prompt`` texts, in order
+    (with the run's negative prompt)."""
     from tqdm import tqdm
 
     from wan_core import load_clip_vision
@@ -763,6 +768,7 @@ def run_extension(args: argparse.Namespace, model, vae, context, negative_contex
                            guide_scale=cfg, shift=shift, solver=args.solver, seed=seed,
                            colour_match=not args.no_colour_match, device=device, cache=cache,
                            tile=_tile_option(args.tile), report=report,
+                           segment_prompts=[([p], negative_context) for p in prompts],
                            callback=lambda step, total, x, x0: bar.update(1))
     ratios, _ = seam_ratios(out, [r.start for r in report])
     for r, ratio in zip(report, ratios):
@@ -935,6 +941,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from wan_core.prompts import OFFICIAL_NEGATIVE_PROMPT
         negative = OFFICIAL_NEGATIVE_PROMPT
     context, negative_context = te.encode([args.prompt, negative], device=device)
+    extend_prompts = [te.encode([text], device=device)[0] for text in args.extend_prompt]
     del te
 
     if args.task == "vace":
@@ -986,7 +993,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         video = run_extension(args, extender, vae, [context],
                               [negative_context] if cfg != 1 or moe else None, video[0].cpu(),
                               steps=steps, cfg=cfg, shift=shift, frames=frames, device=device,
-                              cache=cache, end_image=checked["end_image"])[None]
+                              cache=cache, end_image=checked["end_image"],
+                              prompts=extend_prompts)[None]
         del extender
     write_outputs(args, video, None if latent is None else vae.denormalize(latent), fps,
                   calibration=recorder.result() if recorder is not None else None)

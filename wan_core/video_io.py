@@ -142,7 +142,7 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
 
         with Image.open(path) as img:
             frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(img)]
-            duration = img.info.get("duration", 62.5)
+            duration = img.info.get("duration") or 62.5     # 0 or missing: 16 fps
         return np.stack(frames), 1000.0 / duration
     import av
 

@@ -14,8 +14,9 @@ training.train all`` from a clone of the repository (``training/TRAINING.md``; n
 The model knows one plain shape (circle, square, triangle) in one of six colours (red, green,
 blue, yellow, white, purple) moving left, right, up or down over a black, gray, white or blue
 background, at 64x64 pixels. With its VACE module (``vace_module.safetensors``, attached to the
-T2V) a control clip, a white disc moving over black (``paths.render_control``), sets the path
-instead: diagonal, curved, stopping, turning (``--path``, see ``paths.PATH_HELP``).
+T2V) a control clip, the object's white silhouette moving over black
+(``paths.render_control``), sets the path instead: diagonal, curved, stopping, turning
+(``--path``, see ``paths.PATH_HELP``).
 """
 from __future__ import annotations
 
@@ -199,11 +200,22 @@ def check_run_args(args) -> Optional[torch.Tensor]:
     return read_image(image_path, "--image") if image_path else None
 
 
+def silhouette_shape(prompt: str) -> Optional[str]:
+    """The shape a ``--path`` silhouette is drawn in: the prompt's shape when it is a demo
+    caption, else None (a shape-agnostic disc)."""
+    from .clips import parse_caption
+
+    try:
+        return parse_caption(prompt).shape
+    except ValueError:
+        return None
+
+
 def check_vace_args(args) -> Optional[torch.Tensor]:
     """``--path`` / ``--control`` / ``--vace-scale``: for ``--task vace`` exactly one of
-    ``--path`` and ``--control``; returns the control clip ``[3, T, H, W]`` in [-1, 1] (drawn from
-    the path, or read from the file and checked to have enough frames), else None. Raises
-    ``UsageError``."""
+    ``--path`` and ``--control``; returns the control clip ``[3, T, H, W]`` in [-1, 1] (the
+    path drawn as a white silhouette of the prompt's shape over black, or the file read and
+    checked to have enough frames), else None. Raises ``UsageError``."""
     from ..checks import UsageError
     from ..conditioning import nearest_valid_frames
     from ..video_io import load_video
@@ -234,7 +246,8 @@ def check_vace_args(args) -> Optional[torch.Tensor]:
             path = paths.parse_path(spec)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        clip = paths.render_control(path, frames, size)
+        clip = paths.render_control(path, frames, size, shape=silhouette_shape(
+            getattr(args, "prompt", "") or ""))
         return torch.from_numpy(clip).permute(3, 0, 1, 2).contiguous() * 2 - 1
     try:
         video = load_video(control_file)

@@ -11,7 +11,7 @@ position is interpolated linearly between keyframes. It renders at any size and 
 
     path = parse_path("diagonal")                      # a named path
     path = parse_path("0.2,0.2:0.8,0.5:0.8,0.5")       # waypoints at equal time steps
-    control = render_control(path, frames=17, size=64)  # [T, H, W, 3] float32 in 0..1
+    control = render_control(path, frames=17, size=64, shape="square")  # [T, H, W, 3] in 0..1
     clip = render_on_path(combo, path, half=0.125)     # the clip the VACE demo should make
 
 Waypoints given as ``x,y:x,y:...`` are reached at equal time intervals (the first at the first
@@ -33,7 +33,7 @@ from .clips import BACKGROUNDS, COLOURS, HALF_SIZE, MARGIN, Combo, coverage
 
 FAMILIES = ("line", "curve", "stop", "turn")
 DEMO_HALF = 0.125            # object half size of the CLI's paths (fraction of the frame)
-SILHOUETTE = (1.0, 1.0, 1.0)  # the control clip: a white disc of radius ``half`` on black
+SILHOUETTE = (1.0, 1.0, 1.0)  # the control clip: the object's shape (or a disc) in white on black
 MIN_LENGTH = 0.25            # shortest movement of a random path (fraction of the frame)
 
 
@@ -178,13 +178,21 @@ def random_half(seed: int) -> float:
 
 # ------------------------------------------------------------------------------ rendering
 
+def _shape_at(shape: str, x: float, y: float, half: float, size: int) -> np.ndarray:
+    """Coverage [size, size] of ``shape`` with its area centroid at (x, y) (the triangle's box
+    centre sits half/3 above its centroid)."""
+    lift = half / 3 if shape == "triangle" else 0.0
+    return coverage(shape, x, y - lift, half, size)
+
+
 def render_control(path: MotionPath, frames: int = 17, size: int = 64,
-                   half: float = DEMO_HALF) -> np.ndarray:
-    """The silhouette clip ``[T, H, W, 3]`` float32 in 0..1: a white disc of radius ``half``
-    centred on the path, over black (the same disc whatever the prompt's shape)."""
+                   half: float = DEMO_HALF, shape: str | None = None) -> np.ndarray:
+    """The silhouette clip ``[T, H, W, 3]`` float32 in 0..1: white on black, centred on the
+    path: ``shape`` (circle, square, triangle) of half size ``half``, or with ``shape=None`` a
+    disc of radius ``half`` (shape-agnostic: the prompt then picks the shape)."""
     out = np.zeros((frames, size, size, 3), np.float32)
     for t, (x, y) in enumerate(path.positions(frames)):
-        out[t] = coverage("circle", float(x), float(y), half, size)[..., None] * \
+        out[t] = _shape_at(shape or "circle", float(x), float(y), half, size)[..., None] * \
             np.asarray(SILHOUETTE, np.float32)
     return out
 
@@ -195,9 +203,8 @@ def render_on_path(combo: Combo, path: MotionPath, half: float = DEMO_HALF, fram
     ``[T, H, W, 3]`` float32 in 0..1: what the VACE demo is asked to make."""
     fg = np.asarray(COLOURS[combo.colour], np.float32) / 255.0
     bg = np.asarray(BACKGROUNDS[combo.background], np.float32) / 255.0
-    lift = half / 3 if combo.shape == "triangle" else 0.0    # box centre above the centroid
     out = np.empty((frames, size, size, 3), np.float32)
     for t, (x, y) in enumerate(path.positions(frames)):
-        a = coverage(combo.shape, float(x), float(y) - lift, half, size)
+        a = _shape_at(combo.shape, float(x), float(y), half, size)
         out[t] = bg + a[..., None] * (fg - bg)
     return out
