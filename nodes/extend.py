@@ -9,8 +9,8 @@ class WanCoreExtendVideo:
     CATEGORY = "WanCore"
     DESCRIPTION = ("Long videos: continues a clip from its last frame(s), one segment after "
                    "another, and returns the whole clip. An image-to-video model (Wan 2.1 I2V, "
-                   "Wan 2.2 I2V-A14B, TI2V-5B) continues from the last frame; a VACE model keeps "
-                   "the last overlap_frames frames and generates after them (keeps motion "
+                   "Wan 2.2 I2V-A14B, TI2V-5B) continues from the last frame(s); a VACE model "
+                   "keeps the last overlap_frames frames and generates after them (keeps motion "
                    "best). Each segment's first overlap_frames frames stand for the given ones "
                    "and are dropped; each segment adds frames_per_segment - overlap_frames "
                    "frames. Colour drift between segments is corrected over the overlap.")
@@ -36,9 +36,10 @@ class WanCoreExtendVideo:
                                      "tooltip": "How many segments to append."}),
                 "overlap_frames": ("INT", {
                     "default": 1, "min": 1, "max": 1000,
-                    "tooltip": "Frames of the clip each segment is conditioned on: 1 for an "
-                               "image-to-video model; with VACE a few (e.g. 5 or 9) carry the "
-                               "motion over the seam."}),
+                    "tooltip": "Frames of the clip each segment is conditioned on, dropped "
+                               "from the segment: 1 is the official I2V conditioning (TI2V-5B: "
+                               "1 only); more (e.g. 5 or 9) mark several frames as given (I2V) "
+                               "or kept (VACE) and carry the motion over the seam."}),
                 "frames_per_segment": ("INT", {
                     "default": 81, "min": 5, "max": 1001, "step": 4,
                     "tooltip": "Frames each segment is generated with, 4n+1 (the model's "

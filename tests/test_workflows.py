@@ -173,6 +173,8 @@ def test_vace_examples_use_the_shipped_inputs_and_their_notes_list_them():
         for file in _load_image_values(path):
             assert file in shipped and f"`{file}`" in note, (name, file)
             used.add(file)
+    demo = ROOT / "example_workflows" / "wancore_demo_vace.json"
+    used |= set(_load_image_values(demo))                  # the demo's control path
     assert shipped == used | {"vace_pose.webp"}           # the pose clip: the depth one's twin
     assert sum(p.stat().st_size for p in INPUTS.iterdir()) < 300_000
 

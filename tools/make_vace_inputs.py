@@ -15,12 +15,15 @@ files into ComfyUI/input.
 - ``vace_inpaint_mask.webp``: white (generate) on a disc around the ball, black elsewhere.
 - ``vace_extend_clip.webp``: the first 17 frames of vace_clip, then grey frames.
 - ``vace_extend_mask.webp``: black (keep) for those 17 frames, white (generate) after.
+- ``wancore_demo_path.webp``: the embedded demo's control clip, a white disc on black along a
+  curved path (17 frames, 64x64).
 
 Everything is lossless. Masks are black / white, read with Convert Image to Mask (channel red).
 """
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -190,8 +193,19 @@ def main() -> None:
     save_webp(OUT / "vace_extend_clip.webp", frames[:KEEP] + [grey] * (FRAMES - KEEP))
     black, white = np.zeros_like(grey), np.full_like(grey, 255)
     save_webp(OUT / "vace_extend_mask.webp", [black] * KEEP + [white] * (FRAMES - KEEP))
+    save_webp(OUT / "wancore_demo_path.webp", demo_path_clip())
     for path in sorted(OUT.iterdir()):
         print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
+
+
+def demo_path_clip() -> list:
+    """The embedded demo's VACE control: a white disc on black following the demo's curved
+    path (``wan_core.demo.paths``), 17 frames at 64x64."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from wan_core.demo.paths import parse_path, render_control
+
+    clip = render_control(parse_path("curve"), frames=17, size=64)
+    return [(f * 255).round().astype(np.uint8) for f in clip]
 
 
 if __name__ == "__main__":

@@ -276,9 +276,10 @@ def extend_video(model, vae, context, negative_context, video: torch.Tensor, *, 
     device: as :func:`wan_core.pipeline.generate` takes them (a :class:`MoEModel` pair, LoRAs,
     a step cache all work). video: the clip to continue, ``[3, T, H, W]`` in [-1, 1]; its size
     is the size of every segment (valid for the model). frames: frames per segment (4n+1);
-    overlap: the clip's last frames each segment is conditioned on (1 for an image-to-video
-    model), dropped from the segment when it is appended. end_image: ``[3, H, W]`` in [-1, 1],
-    where the last segment ends. seed: segment k (0-based) uses ``seed + k``.
+    overlap: the clip's last frames each segment is conditioned on (1: the official I2V
+    conditioning; TI2V-5B takes only 1), dropped from the segment when it is appended.
+    end_image: ``[3, H, W]`` in [-1, 1], where the last segment ends. seed: segment k
+    (0-based) uses ``seed + k``.
     callback(step, total, x, x0): progress over all segments (total = segments x steps);
     cancel: as for ``generate``. prepare(what): called with ``"model"`` before each segment is
     sampled and ``"vae"`` before the VAE runs (a host moves the model it needs onto the

@@ -42,7 +42,8 @@ def check_sampling_settings(steps=None, cfg=None, shift=None, denoise=None, seed
         check_positive_number("cfg (guidance scale)", cfg)
     if shift is not None:
         check_positive_number("shift", shift)
-    if denoise is not None and not (_is_number(denoise) and 0 < denoise <= 1):
-        raise ValueError(f"denoise must be in (0, 1] (got {denoise!r})")
+    if denoise is not None and not (_is_number(denoise) and 0 <= denoise <= 1):
+        raise ValueError(f"denoise must be in [0, 1] (0 returns the input latent, 1 is plain "
+                         f"generation; got {denoise!r})")
     if seed is not None:
         check_seed(seed)
