@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import load_pack
+from tests.test_bad_input import no_model_loads  # noqa: F401 - the fixture
 from tests.tiny_models import TEXT_DIM, dit_state_dict, vae_state_dict
 from wan_core import load_dit, load_vae
 from wan_core.conditioning import VideoConditioning, i2v_mask
@@ -314,19 +315,6 @@ def test_cli_video_to_video(models, tmp_path, clip_file, capsys):
     assert "--video: resized from 64x48 to 32x32" in capsys.readouterr().out
     frames, _ = read_video(tmp_path / "b.mp4")
     assert frames.shape == (5, 32, 32, 3)
-
-
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    import wan_core
-    from wan_core.loading import checkpoint
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr(checkpoint, "_read_state_dict", refuse)
-    for name in ("load_dit", "load_vae", "load_text_encoder", "load_clip_vision"):
-        monkeypatch.setattr(wan_core, name, refuse)
 
 
 def test_cli_video_to_video_bad_input(models, tmp_path, clip_file, capsys, no_model_loads):

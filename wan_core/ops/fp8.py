@@ -83,13 +83,12 @@ def usable(weight: torch.Tensor) -> bool:
 
 
 def set_fp8_compute(model: torch.nn.Module, enabled: bool = True) -> int:
-    """Turn fp8 multiplication on (or off) for every Linear of ``model`` whose stored weight
-    can use it; returns how many layers will."""
-    from .linear import Linear
-
+    """Turn fp8 multiplication on (or off) for every Linear (``wan_core.ops.Linear``: the
+    layers with an ``fp8_compute`` switch) of ``model`` whose stored weight can use it; returns
+    how many layers will."""
     count = 0
     for module in model.modules():
-        if isinstance(module, Linear):
+        if hasattr(module, "fp8_compute"):
             module.fp8_compute = enabled
             count += int(enabled and module.qtype is None and usable(module.weight))
     return count
