@@ -101,7 +101,10 @@ def test_demo_refuses_bad_values(tmp_path, capsys, no_model_loads):
                          (["--frames", "16"], "frames must be 4n+1 (1, 5, 9, ..., 81); got 16"),
                          (["--size", "100000"], "needs at least"),
                          (["--seed", "-1"], "--seed"),
-                         (["--task", "i2v"], "--task i2v needs --image"),
+                         (["--task", "i2v", "--prompt", "a cat on a sofa"],
+                          "draws the first frame from the prompt, which must then be a demo "
+                          "caption"),
+                         (["--size", "64x48"], "the demo makes square videos"),
                          (["--out", str(tmp_path / "x.gif")], "unsupported format '.gif'")]:
         assert main(["demo", "--out", str(tmp_path / "d.mp4"), *argv]) == 2, argv
         _one_error_line(capsys, needle)
@@ -693,3 +696,17 @@ def test_mistyped_options_and_a_missing_command_are_explained(capsys, no_model_l
     _one_error_line(capsys, "choose a command: generate (", "demo (")
     assert main(["demo", "--zzzzzz"]) == 2                       # nothing close: no guess
     assert "did you mean" not in _one_error_line(capsys, "unrecognized arguments: --zzzzzz")
+
+
+def test_demo_talks_about_its_vocabulary_and_draws_an_i2v_first_frame(tmp_path, capsys):
+    assert main(["demo", "--prompt", "a pink dog moving left on a blue background", "--steps",
+                 "2", "--size", "64x64", "--out", str(tmp_path / "a.mp4")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning:")]
+    assert len(warnings) == 1 and "'pink', 'dog'" in warnings[0]
+    assert "shapes circle, square, triangle" in warnings[0]
+    assert main(["demo", "--task", "i2v", "--steps", "2", "--prompt",
+                 "a red circle moving left on a blue background",
+                 "--out", str(tmp_path / "b.mp4")]) == 0
+    assert "warning:" not in capsys.readouterr().err
+    assert (tmp_path / "a.mp4").exists() and (tmp_path / "b.mp4").exists()

@@ -131,6 +131,18 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _demo_size(text: str) -> int:
+    """``--size`` of the demo: ``64`` or ``64x64`` (the demo draws square videos)."""
+    if "x" in text.lower():
+        width, height = _size(text)
+        if width != height:
+            raise argparse.ArgumentTypeError(
+                f"the demo makes square videos (its model learned 64x64): use e.g. "
+                f"{width}x{width} (got {text!r})")
+        return width
+    return _positive_int(text)
+
+
 def _lora(text: str) -> tuple[str, float]:
     """``FILE`` or ``FILE:STRENGTH`` -> (file, strength); strength defaults to 1."""
     path, sep, strength = text.rpartition(":")
@@ -318,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a process waits for the others before it stops with an "
                             "error (a process that died); default 600")
 
-    demo = sub.add_parser("demo", help="generate a video with the embedded tiny demo model")
+    from wan_core.demo.clips import vocabulary_help
+
+    demo = sub.add_parser("demo", help="generate a video with the embedded tiny demo model",
+                          description="Generate a video with the tiny demo model embedded in "
+                                      "the pack (64x64, 17 frames at 8 fps). "
+                                      + vocabulary_help())
     demo.add_argument("--prompt", default="a green square moving up on a black background",
                       help="what the video shows (the demo model knows simple shapes, colours "
                            "and directions)")
@@ -328,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="t2v: text only; i2v: start from --image (Wan 2.2 I2V layout); moe: "
                            "the Wan 2.2 high-noise / low-noise expert pair; vace: the object "
                            "follows --path or --control (the T2V with its VACE module)")
-    demo.add_argument("--image", metavar="FILE", help="first frame for --task i2v")
+    demo.add_argument("--image", metavar="FILE",
+                      help="first frame for --task i2v (default: drawn from the prompt, as "
+                           "WanCore Demo First Frame draws it)")
     demo.add_argument("--path", metavar="SPEC",
                       help="--task vace: the path the object follows, drawn as its white "
                            "silhouette on black: a named path (diagonal, diagonal-up, curve, "
@@ -344,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default 20)")
     demo.add_argument("--cfg", type=_positive_float, default=None, help="guidance scale (default: tuned)")
     demo.add_argument("--frames", type=_positive_int, default=17, help="frame count, 4n+1 (default 17)")
-    demo.add_argument("--size", type=_positive_int, default=64,
-                      help="width and height in pixels, a multiple of 16 (default 64)")
+    demo.add_argument("--size", type=_demo_size, default=64, metavar="WxH",
+                      help="video size, WxH like generate's (the demo draws squares: W = H) or "
+                           "one number, a multiple of 16 (default 64x64)")
     demo.add_argument("--seed", type=_seed, default=0, help="noise seed, 0 .. 2**64-1")
     _add_cache_options(demo)
     demo.add_argument("--fast", action="store_true",

@@ -183,8 +183,6 @@ def check_run_args(args) -> Optional[torch.Tensor]:
     image_path = getattr(args, "image", None)
     if fast and task != "t2v":
         raise UsageError("--fast is the distilled text-to-video demo; use it with --task t2v")
-    if task == "i2v" and not image_path:
-        raise UsageError("--task i2v needs --image FILE (the first frame)")
     if image_path and task != "i2v":
         raise UsageError("--image is the first frame for --task i2v")
     check_sampling_settings(steps=getattr(args, "steps", None), cfg=getattr(args, "cfg", None),
@@ -197,7 +195,28 @@ def check_run_args(args) -> Optional[torch.Tensor]:
                       overwrite=bool(getattr(args, "overwrite", False)))
     check_memory(estimate_memory(size, size, frames), torch.device("cpu"),
                  f"a {size}x{size}, {frames}-frame demo video")
-    return read_image(image_path, "--image") if image_path else None
+    if image_path:
+        return read_image(image_path, "--image")
+    if task == "i2v":
+        return first_frame_from_prompt(getattr(args, "prompt", ""), getattr(args, "seed", 0),
+                                       size)
+    return None
+
+
+def first_frame_from_prompt(prompt: str, seed: int, size: int) -> torch.Tensor:
+    """``--task i2v`` without ``--image``: the first frame the prompt's caption describes, drawn
+    as WanCore Demo First Frame draws it (placement from ``seed``): ``[3, size, size]`` in
+    [-1, 1]. UsageError when the prompt is not a demo caption."""
+    from ..checks import UsageError
+    from . import clips
+
+    try:
+        combo = clips.parse_caption(prompt)
+    except ValueError as e:
+        raise UsageError(f"--task i2v without --image draws the first frame from the prompt, "
+                         f"which must then be a demo caption ({e}); or give --image FILE") from None
+    frame = clips.render(clips.place(combo, int(seed) % 2**32), frames=1, size=size)[0]
+    return torch.from_numpy(frame).permute(2, 0, 1).float() * 2 - 1
 
 
 def silhouette_shape(prompt: str) -> Optional[str]:
@@ -279,6 +298,12 @@ def run(args) -> int:
         return 1
     image = check_run_args(args)
     control = check_vace_args(args)
+    from .clips import unknown_words, vocabulary_help
+
+    unknown = unknown_words(getattr(args, "prompt", "") or "")
+    if unknown:
+        print(f"warning: the demo model does not know {', '.join(repr(w) for w in unknown)}; "
+              f"it runs anyway. {vocabulary_help()}", file=sys.stderr)
     cache = cache_option(args)  # ValueError (bad name / threshold) before any work
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     stats: dict = {}

@@ -79,6 +79,25 @@ class ClipSpec:
     caption = property(lambda self: self.combo.caption)
 
 
+# The caption pattern's own words; with the names below they are every word the demo knows.
+PATTERN_WORDS = ("a", "an", "moving", "on", "background")
+
+
+def vocabulary_help() -> str:
+    """The words the demo knows and its caption pattern, for --help and warnings."""
+    return (f"The demo knows one caption pattern, '{CAPTION}': shapes "
+            f"{', '.join(SHAPES)}; colours {', '.join(COLOURS)}; directions "
+            f"{', '.join(DIRECTIONS)}; backgrounds {', '.join(BACKGROUNDS)}.")
+
+
+def unknown_words(prompt: str) -> list:
+    """The words of ``prompt`` the demo model never saw in a caption (in order, once each)."""
+    known = set(SHAPES) | set(COLOURS) | set(DIRECTIONS) | set(BACKGROUNDS) | \
+        set(PATTERN_WORDS)
+    words = re.findall(r"[a-z]+", prompt.lower())
+    return list(dict.fromkeys(w for w in words if w not in known))
+
+
 def parse_caption(caption: str) -> Combo:
     """The :class:`Combo` a caption names; ValueError when it is not a dataset caption."""
     m = _CAPTION_RE.match(caption)
