@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from training import paths as training_paths
 from training.analysis import object_centres
 from wan_core.__main__ import main
 from wan_core.demo import FILES, WEIGHTS_DIR, DemoModels, paths
@@ -43,20 +44,20 @@ def test_bad_paths_are_refused_with_the_reason(spec, needle):
 
 def test_random_paths_stay_in_frame_and_move():
     for seed in range(200):
-        half = paths.random_half(seed)
-        path = paths.random_path(seed, half=half)
+        half = training_paths.random_half(seed)
+        path = training_paths.random_path(seed, half=half)
         xy = path.positions(17)
-        lo, hi = half * 4 / 3 + paths.MARGIN - 1e-6, 1 - half * 4 / 3 - paths.MARGIN + 1e-6
+        lo, hi = half * 4 / 3 + training_paths.MARGIN - 1e-6, 1 - half * 4 / 3 - training_paths.MARGIN + 1e-6
         assert ((xy >= lo) & (xy <= hi)).all(), (seed, path)
         assert np.linalg.norm(xy[-1] - xy[0]) > 0.1 or path.family in ("curve", "turn")
-    assert {paths.random_path(s).family for s in range(40)} == set(paths.FAMILIES)
+    assert {training_paths.random_path(s).family for s in range(40)} == set(training_paths.FAMILIES)
 
 
 @pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
 def test_rendered_object_and_silhouette_sit_on_the_path(shape):
-    path = paths.random_path(3, "curve")
+    path = training_paths.random_path(3, "curve")
     target = path.pixels(17, 64)
-    clip = paths.render_on_path(Combo(shape, "red", "left", "blue"), path)
+    clip = training_paths.render_on_path(Combo(shape, "red", "left", "blue"), path)
     control = paths.render_control(path, shape=shape)
     disc = paths.render_control(path)
     assert control.shape == (17, 64, 64, 3) and control.min() == 0 and control.max() == 1

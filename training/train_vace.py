@@ -8,7 +8,7 @@ of the main block it pairs with, ``before_proj`` / ``after_proj`` start at zero 
 starts as the plain T2V), and ``vace_patch_embedding`` starts with the main patch embedding on
 the control video's latent channels (16:32) and zeros elsewhere. Only the module trains.
 
-Data (``wan_core.demo.paths``): a training combination's object (caption from the training
+Data (``training/paths.py``): a training combination's object (caption from the training
 split, its direction word drawn independently of the path, so the control has to win) moving
 along a random path of one of four families (straight in any direction, Bezier arc, move then
 stop, two legs with a corner), its centroid on the path. The control is the silhouette, white
@@ -38,11 +38,12 @@ import torch
 
 from wan_core.conditioning import VACE_CHANNELS, fold_vace_mask, latent_frames, vace_context
 from wan_core.demo import FILES, WEIGHTS_DIR, DemoModels
-from wan_core.demo.paths import random_half, random_path, render_control, render_on_path
+from wan_core.demo.paths import render_control
 from wan_core.models.configs import vace_plan
 from wan_core.models.dit import WanDiT
 
 from . import dataset
+from .paths import random_half, random_path, render_on_path
 from .train_dit import DROP, SHIFT, sample_sigma
 from .export import BUDGET_BYTES
 from .training import EMA, atomic_save, cosine_lr, finished_already, load, train_loop
@@ -89,7 +90,7 @@ def heldout_paths(count: int = 16, silhouette: str = "shape"):
     """``count`` held-out path clips: the path families and the shapes in turn, seeds from
     ``HELDOUT_SEED`` (never trained on), captions from the held-out combinations, controls
     drawn as ``silhouette``."""
-    from wan_core.demo.paths import FAMILIES
+    from .paths import FAMILIES
 
     out = []
     for i in range(count):

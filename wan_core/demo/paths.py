@@ -12,29 +12,22 @@ position is interpolated linearly between keyframes. It renders at any size and 
     path = parse_path("diagonal")                      # a named path
     path = parse_path("0.2,0.2:0.8,0.5:0.8,0.5")       # waypoints at equal time steps
     control = render_control(path, frames=17, size=64, shape="square")  # [T, H, W, 3] in 0..1
-    clip = render_on_path(combo, path, half=0.125)     # the clip the VACE demo should make
 
 Waypoints given as ``x,y:x,y:...`` are reached at equal time intervals (the first at the first
-frame, the last at the last frame), so a repeated waypoint is a pause. The training paths
-(``random_path``) come in four families: ``line`` (straight, any direction, diagonals
-included), ``curve`` (a quadratic Bezier arc), ``stop`` (straight, then standing still) and
-``turn`` (two straight legs with a corner).
+frame, the last at the last frame), so a repeated waypoint is a pause. The random training paths and the clips the VACE demo is
+trained to make are in ``training/paths.py``.
 """
 from __future__ import annotations
 
-import math
-import random
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from .clips import BACKGROUNDS, COLOURS, HALF_SIZE, MARGIN, Combo, coverage
+from .clips import coverage
 
-FAMILIES = ("line", "curve", "stop", "turn")
 DEMO_HALF = 0.125            # object half size of the CLI's paths (fraction of the frame)
 SILHOUETTE = (1.0, 1.0, 1.0)  # the control clip: the object's shape (or a disc) in white on black
-MIN_LENGTH = 0.25            # shortest movement of a random path (fraction of the frame)
 
 
 @dataclass(frozen=True)
@@ -64,13 +57,13 @@ class MotionPath:
         return self.positions(frames) * size - 0.5
 
 
-def _waypoints(points, family: str) -> MotionPath:
+def waypoints_path(points, family: str) -> MotionPath:
     n = len(points)
     return MotionPath(tuple((i / (n - 1), float(x), float(y)) for i, (x, y) in enumerate(points)),
                       family)
 
 
-def _bezier(p0, p1, p2, count: int = 9) -> list:
+def bezier_points(p0, p1, p2, count: int = 9) -> list:
     out = []
     for i in range(count):
         s = i / (count - 1)
@@ -80,11 +73,11 @@ def _bezier(p0, p1, p2, count: int = 9) -> list:
 
 
 NAMED = {
-    "diagonal": _waypoints([(0.22, 0.22), (0.78, 0.78)], "line"),
-    "diagonal-up": _waypoints([(0.22, 0.78), (0.78, 0.22)], "line"),
-    "curve": _waypoints(_bezier((0.2, 0.72), (0.5, 0.05), (0.8, 0.72)), "curve"),
+    "diagonal": waypoints_path([(0.22, 0.22), (0.78, 0.78)], "line"),
+    "diagonal-up": waypoints_path([(0.22, 0.78), (0.78, 0.22)], "line"),
+    "curve": waypoints_path(bezier_points((0.2, 0.72), (0.5, 0.05), (0.8, 0.72)), "curve"),
     "stop": MotionPath(((0.0, 0.22, 0.5), (0.5, 0.65, 0.5), (1.0, 0.65, 0.5)), "stop"),
-    "turn": _waypoints([(0.25, 0.25), (0.75, 0.25), (0.75, 0.75)], "turn"),
+    "turn": waypoints_path([(0.25, 0.25), (0.75, 0.25), (0.75, 0.75)], "turn"),
 }
 PATH_HELP = ("a named path (" + ", ".join(NAMED) + ") or waypoints 'x,y:x,y[:...]' in fractions "
              "of the frame (0..1, y down), reached at equal time intervals (repeat a point to "
@@ -113,72 +106,12 @@ def parse_path(spec: str) -> MotionPath:
             raise ValueError(f"--path {spec!r}: waypoint {part.strip()!r} is outside the frame; "
                              f"x and y are fractions of the frame, 0..1")
         points.append((x, y))
-    return _waypoints(points, "custom")
-
-
-# ------------------------------------------------------------------------------ random paths
-
-def _bounds(half: float) -> tuple[float, float]:
-    """Range of centroid positions that keeps every shape of ``half`` inside the frame (the
-    triangle's centroid sits half/3 below its box centre)."""
-    lo = half * 4 / 3 + MARGIN
-    return lo, 1.0 - lo
-
-
-def random_path(seed: int, family: str | None = None, half: float = DEMO_HALF) -> MotionPath:
-    """A random path of ``family`` (default: one of :data:`FAMILIES` drawn from the seed) that
-    keeps an object of ``half`` in frame and moves it at least ``MIN_LENGTH``."""
-    rng = random.Random(f"path/{seed}")
-    family = family or FAMILIES[rng.randrange(len(FAMILIES))]
-    lo, hi = _bounds(half)
-
-    def point():
-        return rng.uniform(lo, hi), rng.uniform(lo, hi)
-
-    def far_point(p, min_length=MIN_LENGTH):
-        while True:
-            q = point()
-            if math.dist(p, q) >= min_length:
-                return q
-
-    p0 = point()
-    if family == "line":
-        return _waypoints([p0, far_point(p0)], family)
-    if family == "curve":
-        p2 = far_point(p0, 0.35)
-        mid = ((p0[0] + p2[0]) / 2, (p0[1] + p2[1]) / 2)
-        nx, ny = -(p2[1] - p0[1]), p2[0] - p0[0]             # perpendicular, |n| = |p2 - p0|
-        for _ in range(100):
-            bend = rng.choice((-1, 1)) * rng.uniform(0.4, 1.0)
-            arc = _bezier(p0, (mid[0] + bend * nx, mid[1] + bend * ny), p2)
-            if all(lo <= v <= hi for q in arc for v in q):
-                return _waypoints(arc, family)
-        return random_path(seed * 7919 + 1, family, half)     # no arc fits: another start
-    if family == "stop":
-        p1 = far_point(p0)
-        t_stop = rng.uniform(0.3, 0.7)
-        return MotionPath(((0.0, *p0), (t_stop, *p1), (1.0, *p1)), family)
-    if family == "turn":
-        p1 = far_point(p0, 0.2)
-        while True:
-            p2 = far_point(p1, 0.2)
-            a = (p1[0] - p0[0], p1[1] - p0[1])
-            b = (p2[0] - p1[0], p2[1] - p1[1])
-            cos = (a[0] * b[0] + a[1] * b[1]) / (math.hypot(*a) * math.hypot(*b))
-            if cos < 0.5:                                     # a real corner (> 60 degrees)
-                break
-        t_turn = rng.uniform(0.35, 0.65)
-        return MotionPath(((0.0, *p0), (t_turn, *p1), (1.0, *p2)), family)
-    raise ValueError(f"unknown path family {family!r}; known: {', '.join(FAMILIES)}")
-
-
-def random_half(seed: int) -> float:
-    return random.Random(f"half/{seed}").uniform(*HALF_SIZE)
+    return waypoints_path(points, "custom")
 
 
 # ------------------------------------------------------------------------------ rendering
 
-def _shape_at(shape: str, x: float, y: float, half: float, size: int) -> np.ndarray:
+def shape_at(shape: str, x: float, y: float, half: float, size: int) -> np.ndarray:
     """Coverage [size, size] of ``shape`` with its area centroid at (x, y) (the triangle's box
     centre sits half/3 above its centroid)."""
     lift = half / 3 if shape == "triangle" else 0.0
@@ -192,19 +125,6 @@ def render_control(path: MotionPath, frames: int = 17, size: int = 64,
     disc of radius ``half`` (shape-agnostic: the prompt then picks the shape)."""
     out = np.zeros((frames, size, size, 3), np.float32)
     for t, (x, y) in enumerate(path.positions(frames)):
-        out[t] = _shape_at(shape or "circle", float(x), float(y), half, size)[..., None] * \
+        out[t] = shape_at(shape or "circle", float(x), float(y), half, size)[..., None] * \
             np.asarray(SILHOUETTE, np.float32)
-    return out
-
-
-def render_on_path(combo: Combo, path: MotionPath, half: float = DEMO_HALF, frames: int = 17,
-                   size: int = 64) -> np.ndarray:
-    """``combo``'s object (its direction word ignored) with its area centroid on ``path``, as
-    ``[T, H, W, 3]`` float32 in 0..1: what the VACE demo is asked to make."""
-    fg = np.asarray(COLOURS[combo.colour], np.float32) / 255.0
-    bg = np.asarray(BACKGROUNDS[combo.background], np.float32) / 255.0
-    out = np.empty((frames, size, size, 3), np.float32)
-    for t, (x, y) in enumerate(path.positions(frames)):
-        a = _shape_at(combo.shape, float(x), float(y), half, size)
-        out[t] = bg + a[..., None] * (fg - bg)
     return out
