@@ -7,6 +7,7 @@ runs them through the normal loaders and ``wan_core.pipeline.generate``.
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,18 +49,23 @@ def test_weights_load_through_the_normal_loaders_and_fit_the_budget(models):
     assert models.get("text_encoder").tokenizer.vocab_size <= models.get("text_encoder").config.vocab_size
 
 
-def heldout_t2v(models, label: str, **kw) -> dict:
-    """T2V held-out figures averaged over ``SEEDS`` (``kw``: evaluate's sampler options)."""
-    runs = [evaluate(models, "t2v", count=PROMPTS, seed=seed, **kw) for seed in SEEDS]
+def heldout_t2v(models, label: str, clips=None, **kw) -> dict:
+    """T2V held-out figures averaged over ``SEEDS`` (``kw``: evaluate's sampler options;
+    ``clips`` receives every ``(spec, frames)``)."""
+    runs = [evaluate(models, "t2v", count=PROMPTS, seed=seed, clips=clips, **kw)
+            for seed in SEEDS]
     result = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
     print(f"\nDEMO {label} held-out adherence {result['prompt']:.3f} ({PROMPTS} prompts x "
           f"seeds {SEEDS}): {result}; per seed {[r['prompt'] for r in runs]}")
     return result
 
 
+T2V_CLIPS: list = []         # (spec, frames) of every clip t2v_result generated
+
+
 @pytest.fixture(scope="module")
 def t2v_result(models):
-    return heldout_t2v(models, f"t2v ({STEPS} steps)", steps=STEPS)
+    return heldout_t2v(models, f"t2v ({STEPS} steps)", clips=T2V_CLIPS, steps=STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +147,104 @@ def test_fast_demo_command_writes_a_video(tmp_path):
     refused = subprocess.run(cmd[:4] + ["--task", "moe"] + cmd[4:], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--fast is the distilled text-to-video demo" in refused.stderr
+
+
+# --- shape fidelity (issue 27) ---------------------------------------------------------------
+# Every frame's object is fitted with each of the three shapes (centre and size free); the
+# prompted shape should fit best, and fit well. This implementation is the test's own (the
+# training analysis has another): the object map is the pixel's position between the
+# background colour and the object colour (0..1); a shape's fit is the soft IoU
+# sum(min) / sum(max) of that map with the shape's anti-aliased coverage, maximised by a
+# shrinking pattern search from the map's moments.
+# Issue 27's goals: right >= 0.90 of frames, mean fit >= 0.80; rendered clips score 1.00 / 0.97.
+# Measured on the shipped weights (64 clips, 20 steps): right 0.37 (circle 0.85, square 0.06,
+# triangle 0.00), fit 0.75: the goal is not met yet (TRAINING.md, "Shape fidelity"); these
+# floors catch a regression.
+FLOOR_SHAPE_RIGHT = 0.30
+FLOOR_SHAPE_FIT = 0.70
+SUB = 3                      # template supersampling
+
+
+def _coverage(shape, cx, cy, r, size):
+    """Anti-aliased coverage [size, size] of ``shape`` centred at (cx, cy), half-side r (px)."""
+    g = (np.arange(size * SUB) + 0.5) / SUB
+    u, v = (g[None, :] - cx) / r, (g[:, None] - cy) / r
+    inside = {"circle": lambda: np.hypot(u, v) <= 1,
+              "square": lambda: np.maximum(abs(u), abs(v)) <= 1,
+              "triangle": lambda: (v <= 1) & (2 * abs(u) <= v + 1)}[shape]()
+    return inside.reshape(size, SUB, size, SUB).mean((1, 3))
+
+
+def _best_fit(m, shape):
+    size = m.shape[0]
+    mass = m.sum()
+    if mass < 1:
+        return 0.0
+    yy, xx = np.indices(m.shape) + 0.5
+    cx, cy = (m * xx).sum() / mass, (m * yy).sum() / mass
+    r = np.sqrt(mass / {"circle": np.pi, "square": 4.0, "triangle": 2.0}[shape])
+    if shape == "triangle":
+        cy -= r / 3
+
+    def score(p):
+        return np.minimum(m, c := _coverage(shape, *p, size)).sum() / np.maximum(m, c).sum()
+
+    p, best = np.array([cx, cy, r]), None
+    best = score(p)
+    for step in (1.0, 0.5, 0.25):
+        moved = True
+        while moved:
+            moved = False
+            for axis in range(3):
+                for sign in (1, -1):
+                    q = p.copy()
+                    q[axis] += sign * step * (0.5 if axis == 2 else 1)
+                    if q[2] > 0.5 and (s := score(q)) > best + 1e-6:
+                        p, best, moved = q, s, True
+    return best
+
+
+def shape_scores(frames, spec):
+    """(share of frames where the prompted shape fits best, mean fit of the prompted shape)."""
+    from wan_core.demo.clips import BACKGROUNDS, COLOURS
+
+    bg = np.asarray(BACKGROUNDS[spec.background]) / 255
+    fg = np.asarray(COLOURS[spec.colour]) / 255
+    right, fits = 0, []
+    for frame in np.asarray(frames, np.float64):
+        m = np.clip((frame - bg) @ (fg - bg) / ((fg - bg) @ (fg - bg)), 0, 1)
+        fit = {name: _best_fit(m, name) for name in ("circle", "square", "triangle")}
+        right += max(fit, key=fit.get) == spec.shape
+        fits.append(fit[spec.shape])
+    return right / len(fits), float(np.mean(fits))
+
+
+def test_shape_metric_scores_rendered_clips_near_one_and_wrong_shapes_low():
+    """The metric itself: rendered clips of every shape score ~1 on their own shape, and a
+    clip asked to be another shape scores wrong."""
+    from dataclasses import replace
+    from training.dataset import sample_clip
+    from training.evaluate import heldout_specs
+
+    by_shape = {}
+    for spec in heldout_specs(32):
+        by_shape.setdefault(spec.shape, spec)
+    for shape, spec in by_shape.items():
+        frames = (sample_clip(spec)[0].permute(1, 2, 3, 0).numpy() + 1) / 2
+        right, fit = shape_scores(frames[::4], spec)
+        assert right == 1.0 and fit >= 0.95, (shape, right, fit)
+        other = next(s for s in by_shape if s != shape)
+        wrong = replace(spec, combo=replace(spec.combo, shape=other))
+        assert shape_scores(frames[::4], wrong)[0] == 0.0
+
+
+def test_t2v_heldout_shapes(t2v_result):
+    per_shape = {}
+    for spec, frames in T2V_CLIPS:
+        per_shape.setdefault(spec.shape, []).append(shape_scores(frames, spec))
+    table = {k: tuple(np.mean(v, axis=0).round(3)) for k, v in per_shape.items()}
+    right, fit = np.mean(sum(per_shape.values(), []), axis=0)
+    print(f"\nDEMO t2v shape fidelity over {len(T2V_CLIPS)} clips: right {right:.3f} "
+          f"fit {fit:.3f}; per shape (right, fit) {table}")
+    assert len(T2V_CLIPS) == PROMPTS * len(SEEDS)
+    assert right >= FLOOR_SHAPE_RIGHT and fit >= FLOOR_SHAPE_FIT

@@ -316,3 +316,35 @@ def test_training_path_gradients_match_finite_differences():
             p += eps * direction
         numeric = float(plus - minus) / float(2 * eps)
         assert abs(analytic - numeric) <= 2e-2 * max(1.0, abs(numeric)), (name, analytic, numeric)
+
+
+def test_gpu_conv_autotuning_leaves_cpu_runs_alone_and_is_restored(pair, monkeypatch):
+    """cuDNN benchmark mode (issue 29 item 4) is switched on around encode / decode on CUDA
+    only and put back afterwards, also when the call fails; a CPU decode never sees it and is
+    bit-identical with the switch off."""
+    from wan_core.models.vae import model as vae_model
+
+    _, _, ours = pair
+    z = torch.randn(1, ours.config.z_dim, 2, 4, 6, generator=torch.Generator().manual_seed(3))
+    before = torch.backends.cudnn.benchmark
+    seen = set()
+    hook = ours.decoder.register_forward_pre_hook(
+        lambda module, args: seen.add(torch.backends.cudnn.benchmark))
+    try:
+        on = ours.decode(z, tile=False)
+        monkeypatch.setattr(vae_model, "CUDNN_BENCHMARK", False)
+        off = ours.decode(z, tile=False)
+    finally:
+        hook.remove()
+    assert torch.equal(on, off) and seen == {before}
+    assert torch.backends.cudnn.benchmark == before
+
+    monkeypatch.setattr(vae_model, "CUDNN_BENCHMARK", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with pytest.raises(RuntimeError, match="decode failed"):
+        with vae_model.cudnn_autotuning(torch.device("cuda", 0)):
+            assert torch.backends.cudnn.benchmark is True
+            raise RuntimeError("decode failed")
+    assert torch.backends.cudnn.benchmark is False
+    with vae_model.cudnn_autotuning("cpu"):
+        assert torch.backends.cudnn.benchmark is False

@@ -185,3 +185,100 @@ def psnr(a, b) -> float:
         raise ValueError(f"psnr needs equal shapes (got {a.shape} and {b.shape})")
     mse = float(((a - b) ** 2).mean())
     return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
+# --------------------------------------------------------------------------------------------
+# Shape fidelity (issue 27): the three shapes fitted to every frame
+# --------------------------------------------------------------------------------------------
+
+FIT_SUPERSAMPLE = 2          # template anti-aliasing while fitting (4 renders the clips)
+
+
+def object_map(frame: np.ndarray, bg_rgb: np.ndarray, fg_rgb: np.ndarray) -> np.ndarray:
+    """How much each pixel of one frame ``[H, W, 3]`` looks like the object: the projection of
+    ``pixel - background`` on ``object - background``, clipped to 0..1 (``[H, W]``; a rendered
+    clip gives exactly its anti-aliased coverage)."""
+    axis = np.asarray(fg_rgb, np.float32) - np.asarray(bg_rgb, np.float32)
+    m = ((frame - bg_rgb) @ axis) / max(float(axis @ axis), 1e-6)
+    return np.clip(m, 0.0, 1.0)
+
+
+def _soft_iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.minimum(a, b).sum() / max(np.maximum(a, b).sum(), 1e-6))
+
+
+def _template(shape: str, cx: float, cy: float, half: float, size: int) -> np.ndarray:
+    n = size * FIT_SUPERSAMPLE
+    coords = (np.arange(n, dtype=np.float32) + 0.5) / n
+    y, x = coords[:, None], coords[None, :]
+    u, v = (x - cx) / half, (y - cy) / half
+    if shape == "circle":
+        inside = u * u + v * v <= 1.0
+    elif shape == "square":
+        inside = (np.abs(u) <= 1.0) & (np.abs(v) <= 1.0)
+    else:
+        inside = (v <= 1.0) & (np.abs(u) <= (v + 1.0) / 2.0)
+    return inside.reshape(size, FIT_SUPERSAMPLE, size, FIT_SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def fit_shape(m: np.ndarray, shape: str) -> tuple[float, tuple]:
+    """Best soft IoU of ``shape`` with an object map ``m`` [H, W] (square frames), its centre
+    and size fitted: ``(iou, (cx, cy, half))`` in fractions of the frame. Starts from the map's
+    moments and refines centre and size by a shrinking coordinate search."""
+    size = m.shape[0]
+    total = float(m.sum())
+    if total <= 0:
+        return 0.0, (0.5, 0.5, 0.1)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx = float((m * (xs + 0.5)).sum() / total) / size
+    cy = float((m * (ys + 0.5)).sum() / total) / size
+    area = total / size ** 2
+    half = {"circle": np.sqrt(area / np.pi), "square": np.sqrt(area) / 2,
+            "triangle": np.sqrt(area / 2)}[shape]
+    if shape == "triangle":
+        cy -= half / 3                                # the box centre sits above the centroid
+    best = (_soft_iou(m, _template(shape, cx, cy, half, size)), (cx, cy, half))
+    step = 1.0 / size
+    while step >= 0.24 / size:
+        improved = True
+        while improved:
+            improved = False
+            cx, cy, half = best[1]
+            for cand in ((cx + step, cy, half), (cx - step, cy, half), (cx, cy + step, half),
+                         (cx, cy - step, half), (cx, cy, half + step / 2),
+                         (cx, cy, max(half - step / 2, 1.0 / size))):
+                iou = _soft_iou(m, _template(shape, *cand, size))
+                if iou > best[0] + 1e-6:
+                    best, improved = (iou, cand), True
+        step /= 2
+    return best
+
+
+def shape_fidelity(frames, shape: str, background=None, colour=None) -> dict:
+    """Per-frame shape fits of a clip ``[T, H, W, 3]`` asked to show ``shape``.
+
+    The object map uses the named ``background`` / ``colour`` RGB when given (the prompt's),
+    else the estimates of :func:`analyse`. Returns ``{"right": share of object frames whose best
+    fit is ``shape``, "fit": mean soft IoU of ``shape``'s fit, "frames": object frames,
+    "per_shape": mean IoU of each shape}``; frames without an object count as wrong with fit 0."""
+    x = as_frames(frames)
+    bg_per_frame, _, _, present = _contrast(x)
+    found = analyse(x) if colour is None or background is None else None
+    bg = np.asarray(BACKGROUNDS[background], np.float32) / 255 if background else \
+        np.asarray(found.background_rgb, np.float32)
+    fg = np.asarray(COLOURS[colour], np.float32) / 255 if colour else \
+        np.asarray(found.colour_rgb if found.colour_rgb else bg, np.float32)
+    right, fits, per_shape = 0, [], {name: [] for name in SHAPES}
+    for t in range(x.shape[0]):
+        if not present[t]:
+            fits.append(0.0)
+            continue
+        m = object_map(x[t], bg, fg)
+        ious = {name: fit_shape(m, name)[0] for name in SHAPES}
+        for name in SHAPES:
+            per_shape[name].append(ious[name])
+        right += max(ious, key=ious.get) == shape
+        fits.append(ious[shape])
+    return {"right": right / x.shape[0], "fit": float(np.mean(fits)),
+            "frames": int(present.sum()),
+            "per_shape": {k: float(np.mean(v)) if v else 0.0 for k, v in per_shape.items()}}

@@ -30,10 +30,12 @@ def heldout_specs(count: int = 32, seed: int = 1):
 
 
 def evaluate(models: DemoModels, task: str = "t2v", count: int = 32, steps=None, cfg=None,
-             seed: int = 0, verbose: bool = False, fast: bool = False, **sampler) -> dict:
+             seed: int = 0, verbose: bool = False, fast: bool = False, clips=None,
+             **sampler) -> dict:
     """Accuracy per attribute (and ``prompt``) over ``count`` held-out prompts; for i2v also
     ``psnr`` (mean first-frame PSNR, dB) and ``psnr_min``. ``sampler``: ``shift`` / ``solver``
-    for ``generate_video``."""
+    for ``generate_video``. ``clips``: a list that receives ``(spec, frames [T, H, W, 3])`` of
+    every generated clip."""
     totals: dict = {}
     psnrs = []
     specs = heldout_specs(count)
@@ -44,6 +46,8 @@ def evaluate(models: DemoModels, task: str = "t2v", count: int = 32, steps=None,
         video = generate_video(models, spec.caption, task, image, steps=steps, cfg=cfg,
                                seed=seed + i, fast=fast, **sampler)
         frames = analysis.video_to_frames(video)
+        if clips is not None:
+            clips.append((spec, frames))
         ok = analysis.check_prompt(frames, spec)
         for k, v in ok.items():
             totals[k] = totals.get(k, 0) + int(v)

@@ -2,6 +2,7 @@
 
     python -m training.train all --out runs/demo --resume
     python -m training.train {text,encoder_fit,decoder_fit,vae_fit,latents,dit,i2v,dit_mixed,dit_focus,i2v_focus,experts,fast_lora,export,vace,all} --out DIR --resume
+    python -m training.train {decoder_shape,vae_shape,dit_shape} --out DIR --resume   # issue 27 experiments
 
 Stages write their checkpoints under ``DIR/<stage>/``; ``--resume`` continues an interrupted
 stage from its last checkpoint and skips finished ones. ``export`` writes the shipped files to
@@ -18,13 +19,15 @@ from .training import setup_threads
 
 STAGES = ("text", "encoder_fit", "decoder_fit", "vae_fit", "latents", "dit", "i2v", "dit_mixed",
           "dit_focus", "i2v_focus", "experts", "fast_lora", "export", "vace")
+# issue 27's shape experiments (TRAINING.md, "Shape fidelity"), not part of ``all``
+SHAPE_STAGES = ("decoder_shape", "vae_shape", "dit_shape")
 EARLIER = ("vae", "decoder", "decoder_long", "vae_long")   # the first runs' VAE stages (TRAINING.md)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=STAGES + EARLIER + ("all",))
+    parser.add_argument("stage", choices=STAGES + SHAPE_STAGES + EARLIER + ("all",))
     parser.add_argument("--out", required=True, type=Path, help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue / skip finished stages")
     parser.add_argument("--seed", type=int, default=0)
@@ -56,7 +59,10 @@ def run_stage(stage: str, args) -> None:
     elif stage == "vae_long":
         from .train_vae import run_vae_long
         run_vae_long(args.out, n, args.seed, args.resume)
-    elif stage in ("encoder_fit", "decoder_fit", "vae_fit"):
+    elif stage == "vae_shape":
+        from .train_vae import run_decoder_shape
+        run_decoder_shape(args.out, n, args.seed, args.resume, joint=True)
+    elif stage in ("encoder_fit", "decoder_fit", "vae_fit", "decoder_shape"):
         from . import train_vae
         getattr(train_vae, "run_" + stage)(args.out, n, args.seed, args.resume)
     elif stage == "text":
@@ -65,7 +71,7 @@ def run_stage(stage: str, args) -> None:
     elif stage == "latents":
         from .train_dit import cache_latents
         cache_latents(args.out, args.seed, args.resume)
-    elif stage in ("dit", "i2v", "dit_mixed", "dit_focus", "i2v_focus",
+    elif stage in ("dit", "i2v", "dit_mixed", "dit_focus", "dit_shape", "i2v_focus",
                    "experts"):
         from . import train_dit
         getattr(train_dit, "run_" + stage)(args.out, n, args.seed, args.resume)

@@ -100,16 +100,24 @@ def init_weights(model: WanDiT, seed: int) -> WanDiT:
 # ------------------------------------------------------------------------------ latent cache
 
 def _load_vae(out: Path):
+    """The VAE whose encoder made the shipped DiTs' latents: ``VAE_STAGE``'s, or the shipped
+    file when that stage's checkpoint is gone (the same encoder)."""
     from .export import vae_state
     from wan_core import load_vae
+    from wan_core.demo import WEIGHTS_DIR
 
+    if finished(Path(out) / VAE_STAGE) is None:
+        return load_vae(WEIGHTS_DIR / "vae.safetensors", dtype=torch.float32)
     return load_vae(vae_state(out, VAE_STAGE), dtype=torch.float32)
 
 
 def _load_text(out: Path):
     from .export import text_state
     from wan_core import load_text_encoder
+    from wan_core.demo import WEIGHTS_DIR
 
+    if finished(Path(out) / "text") is None:
+        return load_text_encoder(WEIGHTS_DIR / "text_encoder.safetensors", dtype=torch.float32)
     return load_text_encoder(text_state(out), dtype=torch.float32)
 
 
@@ -190,9 +198,10 @@ def clip_weights(cache: dict, per_background: dict) -> torch.Tensor:
 
 
 def make_batch(cache: dict, step: int, seed: int, image: bool, expert: str | None = None,
-               mixed: bool = False, weights: torch.Tensor | None = None):
-    """``(x_t, t, context, y, target)``; ``t`` is [B], or [B, L] per token when ``mixed``.
-    Clips are drawn uniformly, or in proportion to ``weights`` [N] when given."""
+               mixed: bool = False, weights: torch.Tensor | None = None, clean: bool = False):
+    """``(x_t, t, context, y, target)`` (and the clean latent ``x0`` when ``clean``); ``t`` is
+    [B], or [B, L] per token when ``mixed``. Clips are drawn uniformly, or in proportion to
+    ``weights`` [N] when given."""
     g = torch.Generator().manual_seed(seed * 10**7 + step)
     n = cache["latents"].shape[0]
     if weights is None:
@@ -217,7 +226,7 @@ def make_batch(cache: dict, step: int, seed: int, image: bool, expert: str | Non
     t = sigma * 1000
     if mixed:
         t = per_token_timesteps(t, f, h, w, first_frame_known=False)
-    return xt, t, context, y, x1 - x0
+    return (xt, t, context, y, x1 - x0) + ((x0,) if clean else ())
 
 
 def flow_loss(model, cache, step, seed, image=False, expert=None, mixed=False, weights=None):
@@ -309,3 +318,56 @@ def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:
                                  n, seed + 2 + (expert == "low"), resume, lr=2e-4, warmup=20,
                                  expert=expert, per_background=FOCUS)
     return results
+
+
+# ------------------------------------------------------------------ dit_shape (issue 27)
+SHAPE_WEIGHT = 4.0      # extra loss weight on latent positions that hold the object
+
+
+def object_weight(x0: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, F, h, w]`` loss weight ``1 + SHAPE_WEIGHT * objectness``: how far each latent
+    position of the clean latent ``x0 [B, C, F, h, w]`` is from its frame's background (the
+    spatial median), scaled to 0..1 per frame."""
+    bg = x0.flatten(3).median(dim=3).values[..., None, None]
+    dev = (x0 - bg).abs().mean(1, keepdim=True)
+    dev = dev / dev.amax(dim=(3, 4), keepdim=True).clamp_min(1e-6)
+    return 1 + SHAPE_WEIGHT * dev
+
+
+def shipped_t2v() -> WanDiT:
+    """The T2V in the weights folder as a trainable fp32 :class:`WanDiT`."""
+    from safetensors.torch import load_file
+    from wan_core.demo import WEIGHTS_DIR
+
+    model = WanDiT(dit_config("t2v"))
+    model.load_state_dict({k: v.float() for k, v in
+                           load_file(str(WEIGHTS_DIR / "dit_t2v.safetensors")).items()})
+    return model
+
+
+def shape_flow_loss(model, cache, step, seed, weights=None):
+    """:func:`flow_loss` (T2V, mixed noise levels) with the object's positions weighted by
+    :func:`object_weight`."""
+    xt, t, context, y, target, x0 = make_batch(cache, step, seed, False, None, True, weights,
+                                               clean=True)
+    pred = model(xt, t, context, y=y)
+    weight = object_weight(x0)
+    return ((pred - target).square() * weight).sum() / (weight.sum() * target.shape[1]), {}
+
+
+def run_dit_shape(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    """Stage ``dit_shape``: the shipped T2V fine-tuned with :func:`shape_flow_loss` (clips
+    drawn as for ``dit_focus``)."""
+    stage_dir = Path(out) / "dit_shape"
+    done = finished_already(stage_dir, steps, resume)
+    if done is not None:
+        return done
+    model = shipped_t2v()
+    cache = load(Path(out) / "latents" / "cache.pt")
+    weights = clip_weights(cache, FOCUS)
+    opt = torch.optim.AdamW(model.parameters(), lr=FOCUS_LR, weight_decay=0.01)
+    ema = EMA(model, 0.998)
+    return train_loop(stage_dir, model, opt,
+                      lambda s: shape_flow_loss(model, cache, s, seed + 14, weights),
+                      steps, lambda s: cosine_lr(s, steps, FOCUS_LR, 50, 0.1), resume=resume,
+                      seed=seed, ema=ema, save_every=50)

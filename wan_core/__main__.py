@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 TASKS = ("t2v", "i2v", "flf2v", "ti2v", "vace")
+ATTENTION = ("sdpa", "flash_attn", "sage", "fp8", "int8")    # wan_core.models.attention.BACKENDS
 
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
@@ -297,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fp8-matmul", action="store_true",
                      help="multiply the fp8-stored weights (fp8 / fp8_scaled files) in fp8 "
                           "(torch._scaled_mm; Ada / Hopper GPUs, else one warning and bf16)")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the transformer block once, shared by every block "
+                          "(the first step takes longer while it compiles; needs a C compiler "
+                          "on the CPU, Triton on GPUs; else one warning and no compile)")
+    gen.add_argument("--attention", choices=ATTENTION, default="sdpa",
+                     help="attention kernel (default sdpa). fp8: WanCore's Triton kernel for "
+                          "self-attention, Q·K in fp8 (Ada / Hopper and triton, else one "
+                          "warning and sdpa); int8: the same kernel with int8 Q·K (a third of "
+                          "fp8's error); flash_attn / sage need their packages")
     gen.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                      help="DiT compute dtype (default: the file's; fp8 files compute in bf16)")
     stream = gen.add_mutually_exclusive_group()
@@ -889,12 +899,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # Experts on demand: each is read from its file when the sampler switches to it and
         # the idle one is dropped, so at most one expert is in memory at a time.
         dit = OnDemandDiT(args.dit, dtype=args.dtype, device=load_device,
-                          vace_module=args.vace_module, compute=compute_mode)
+                          vace_module=args.vace_module, compute=compute_mode,
+                          compile=args.compile, attention=args.attention)
         dit.block_streaming = streaming
     else:
         dit = load_dit(args.dit, dtype=args.dtype,
                        device="cpu" if streaming else load_device, vace_module=args.vace_module,
-                       compute=compute_mode)
+                       compute=compute_mode, compile=args.compile, attention=args.attention)
     config = dit.config
     variant = config.variant
     if moe and variant == "wan2.1-t2v-14B":
@@ -935,7 +946,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = dit
     if moe:
         low = OnDemandDiT(args.dit_low_noise, dtype=args.dtype, device=load_device,
-                          vace_module=args.vace_module_low_noise, compute=compute_mode)
+                          vace_module=args.vace_module_low_noise, compute=compute_mode,
+                          compile=args.compile, attention=args.attention)
         low.block_streaming = streaming
         if args.lora_low_noise:
             low = apply_loras(low, args.lora_low_noise)

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ..models.attention import resolve_backend
+from ..models.block_compile import compile_blocks
 from ..models.configs import ConfigError, detect_dit_config
 from ..models.dit import WanDiT
 from ..ops import is_fp8
@@ -159,7 +160,7 @@ def enable_compute(model: WanDiT, compute) -> WanDiT:
 
 def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
              num_heads: Optional[int] = None, weight_dtype=None, vace_module=None,
-             compute=None) -> WanDiT:
+             compute=None, compile: bool = False) -> WanDiT:
     """Load a Wan DiT from a file, folder, index json or state dict.
 
     dtype: compute dtype ('fp32', 'bf16', 'fp16' or a torch dtype); None keeps the file's
@@ -170,8 +171,11 @@ def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
     whose file carries no ``num_heads`` metadata. vace_module: a separate VACE module file (or
     state dict) attached to this base model (makes a VACE model; see
     :func:`attach_vace_module`). compute: 'fp8' multiplies the fp8-stored Linears in fp8
-    (``torch._scaled_mm``, the activation quantised per token; :func:`enable_compute`). The
-    model is built on the meta device and the loaded tensors are assigned to it.
+    (``torch._scaled_mm``, the activation quantised per token; :func:`enable_compute`).
+    compile: run the transformer blocks through one ``torch.compile`` of the block, shared by
+    all of them (``wan_core.models.block_compile``; compiled at the first forward, one warning
+    and the eager model where compiling fails). The model is built on the meta device and the
+    loaded tensors are assigned to it.
     """
     resolve_backend(attention)
     if compute not in COMPUTE_MODES:
@@ -197,4 +201,7 @@ def load_dit(source, dtype=None, device="cpu", attention: str = "sdpa",
                               f"{cfg.variant} ({cfg.model_type}) architecture: "
                               f"{' '.join(lines[:4])[:600]}") from None
     del sd
-    return enable_compute(model.eval().requires_grad_(False), mode)
+    model = enable_compute(model.eval().requires_grad_(False), mode)
+    if compile:
+        compile_blocks(model)
+    return model

@@ -35,7 +35,7 @@ class OnDemandDiT:
 
     def __init__(self, source, dtype=None, device="cpu", attention: str = "sdpa",
                  num_heads: Optional[int] = None, weight_dtype=None, vace_module=None,
-                 compute=None):
+                 compute=None, compile: bool = False):
         resolve_backend(attention)
         stored = _stored_weight_dtype(weight_dtype)        # checked before the file is read
         sd, self.config, self.compute_dtype = describe_dit(
@@ -47,6 +47,8 @@ class OnDemandDiT:
                              weight_dtype=weight_dtype, vace_module=vace_module)
         if compute is not None:
             self._options["compute"] = compute
+        if compile:
+            self._options["compile"] = True
         self.block_streaming: Optional[BlockStreaming] = None   # given to each loaded model
         # Called on each loaded model instead of moving it to ``device`` (multi-GPU runs:
         # ``wan_core.parallel.ParallelContext.prepare_dit`` shards it and attaches its hooks).

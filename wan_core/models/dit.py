@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, resolve_backend, supports_bias
+from .attention import attention, cross_attention_backend, resolve_backend, supports_bias
 from .configs import DiTConfig
 from ..ops import Linear
 
@@ -129,6 +129,8 @@ def rms_norm_rope(x: torch.Tensor, norm: "RMSNorm", heads: int,
     RMS factor commutes with the rotation, so it is folded into the small rotation table
     ([B, 1, L, head_dim/2]): three passes over the big tensor (norm, weight, rotation).
     """
+    if not rotations.is_complex():                 # compiled blocks (``Positions.rotations``)
+        return _rms_norm_rope_real(x, norm, heads, rotations)
     b, n, d = x.shape
     if torch.is_grad_enabled():                    # same maths without out= / in-place writes
         h = x.float().view(b, n, heads, -1) * norm.weight.float().view(heads, -1)
@@ -143,6 +145,21 @@ def rms_norm_rope(x: torch.Tensor, norm: "RMSNorm", heads: int,
     return out.to(x.dtype).transpose(1, 2)
 
 
+def _rms_norm_rope_real(x: torch.Tensor, norm: "RMSNorm", heads: int,
+                        cos_sin: torch.Tensor) -> torch.Tensor:
+    """:func:`rms_norm_rope` with the rotation spelled in real arithmetic, the form
+    ``torch.compile`` fuses into one kernel (Inductor generates no code for complex tensors):
+    ``cos_sin`` [L, 1, head_dim/2, 2] is ``view_as_real`` of the rotation table. Same result
+    up to float rounding; same head-major memory layout."""
+    b, n, _ = x.shape
+    h = x.float().view(b, n, heads, -1) * norm.weight.float().view(heads, -1)
+    re, im = h.unflatten(-1, (-1, 2)).unbind(-1)                  # [B, L, heads, hd/2]
+    r = inverse_rms(x, norm.eps)[..., None]                       # [B, L, 1, 1]
+    cos, sin = cos_sin[..., 0] * r, cos_sin[..., 1] * r           # [B, L, 1, hd/2]
+    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
+    return out.to(x.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+
+
 # --------------------------------------------------------------------------------------------
 # Attention layers
 # --------------------------------------------------------------------------------------------
@@ -154,8 +171,17 @@ class Positions:
     attention over the whole sequence of ``wan_core.parallel``'s sequence parallelism)."""
 
     def __init__(self, rotations: torch.Tensor, attend=attention):
-        self.rotations = rotations
+        self.complex_rotations = rotations
+        self.real_rotations = torch.view_as_real(rotations)     # a view: [L, 1, hd/2, 2]
         self.attend = attend
+
+    @property
+    def rotations(self) -> torch.Tensor:
+        """The complex table; inside a compiled block (``wan_core.models.block_compile``) its
+        real view, which :func:`rms_norm_rope` then rotates with real arithmetic."""
+        if torch.compiler.is_compiling():
+            return self.real_rotations
+        return self.complex_rotations
 
 
 class LocalTokens:
@@ -220,6 +246,7 @@ class CrossAttention(nn.Module):
                 context_img: Optional[torch.Tensor], backend: str) -> torch.Tensor:
         """x [B, L, dim]; text tokens [B, M, dim]; context_img [B, L_img, dim] or None."""
         heads = self.num_heads
+        backend = cross_attention_backend(backend)
         q = self.norm_q(self.q(x)).unflatten(-1, (heads, -1))
         k = self.norm_k(self.k(text.tokens)).unflatten(-1, (heads, -1))
         v = self.v(text.tokens).unflatten(-1, (heads, -1))
@@ -354,9 +381,20 @@ class WanBlock(nn.Module):
                                  Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.zeros(1, 6, d))
 
+    # ``compile=True`` (``wan_core.models.block_compile``): the ``run`` compiled once and
+    # shared by every block of this class; None runs it eagerly.
+    compiled = None
+
     def forward(self, x, time: TimeModulation, positions: Positions, text: TextContext,
                 context_img, backend: str):
-        """x [B, L, dim] float32 residual stream -> updated x."""
+        """x [B, L, dim] float32 residual stream -> updated x (:meth:`run`, compiled or not)."""
+        if self.compiled is not None:
+            return self.compiled(self, x, time, positions, text, context_img, backend)
+        return self.run(x, time, positions, text, context_img, backend)
+
+    def run(self, x, time: TimeModulation, positions: Positions, text: TextContext,
+            context_img, backend: str):
+        """The block's computation; may update ``x`` in place (eagerly, without gradients)."""
         cdt = text.tokens.dtype
         mod = time.for_block(self.modulation[0])
         h = modulate(x, mod[0], mod[1], self.eps).to(cdt)
@@ -395,10 +433,16 @@ class VaceBlock(WanBlock):
                 backend: str, x0: Optional[torch.Tensor] = None):
         """c [B, L, dim] float32 control stream (block 0: the patch-embedded control, with
         ``x0`` [B, L, dim] the patch-embedded noisy latent) -> (new c, hint [B, L, dim])."""
+        if self.compiled is not None:
+            return self.compiled(self, c, time, positions, text, backend, x0)
+        return self.run(c, time, positions, text, backend, x0)
+
+    def run(self, c, time: TimeModulation, positions: Positions, text: TextContext,
+            backend: str, x0: Optional[torch.Tensor] = None):
         cdt = text.tokens.dtype
         if x0 is not None:
             c = self.before_proj(c.to(cdt)).float().add_(x0)
-        c = super().forward(c, time, positions, text, None, backend)
+        c = super().run(c, time, positions, text, None, backend)
         return c, self.after_proj(c.to(cdt)).float()
 
 
@@ -563,8 +607,8 @@ class WanDiT(nn.Module):
                                  f"(umT5-XXL), got {u.shape[-1]}")
             if u.shape[0] > n:
                 raise ValueError(f"text has {u.shape[0]} tokens; at most {n} are supported")
-        collapse = COLLAPSE_TEXT_PADDING and supports_bias(self.attention_backend, dev,
-                                                           self.compute_dtype)
+        collapse = COLLAPSE_TEXT_PADDING and supports_bias(
+            cross_attention_backend(self.attention_backend), dev, self.compute_dtype)
         return TextContext.embed([u.to(dev) for u in items], n, self.text_embedding,
                                  self.compute_dtype, collapse)
 

@@ -41,14 +41,20 @@ def fp8_matmul_support(device) -> Optional[str]:
     return None
 
 
-@lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def device_multiplies_fp8(device_type: str, index: Optional[int]) -> bool:
     """Whether this device can run fp8 compute; warns once per device when it cannot (the
-    layers then keep the bf16 path)."""
+    layers then keep the bf16 path). A constant for ``torch.compile`` (compiled blocks,
+    ``wan_core.models.block_compile``): called once while tracing, not traced itself."""
+    return _device_multiplies_fp8(device_type, index)
+
+
+@lru_cache(maxsize=None)
+def _device_multiplies_fp8(device_type: str, index: Optional[int]) -> bool:
     reason = fp8_matmul_support(torch.device(device_type, index) if index is not None
                                 else torch.device(device_type))
     if reason is not None:
-        warnings.warn(f"compute='fp8': {reason}; multiplying in bf16 instead", stacklevel=2)
+        warnings.warn(f"compute='fp8': {reason}; multiplying in bf16 instead", stacklevel=3)
     return reason is None
 
 

@@ -8,6 +8,7 @@ convert.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +20,26 @@ from .blocks import AttentionBlock, CausalConv3d, ResidualBlock, RMSNorm, Stream
 
 VERSIONS = {"2.1": wan21, "2.2": wan22}
 CHANNELS_LAST = torch.channels_last_3d
+# On CUDA, let cuDNN time its algorithms for each convolution shape during encode / decode
+# (``torch.backends.cudnn.benchmark``; restored afterwards). A decode repeats a few dozen
+# shapes (one per layer, first chunk and the others) hundreds of times, so the one-off timing
+# on the first call of a size pays back within the call or the next one. CPU runs never touch it.
+CUDNN_BENCHMARK = True
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(device):
+    """``torch.backends.cudnn.benchmark`` on for the block when ``device`` is a CUDA device
+    (and ``CUDNN_BENCHMARK``), then back to what it was; nothing at all on other devices."""
+    if torch.device(device).type != "cuda" or not CUDNN_BENCHMARK:
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 @dataclass(frozen=True)
@@ -238,7 +259,9 @@ class WanVAE(nn.Module):
 
         self.check_video(video)
         plan = plan_tiles(self, video.shape, "encode", tile, max_memory)
-        raw = self.encode_raw_stream(video) if plan is None else encode_tiled(self, video, plan)
+        with cudnn_autotuning(self._param().device):
+            raw = self.encode_raw_stream(video) if plan is None else \
+                encode_tiled(self, video, plan)
         return self.normalize(raw)
 
     @torch.inference_mode()
@@ -252,7 +275,9 @@ class WanVAE(nn.Module):
         self.check_latent(z)
         raw = self.denormalize(z.float())
         plan = plan_tiles(self, z.shape, "decode", tile, max_memory)
-        return self.decode_raw_stream(raw) if plan is None else decode_tiled(self, raw, plan)
+        with cudnn_autotuning(self._param().device):
+            return self.decode_raw_stream(raw) if plan is None else \
+                decode_tiled(self, raw, plan)
 
 
 def _latent_stats(stats_module, z_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
