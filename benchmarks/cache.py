@@ -3,6 +3,8 @@
     python -m benchmarks.cache                    # every method, a threshold sweep, 8 prompts
     python -m benchmarks.cache --quick            # 2 prompts, defaults only
     python -m benchmarks.cache --calibrate        # rewrite the demo's MagCache / TeaCache data
+    python -m benchmarks.cache --heldout 32 --methods easycache --factors 1 --steps 50 --weighted
+                                                  # 32 held-out prompts (seed i), + noise weighting
 
 For T2V and MoE at 20 and 50 steps, every prompt is generated once without a cache (the
 "twin") and once per (method, threshold). Per row: model evaluations run, the speedup of
@@ -102,13 +104,14 @@ class Timer:
         pipeline.generate = timed
 
 
-def one_video(models, timer, prompt, task, steps, cache, out_dir):
+def one_video(models, timer, prompt, task, steps, cache, out_dir, seed=0):
     from wan_core.demo import FPS, generate_video
     from wan_core.video_io import video_to_frames, write_video
 
     stats: dict = {}
     started = CLOCK()
-    video = generate_video(models, prompt, task, steps=steps, cache=cache, stats=stats)
+    video = generate_video(models, prompt, task, steps=steps, cache=cache, stats=stats,
+                           seed=seed)
     write_video(str(out_dir / "video.mp4"), video_to_frames(video), fps=FPS)
     return video, CLOCK() - started, timer.seconds, stats
 
@@ -156,6 +159,12 @@ def main() -> None:
     parser.add_argument("--factors", default=",".join(str(f) for f in SWEEP),
                         help="threshold sweep, multiples of each method's default")
     parser.add_argument("--tasks", default="t2v,moe")
+    parser.add_argument("--heldout", type=int, default=0, metavar="N",
+                        help="instead of the 8 fixed prompts: the first N held-out demo captions "
+                             "(training/, from a clone), prompt i with seed i")
+    parser.add_argument("--weighted", action="store_true",
+                        help="also run easycache weighted by the noise level (sigma_weight 0.5, "
+                             "threshold 0.5, start 0.1, at most 4 skips in a row)")
     parser.add_argument("--plot", default="cache_benchmark.png")
     parser.add_argument("--calibrate", action="store_true",
                         help="record the demo calibration into wan_core/sampling/"
@@ -166,7 +175,7 @@ def main() -> None:
     from dataclasses import replace
 
     from wan_core.demo import DemoModels
-    from wan_core.sampling import CACHE_METHODS
+    from wan_core.sampling import CACHE_METHODS, CacheSettings
     from wan_core.sampling.cache import CALIBRATION_FILE, DEFAULTS
 
     models = DemoModels()
@@ -178,10 +187,19 @@ def main() -> None:
         print(f"wrote {CALIBRATION_FILE} ({', '.join(sorted(data))})")
         return
     prompts = PROMPTS[:2 if args.quick else args.prompts]
+    seeds = [0] * len(prompts)
+    if args.heldout:
+        from training.evaluate import heldout_specs
+
+        prompts = [spec.caption for spec in heldout_specs(args.heldout)]
+        seeds = list(range(len(prompts)))
     methods = args.methods.split(",") if args.methods else list(CACHE_METHODS)
     sweep = (1.0,) if args.quick else tuple(float(f) for f in args.factors.split(","))
     settings = [replace(DEFAULTS[m], threshold=DEFAULTS[m].threshold * f)
                 for m in methods for f in sweep]
+    if args.weighted:
+        settings.append(CacheSettings("easycache", threshold=0.5, start=0.1, max_skips=4,
+                                      sigma_weight=0.5))
     load = load_seconds()
     for name in ("vae", "text_encoder", "t2v", "high_noise", "low_noise"):
         models.get(name)
@@ -192,36 +210,38 @@ def main() -> None:
     for task in args.tasks.split(","):
         for steps in (int(s) for s in args.steps.split(",")):
             twins, base_total, base_sampling = [], 0.0, 0.0
-            for prompt in prompts:
+            for prompt, seed in zip(prompts, seeds):
                 video, total, sampling, _ = one_video(models, timer, prompt, task, steps, None,
-                                                      out_dir)
+                                                      out_dir, seed)
                 twins.append(video)
                 base_total += total + load
                 base_sampling += sampling
             for s in settings:
                 total_s = sampling_s = 0.0
                 psnrs, ssims, evaluated = [], [], 0
-                for prompt, twin in zip(prompts, twins):
+                for prompt, seed, twin in zip(prompts, seeds, twins):
                     video, total, sampling, stats = one_video(models, timer, prompt, task,
-                                                              steps, s, out_dir)
+                                                              steps, s, out_dir, seed)
                     total_s += total + load
                     sampling_s += sampling
                     psnrs.append(psnr(video, twin))
                     ssims.append(ssim(video, twin))
                     evaluated += stats["evaluated"]
-                default = s.threshold == DEFAULTS[s.method].threshold
+                default = s == DEFAULTS[s.method]
                 rows.append(dict(task=task, steps=steps, method=s.method, threshold=s.threshold,
                                  default=default, evals=evaluated / len(prompts),
                                  sampling_x=base_sampling / sampling_s,
                                  e2e_x=base_total / total_s, min_psnr=min(psnrs),
                                  mean_psnr=sum(psnrs) / len(psnrs), min_ssim=min(ssims),
+                                 below_30=sum(p < 30 for p in psnrs),
                                  mean_ssim=sum(ssims) / len(ssims)))
                 print_row(rows[-1], flush=True)
             print(f"  ({task}, {steps} steps: uncached sampling {base_sampling / len(prompts):.3f} "
                   f"s/video, end to end {base_total / len(prompts):.3f} s/video incl. "
                   f"{load:.3f} s load)", flush=True)
     print()
-    print(f"Step caching on the demo ({len(prompts)} prompts, seed 0, 64x64x17, cfg 4, "
+    print(f"Step caching on the demo ({len(prompts)} prompts, "
+          f"{'seed i for prompt i' if args.heldout else 'seed 0'}, 64x64x17, cfg 4, "
           f"unipc; * = the method's default threshold)")
     print(HEADER)
     for row in rows:
@@ -230,15 +250,17 @@ def main() -> None:
     print(f"plot: {args.plot}")
 
 
-HEADER = (f"{'task':<5}{'steps':>6}  {'method':<10}{'thresh':>8}  {'evals':>6}  "
-          f"{'sampling':>9}  {'end2end':>8}  {'minPSNR':>8}  {'meanPSNR':>9}  {'minSSIM':>8}")
+HEADER = (f"{'task':<5}{'steps':>6}  {'method':<10}{'thresh':>8}  {'evals':>6}  {'fewer':>6}  "
+          f"{'sampling':>9}  {'end2end':>8}  {'minPSNR':>8}  {'meanPSNR':>9}  {'<30dB':>6}  "
+          f"{'minSSIM':>8}")
 
 
 def print_row(r: dict, flush: bool = False) -> None:
     mark = "*" if r["default"] else " "
     print(f"{r['task']:<5}{r['steps']:>6}  {r['method']:<10}{r['threshold']:>7.3f}{mark}  "
-          f"{r['evals']:>6.1f}  {r['sampling_x']:>8.2f}x  {r['e2e_x']:>7.2f}x  "
-          f"{r['min_psnr']:>8.1f}  {r['mean_psnr']:>9.1f}  {r['min_ssim']:>8.3f}", flush=flush)
+          f"{r['evals']:>6.1f}  {r['steps'] / r['evals']:>5.2f}x  {r['sampling_x']:>8.2f}x  "
+          f"{r['e2e_x']:>7.2f}x  {r['min_psnr']:>8.1f}  {r['mean_psnr']:>9.1f}  "
+          f"{r['below_30']:>6d}  {r['min_ssim']:>8.3f}", flush=flush)
 
 
 def plot(rows: list, path: Path) -> None:

@@ -198,6 +198,54 @@ def test_teacache_rule_matches_a_hand_built_reference():
     assert got == expected and True in got and got.count(False) >= 2
 
 
+def _easycache_reference(sigmas, xs, vs, threshold, power):
+    """EasyCache's rule by hand, each estimate weighted by (sigma / (1 - sigma)) ** power:
+    k = relative output change / relative input change of the last two evaluations; skip while
+    the sum of k * (relative input change since the previous step) * weight stays below the
+    threshold; an evaluation restarts the sum."""
+    rel = lambda a, b: abs(a - b) / abs(b)
+    decisions, evaluated, total, prev_x = [], [], 0.0, None
+    for i, sigma in enumerate(sigmas[:-1]):
+        skip = False
+        if len(evaluated) >= 2 and prev_x is not None:
+            (x0, v0), (x1, v1) = evaluated[-2:]
+            k = rel(v1, v0) / rel(x1, x0)
+            s = min(max(sigma, 1e-3), 1 - 1e-3)
+            estimate = k * rel(xs[i], prev_x) * (s / (1 - s)) ** power
+            skip = total + estimate < threshold
+            if skip:
+                total += estimate
+        prev_x = xs[i]
+        if not skip:
+            evaluated.append((xs[i], vs[i]))
+            total = 0.0
+        decisions.append(skip)
+    return decisions
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.5])
+def test_easycache_noise_weighting_matches_a_hand_built_reference(power):
+    sigmas = [1.0, 0.97, 0.93, 0.88, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.12, 0.05, 0.0]
+    xs = [3.0 + 0.4 * i for i in range(len(sigmas) - 1)]
+    vs = [1.0 + 0.05 * i + 0.01 * i * i for i in range(len(sigmas) - 1)]
+    threshold = 0.25
+    settings = CacheSettings("easycache", threshold=threshold, start=0.0, max_skips=100,
+                             sigma_weight=power)
+    cache = StepCache(settings, sigmas, [None])
+    got = []
+    for i in range(len(sigmas) - 1):
+        x = torch.full((1, 1), xs[i], dtype=torch.float64)
+        reused = cache.lookup(x, torch.tensor([sigmas[i] * 1000]), 0, None)
+        got.append(reused is not None)
+        if reused is None:
+            cache.store(x, torch.full((1, 1), vs[i], dtype=torch.float64))
+    expected = _easycache_reference(sigmas, xs, vs, threshold, power)
+    assert got == expected and True in got and False in got[2:]
+    if power:   # the weighting changes the decisions: later skips, fewer at high noise
+        unweighted = _easycache_reference(sigmas, xs, vs, threshold, 0.0)
+        assert got != unweighted
+
+
 def test_calibration_is_deterministic(t2v, calibration):
     a = calibrate_cache(t2v, *texts(), COND, steps=12, shift=3.0)
     assert a == calibration
@@ -231,6 +279,9 @@ def test_bad_cache_input_is_refused_clearly(t2v):
         cache_settings("easycache", threshold=float("nan"))
     with pytest.raises(ValueError, match="start and end"):
         CacheSettings("easycache", start=0.8, end=0.5)
+    for bad in (-1, 5, float("nan"), "high"):
+        with pytest.raises(ValueError, match="sigma_weight"):
+            CacheSettings("easycache", sigma_weight=bad)
     for method in ("magcache", "teacache"):
         with pytest.raises(ValueError, match=f"{method} needs calibration data for this model "
                                              r"\(custom-.*Use easycache.*calibrate_cache"):

@@ -39,13 +39,23 @@ STEPS = 20
 SHIFT = 3.0
 CFG = 4.0               # first run: adherence 0.156 at 4 vs 0.062 at 1.5; third: CFG 8 loses colour
 SOLVER = "unipc"
-FRAMES = 17
+FRAMES = 17             # the clip length the models were trained on
+CONTEXT_OVERLAP = 8     # longer videos: 17-frame context windows overlapping by this (README)
 SIZE = 64
 FPS = 8
 MOE_BOUNDARY = 0.875
 NEGATIVE = ""           # the models are trained with the empty prompt as the CFG negative
 # --fast: the T2V with its step-distilled LoRA, sampled as the published distilled Wan LoRAs are.
 FAST = {"steps": 4, "cfg": 1.0, "shift": 5.0, "solver": "distilled"}
+
+
+def demo_context_windows(frames: int):
+    """The context windows a ``frames``-frame demo video is sampled with: None up to the
+    trained length (``FRAMES``), else ``FRAMES``-frame windows overlapping by
+    ``CONTEXT_OVERLAP`` frames (``wan_core.sampling.ContextWindows``)."""
+    from ..sampling import ContextWindows
+
+    return ContextWindows(FRAMES, CONTEXT_OVERLAP) if frames > FRAMES else None
 
 
 def weights_path(name: str) -> Path:
@@ -103,7 +113,7 @@ def generate_video(models: DemoModels, prompt: str, task: str = "t2v",
                    frames: int = FRAMES, size: int = SIZE, solver: Optional[str] = None,
                    fast: bool = False, cache=None, stats: Optional[dict] = None,
                    control: Optional[torch.Tensor] = None,
-                   vace_scale: float = 1.0) -> torch.Tensor:
+                   vace_scale: float = 1.0, context_windows="auto") -> torch.Tensor:
     """One demo video: ``[3, frames, size, size]`` in [-1, 1] (float32).
 
     ``image``: the first frame ``[3, H, W]`` in [-1, 1] for ``task='i2v'``. ``control``: the
@@ -112,7 +122,9 @@ def generate_video(models: DemoModels, prompt: str, task: str = "t2v",
     with its distilled LoRA; steps / cfg / shift / solver then default to ``FAST``.
     ``cache``: step caching, as ``wan_core.pipeline.generate`` takes it (None, a name from
     ``wan_core.sampling.CACHE_METHODS`` or a ``CacheSettings``); ``stats`` receives the
-    evaluated / skipped step counts."""
+    evaluated / skipped step counts. ``context_windows``: ``"auto"`` samples videos longer than
+    ``FRAMES`` as overlapping windows (:func:`demo_context_windows`); None: one pass; or a
+    ``ContextWindows``."""
     from ..conditioning import VideoConditioning, build_i2v_conditioning, build_vace_conditioning
     from ..pipeline import generate
 
@@ -139,7 +151,9 @@ def generate_video(models: DemoModels, prompt: str, task: str = "t2v",
         cond = VideoConditioning(size, size, frames)
     latent = generate(models.dit(task, fast), [context], [negative] if cfg != 1 else None, cond,
                       steps=steps, guide_scale=cfg, shift=shift, solver=solver, seed=seed,
-                      cache=cache, stats=stats)
+                      cache=cache, stats=stats,
+                      context_windows=demo_context_windows(frames) if context_windows == "auto"
+                      else context_windows)
     with torch.no_grad():
         return vae.decode(latent, tile=False)[0]
 
@@ -306,6 +320,11 @@ def run(args) -> int:
               f"it runs anyway. {vocabulary_help()}", file=sys.stderr)
     cache = cache_option(args)  # ValueError (bad name / threshold) before any work
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    windows = demo_context_windows(getattr(args, "frames", None) or FRAMES)
+    if windows is not None:
+        count = len(windows.windows((args.frames - 1) // 4 + 1))
+        print(f"{args.frames} frames is longer than the {FRAMES} the demo was trained on: sampling "
+              f"{count} overlapping {FRAMES}-frame context windows (overlap {CONTEXT_OVERLAP})")
     stats: dict = {}
     video = generate_video(DemoModels(), args.prompt, task, image, cache=cache, stats=stats,
                            steps=getattr(args, "steps", None),
