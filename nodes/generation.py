@@ -181,8 +181,8 @@ class WanCoreStepCache:
     CATEGORY = "WanCore"
     DESCRIPTION = ("Step caching: the sampler skips whole model evaluations where the output "
                    "barely changes between steps and reuses (extrapolates) the last ones "
-                   "instead (easycache defaults on the demo: 1.6x sampling at 20 steps, 2.4x at 50, "
-                   "every video >= 30 dB at 50 steps). Put it right before WanCore "
+                   "instead (easycache defaults on the demo: 1.7x fewer evaluations at 20 steps, "
+                   "2.45x at 50, 41 dB from the uncached video on average at 50). Put it right before WanCore "
                    "Sampler (after WanCore LoRA / WanCore MoE); it also works before a LoRA node "
                    "or on the experts before WanCore MoE. The model is not copied.")
     RETURN_TYPES = ("WANCORE_MODEL",)
