@@ -182,8 +182,8 @@ class WanCoreStepCache:
     DESCRIPTION = ("Step caching: the sampler skips whole model evaluations where the output "
                    "barely changes between steps and reuses (extrapolates) the last ones "
                    "instead (easycache defaults on the demo: 1.7x fewer evaluations at 20 steps, "
-                   "2.45x at 50, 41 dB from the uncached video on average at 50). Put it right before WanCore "
-                   "Sampler (after WanCore LoRA / WanCore MoE); it also works before a LoRA node "
+                   "2.45x at 50, 41 dB from the uncached video on average at 50). Put it right "
+                   "before WanCore Sampler (after WanCore LoRA / WanCore MoE); it also works before a LoRA node "
                    "or on the experts before WanCore MoE. The model is not copied.")
     RETURN_TYPES = ("WANCORE_MODEL",)
     RETURN_NAMES = ("model",)

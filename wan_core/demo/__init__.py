@@ -320,17 +320,20 @@ def run(args) -> int:
               f"it runs anyway. {vocabulary_help()}", file=sys.stderr)
     cache = cache_option(args)  # ValueError (bad name / threshold) before any work
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    windows = demo_context_windows(getattr(args, "frames", None) or FRAMES)
+    from ..conditioning import latent_frames
+
+    frames = getattr(args, "frames", None) or FRAMES
+    windows = demo_context_windows(frames)
     if windows is not None:
-        count = len(windows.windows((args.frames - 1) // 4 + 1))
-        print(f"{args.frames} frames is longer than the {FRAMES} the demo was trained on: sampling "
+        count = len(windows.windows(latent_frames(frames)))
+        print(f"{frames} frames is longer than the {FRAMES} the demo was trained on: sampling "
               f"{count} overlapping {FRAMES}-frame context windows (overlap {CONTEXT_OVERLAP})")
     stats: dict = {}
     video = generate_video(DemoModels(), args.prompt, task, image, cache=cache, stats=stats,
                            steps=getattr(args, "steps", None),
                            cfg=getattr(args, "cfg", None), fast=fast,
                            seed=getattr(args, "seed", 0) or 0,
-                           frames=getattr(args, "frames", None) or FRAMES,
+                           frames=frames, context_windows=windows,
                            size=getattr(args, "size", None) or SIZE, control=control,
                            vace_scale=1.0 if getattr(args, "vace_scale", None) is None
                            else args.vace_scale)
