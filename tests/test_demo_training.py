@@ -2,6 +2,7 @@
 paths of wan_core, and its exact reparametrisations are exact. Tiny and fast; no training run."""
 import dataclasses
 
+import pytest
 import torch
 
 from training import steps, train_dit, train_vae
@@ -163,8 +164,9 @@ def test_focus_weights_draw_clips_by_background():
 
 
 def test_the_shipped_dit_is_the_last_finished_refinement(tmp_path):
-    """Export and the experts take ``dit_focus`` over ``dit_mixed`` over ``dit`` (and
-    ``i2v_focus`` over ``i2v``), whichever has finished."""
+    """Export and the experts take ``dit_shape`` over ``dit_focus`` over ``dit_mixed`` over
+    ``dit`` (``i2v_shape`` over ``i2v_focus`` over ``i2v``; the VAE of ``vae_shape`` over
+    ``vae_fit``), whichever has finished."""
     chain = steps.T2V_STAGES
     assert steps.final_stage(tmp_path, chain) == "dit"
     for stage in ("dit", "dit_mixed"):
@@ -176,3 +178,36 @@ def test_the_shipped_dit_is_the_last_finished_refinement(tmp_path):
     torch.save({"step": 1}, tmp_path / "dit_focus" / "done.pt")
     assert steps.final_stage(tmp_path, chain) == "dit_focus"
     assert steps.final_stage(tmp_path, steps.I2V_STAGES) == "i2v"
+    assert steps.final_stage(tmp_path, steps.VAE_STAGES) == "vae_fit"
+    for stage in ("dit_shape", "i2v_shape", "vae_shape"):
+        (tmp_path / stage).mkdir()
+        torch.save({"step": 1}, tmp_path / stage / "done.pt")
+    assert steps.final_stage(tmp_path, chain) == "dit_shape"
+    assert steps.final_stage(tmp_path, steps.I2V_STAGES) == "i2v_shape"
+    assert steps.final_stage(tmp_path, steps.VAE_STAGES) == "vae_shape"
+
+
+def test_a_warm_started_lora_is_the_file_it_started_from(tmp_path):
+    """``fast_lora --warm-start``: the trainable factors copied from a LoRA file give back that
+    file when written the way ``save_fast_lora`` writes it; a LoRA of another rank is refused."""
+    from safetensors.torch import save_file
+    from training import train_fast
+    from wan_core.models.configs import DiTConfig
+    from wan_core.models.dit import WanDiT
+
+    dit = WanDiT(DiTConfig(model_type="t2v", dim=32, ffn_dim=64, num_heads=2, num_layers=1,
+                           text_dim=16, freq_dim=32))
+    source = train_fast.LoRAFactors(dit, train_fast.RANK, seed=1)
+    for p in source.factors.values():
+        torch.nn.init.normal_(p)
+    written = train_fast.comfy_lora(source.factors, torch.bfloat16, train_fast.SHIPPED_SCALE)
+    save_file(written, str(tmp_path / "lora.safetensors"))
+    warm = train_fast.LoRAFactors(dit, train_fast.RANK, seed=2)
+    train_fast.warm_factors(warm, tmp_path / "lora.safetensors")
+    again = train_fast.comfy_lora(warm.factors, torch.bfloat16, train_fast.SHIPPED_SCALE)
+    assert set(again) == set(written)
+    assert all(torch.equal(again[k], written[k]) for k in written)
+    small = train_fast.LoRAFactors(dit, 4, seed=3)
+    save_file(train_fast.comfy_lora(small.factors, torch.bfloat16), str(tmp_path / "r4.safetensors"))
+    with pytest.raises(ValueError, match="rank"):
+        train_fast.warm_factors(warm, tmp_path / "r4.safetensors")

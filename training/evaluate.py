@@ -4,6 +4,7 @@ closely the VACE demo follows a control path.
     python -m training.evaluate --task t2v --steps 20 --cfg 4
     python -m training.evaluate --task i2v
     python -m training.evaluate --task vace [--vace-scale 0] [--count 16]
+    python -m training.evaluate --task t2v --shapes      # also shape fidelity (issue 27)
 
 Every held-out combination (never trained on) is generated through the normal pipeline and read
 back with ``analysis.check_prompt`` (colour, direction, background; ``prompt`` = all three).
@@ -27,6 +28,22 @@ from . import analysis, dataset
 
 def heldout_specs(count: int = 32, seed: int = 1):
     return list(dataset.iter_specs("heldout", seed=seed))[:count]
+
+
+def shape_report(clips) -> dict:
+    """Shape fidelity (``analysis.shape_fidelity``) of generated ``clips`` [(spec, frames)]:
+    ``shape_right`` (share of frames whose best-fitting shape is the prompted one),
+    ``shape_fit`` (mean soft IoU of the prompted shape) and ``right_<shape>`` per shape."""
+    per: dict = {}
+    fits = []
+    for spec, frames in clips:
+        found = analysis.shape_fidelity(frames, spec.shape, spec.background, spec.colour)
+        per.setdefault(spec.shape, []).append(found["right"])
+        fits.append(found["fit"])
+    out = {"shape_right": float(np.mean(sum(per.values(), []))),
+           "shape_fit": float(np.mean(fits))}
+    out.update({f"right_{k}": float(np.mean(v)) for k, v in sorted(per.items())})
+    return out
 
 
 def evaluate(models: DemoModels, task: str = "t2v", count: int = 32, steps=None, cfg=None,
@@ -133,6 +150,8 @@ def main(argv=None) -> int:
                         help="the T2V with its distilled LoRA (4 steps, CFG 1, distilled sampler)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", default=None, help="weights folder (default: shipped)")
+    parser.add_argument("--shapes", action="store_true",
+                        help="t2v / i2v / moe: also report shape fidelity (shape_right, shape_fit)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     import torch
@@ -144,8 +163,11 @@ def main(argv=None) -> int:
         result = evaluate_vace(models, args.count or 16, args.steps, args.cfg, args.seed,
                                args.vace_scale, args.verbose, args.silhouette)
     else:
+        clips = [] if args.shapes else None
         result = evaluate(models, args.task, args.count or 32, args.steps, args.cfg, args.seed,
-                          args.verbose, args.fast)
+                          args.verbose, args.fast, clips)
+        if clips:
+            result.update(shape_report(clips))
     vace = f" vace_scale {args.vace_scale:g} silhouette {args.silhouette}"
     print(f"{args.task}{' fast' if args.fast else ''}{vace if args.task == 'vace' else ''} steps "
           f"{args.steps} cfg {args.cfg}: " +

@@ -23,8 +23,8 @@ import torch
 
 from wan_core.demo import WEIGHTS_DIR as WEIGHTS
 
-from .steps import I2V_STAGES, T2V_STAGES, final_stage
-from .training import load
+from .steps import I2V_STAGES, T2V_STAGES, VAE_STAGES, final_stage
+from .training import finished, load
 
 BUDGET_BYTES = 40 * 1024 * 1024
 DIT_FILES = {"dit": "dit_t2v", "i2v": "dit_i2v", "expert_high": "dit_high_noise",
@@ -84,7 +84,7 @@ def dit_state(out: Path, stage: str) -> dict:
 
 
 def export(out: Path, weights: Optional[Path] = None) -> dict:
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from wan_core import apply_loras, load_dit, load_text_encoder, load_vae
 
@@ -92,11 +92,17 @@ def export(out: Path, weights: Optional[Path] = None) -> dict:
 
     weights = Path(weights or WEIGHTS)
     weights.mkdir(parents=True, exist_ok=True)
-    files = {"vae": vae_state(out), "text_encoder": text_state(out)}
+    files = {"vae": vae_state(out, final_stage(out, VAE_STAGES)),
+             "text_encoder": text_state(out) if finished(Path(out) / "text") is not None
+             else load_file(str(WEIGHTS / "text_encoder.safetensors"))}
     for stage, name in DIT_FILES.items():
         chain = {"dit": T2V_STAGES, "i2v": I2V_STAGES}.get(stage)
         files[name] = dit_state(out, final_stage(out, chain) if chain else stage)
-    files["fast_lora"] = fast_lora_state(out)
+    if finished(Path(out) / "fast_lora") is not None:
+        files["fast_lora"] = fast_lora_state(out)
+    else:   # the shape chain trains the LoRA after export, from the exported T2V
+        print("export: fast_lora not finished in this run: fast_lora.safetensors left as it is "
+              "(run the fast_lora stage next: it distils the exported T2V)", flush=True)
     sizes = {}
     for name, sd in files.items():
         path = weights / f"{name}.safetensors"
@@ -104,7 +110,9 @@ def export(out: Path, weights: Optional[Path] = None) -> dict:
         save_file(sd, str(path), metadata=meta)
         sizes[name] = path.stat().st_size
     load_vae(weights / "vae.safetensors")
-    apply_loras(load_dit(weights / "dit_t2v.safetensors"), [(weights / "fast_lora.safetensors", 1.0)])
+    if "fast_lora" in files:
+        apply_loras(load_dit(weights / "dit_t2v.safetensors"),
+                    [(weights / "fast_lora.safetensors", 1.0)])
     load_text_encoder(weights / "text_encoder.safetensors")
     expected = {"dit_t2v": "t2v", "dit_i2v": "i2v", "dit_high_noise": "t2v",
                 "dit_low_noise": "t2v"}
@@ -113,6 +121,9 @@ def export(out: Path, weights: Optional[Path] = None) -> dict:
         if model_type != kind:
             raise RuntimeError(f"{name} was detected as {model_type}, expected {kind}")
     total = sum(sizes.values())
+    for name in ("fast_lora", "vace_module"):     # written by their own stages
+        if name not in sizes and (weights / f"{name}.safetensors").exists():
+            sizes[name] = (weights / f"{name}.safetensors").stat().st_size
     for name, size in sizes.items():
         print(f"export: {name}.safetensors {size / 1e6:.2f} MB")
     print(f"export: total {total / 1e6:.2f} MB (budget {BUDGET_BYTES / 1e6:.1f} MB)", flush=True)

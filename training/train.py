@@ -2,7 +2,7 @@
 
     python -m training.train all --out runs/demo --resume
     python -m training.train {text,encoder_fit,decoder_fit,vae_fit,latents,dit,i2v,dit_mixed,dit_focus,i2v_focus,experts,fast_lora,export,vace,all} --out DIR --resume
-    python -m training.train {decoder_shape,vae_shape,dit_shape} --out DIR --resume   # issue 27 experiments
+    python -m training.train {decoder_shape,vae_shape,dit_shape,i2v_shape} --out DIR --resume   # issue 27
 
 Stages write their checkpoints under ``DIR/<stage>/``; ``--resume`` continues an interrupted
 stage from its last checkpoint and skips finished ones. ``export`` writes the shipped files to
@@ -20,7 +20,7 @@ from .training import setup_threads
 STAGES = ("text", "encoder_fit", "decoder_fit", "vae_fit", "latents", "dit", "i2v", "dit_mixed",
           "dit_focus", "i2v_focus", "experts", "fast_lora", "export", "vace")
 # issue 27's shape experiments (TRAINING.md, "Shape fidelity"), not part of ``all``
-SHAPE_STAGES = ("decoder_shape", "vae_shape", "dit_shape")
+SHAPE_STAGES = ("decoder_shape", "vae_shape", "dit_shape", "i2v_shape")
 EARLIER = ("vae", "decoder", "decoder_long", "vae_long")   # the first runs' VAE stages (TRAINING.md)
 
 
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: fastest on a shared 2-core machine, see TRAINING.md)")
     parser.add_argument("--weights", type=Path, default=None, help="export folder")
+    parser.add_argument("--warm-start", action="store_true",
+                        help="fast_lora, vace: start from the file already in the weights folder "
+                             "(trained for an earlier T2V) instead of from scratch")
     args = parser.parse_args(argv)
     setup_threads(args.threads)
     stages = STAGES if args.stage == "all" else (args.stage,)
@@ -72,15 +75,15 @@ def run_stage(stage: str, args) -> None:
         from .train_dit import cache_latents
         cache_latents(args.out, args.seed, args.resume)
     elif stage in ("dit", "i2v", "dit_mixed", "dit_focus", "dit_shape", "i2v_focus",
-                   "experts"):
+                   "i2v_shape", "experts"):
         from . import train_dit
         getattr(train_dit, "run_" + stage)(args.out, n, args.seed, args.resume)
     elif stage == "fast_lora":
         from .train_fast import run_fast_lora
-        run_fast_lora(args.out, n, args.seed, args.resume, args.weights)
+        run_fast_lora(args.out, n, args.seed, args.resume, args.weights, args.warm_start)
     elif stage == "vace":
         from .train_vace import run_vace
-        run_vace(args.out, n, args.seed, args.resume, args.weights)
+        run_vace(args.out, n, args.seed, args.resume, args.weights, args.warm_start)
     elif stage == "export":
         from .export import export
         export(args.out, args.weights)

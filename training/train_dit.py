@@ -59,6 +59,7 @@ FIRST_FRAME_WEIGHT = 5.0  # I2V: the first latent frame must reproduce the given
 FOCUS = {"white": 12.0}   # dit_focus, i2v_focus: clip sampling weight per background (others 1)
 FOCUS_LR = 3e-4
 VAE_STAGE = "encoder_fit"  # whose encoder makes the cached latents (the shipped ``vae_fit``'s encoder)
+SHAPE_VAE_STAGE = "vae_shape"  # issue 27: when finished, its encoder makes the latents instead
 
 
 def dit_config(model_type: str = "t2v") -> DiTConfig:
@@ -100,15 +101,17 @@ def init_weights(model: WanDiT, seed: int) -> WanDiT:
 # ------------------------------------------------------------------------------ latent cache
 
 def _load_vae(out: Path):
-    """The VAE whose encoder made the shipped DiTs' latents: ``VAE_STAGE``'s, or the shipped
-    file when that stage's checkpoint is gone (the same encoder)."""
+    """The VAE whose encoder makes the latents: ``SHAPE_VAE_STAGE``'s when it finished (the
+    shape-carrying latent of issue 27), else ``VAE_STAGE``'s, else the shipped file (the same
+    encoder as ``VAE_STAGE``'s)."""
     from .export import vae_state
     from wan_core import load_vae
     from wan_core.demo import WEIGHTS_DIR
 
-    if finished(Path(out) / VAE_STAGE) is None:
-        return load_vae(WEIGHTS_DIR / "vae.safetensors", dtype=torch.float32)
-    return load_vae(vae_state(out, VAE_STAGE), dtype=torch.float32)
+    for stage in (SHAPE_VAE_STAGE, VAE_STAGE):
+        if finished(Path(out) / stage) is not None:
+            return load_vae(vae_state(out, stage), dtype=torch.float32)
+    return load_vae(WEIGHTS_DIR / "vae.safetensors", dtype=torch.float32)
 
 
 def _load_text(out: Path):
@@ -334,14 +337,14 @@ def object_weight(x0: torch.Tensor) -> torch.Tensor:
     return 1 + SHAPE_WEIGHT * dev
 
 
-def shipped_t2v() -> WanDiT:
-    """The T2V in the weights folder as a trainable fp32 :class:`WanDiT`."""
+def shipped_dit(model_type: str = "t2v") -> WanDiT:
+    """The T2V (or I2V) in the weights folder as a trainable fp32 :class:`WanDiT`."""
     from safetensors.torch import load_file
-    from wan_core.demo import WEIGHTS_DIR
+    from wan_core.demo import FILES, WEIGHTS_DIR
 
-    model = WanDiT(dit_config("t2v"))
+    model = WanDiT(dit_config(model_type))
     model.load_state_dict({k: v.float() for k, v in
-                           load_file(str(WEIGHTS_DIR / "dit_t2v.safetensors")).items()})
+                           load_file(str(WEIGHTS_DIR / FILES[model_type])).items()})
     return model
 
 
@@ -357,12 +360,13 @@ def shape_flow_loss(model, cache, step, seed, weights=None):
 
 def run_dit_shape(out: Path, steps: int, seed: int, resume: bool) -> dict:
     """Stage ``dit_shape``: the shipped T2V fine-tuned with :func:`shape_flow_loss` (clips
-    drawn as for ``dit_focus``)."""
+    drawn as for ``dit_focus``) on the latents ``latents`` cached (after ``vae_shape``: the
+    shape-carrying latent)."""
     stage_dir = Path(out) / "dit_shape"
     done = finished_already(stage_dir, steps, resume)
     if done is not None:
         return done
-    model = shipped_t2v()
+    model = shipped_dit("t2v")
     cache = load(Path(out) / "latents" / "cache.pt")
     weights = clip_weights(cache, FOCUS)
     opt = torch.optim.AdamW(model.parameters(), lr=FOCUS_LR, weight_decay=0.01)
@@ -371,3 +375,10 @@ def run_dit_shape(out: Path, steps: int, seed: int, resume: bool) -> dict:
                       lambda s: shape_flow_loss(model, cache, s, seed + 14, weights),
                       steps, lambda s: cosine_lr(s, steps, FOCUS_LR, 50, 0.1), resume=resume,
                       seed=seed, ema=ema, save_every=50)
+
+
+def run_i2v_shape(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    """Stage ``i2v_shape``: the shipped I2V fine-tuned as ``i2v_focus`` was, on the latents
+    ``latents`` cached (after ``vae_shape``: the shape-carrying latent)."""
+    return _train("i2v_shape", out, lambda: shipped_dit("i2v"), steps, seed + 15, resume,
+                  lr=FOCUS_LR, warmup=50, image=True, per_background=FOCUS)

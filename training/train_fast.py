@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from wan_core import apply_loras
-from wan_core.demo import CFG, SHIFT, SOLVER, STEPS, DemoModels
+from wan_core.demo import CFG, FILES, SHIFT, SOLVER, STEPS, DemoModels
 from wan_core.ops import Linear
 from wan_core.pipeline import draw_noise
 from wan_core.sampling import (DISTILLED_SHIFT, DISTILLED_STEPS, distilled_schedule,
@@ -114,21 +114,43 @@ def comfy_lora(factors, dtype=None, scale: float = 1.0) -> dict:
 
 
 def run_fast_lora(out: Path, steps: int, seed: int, resume: bool,
-                  weights: Path | None = None) -> dict:
-    """Train (or skip when finished) and write ``fast_lora.safetensors`` to ``weights``."""
-    done = _train_fast_lora(out, steps, seed, resume)
+                  weights: Path | None = None, warm_start: bool = False) -> dict:
+    """Train (or skip when finished) and write ``fast_lora.safetensors`` to ``weights``.
+    ``warm_start``: start from the factors of the LoRA already in the weights folder (trained
+    for an earlier T2V) instead of ``up = 0``."""
+    done = _train_fast_lora(out, steps, seed, resume, warm_start)
     save_fast_lora(out, weights)
     return done
 
 
-def _train_fast_lora(out: Path, steps: int, seed: int, resume: bool) -> dict:
+def warm_factors(factors: LoRAFactors, path: Path) -> None:
+    """Copy the trained factors of the LoRA file ``path`` (ComfyUI layout, as ``save_fast_lora``
+    writes it; its ``alpha`` is the shipping scale, not part of the trained factors)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    with torch.no_grad():
+        for key, param in factors.factors.items():
+            stem, part = key.rsplit("__", 1)
+            name = f"diffusion_model.{stem.replace('__', '.')}.lora_{part}.weight"
+            if name not in sd or sd[name].shape != param.shape:
+                raise ValueError(f"{path} has no {name} of shape {tuple(param.shape)}: not a "
+                                 f"rank-{RANK} LoRA of this DiT; train without --warm-start")
+            param.copy_(sd[name].float())
+
+
+def _train_fast_lora(out: Path, steps: int, seed: int, resume: bool,
+                     warm_start: bool = False) -> dict:
     stage = Path(out) / "fast_lora"
     done = finished_already(stage, steps, resume)
     if done is not None:
         return done
     data = teacher_data(out, seed, resume)
-    base = DemoModels().get("t2v")
+    models = DemoModels()
+    base = models.get("t2v")
     factors = LoRAFactors(base, RANK, seed)
+    if warm_start:
+        warm_factors(factors, models.weights / FILES["fast_lora"])
     student = apply_loras(base, [(factors.lora(), 1.0)])
     schedule = distilled_schedule(DISTILLED_STEPS, DISTILLED_SHIFT)
     sigmas = [float(s) for s in schedule.sigmas]

@@ -210,20 +210,33 @@ def module_params(model: WanDiT) -> list:
     return [p for name, p in model.named_parameters() if name.startswith("vace_")]
 
 
-def run_vace(out: Path, steps: int, seed: int, resume: bool, weights: Path | None = None) -> dict:
-    """Train (or skip when finished) and write ``vace_module.safetensors`` to ``weights``."""
-    result = _train_vace(out, steps, seed, resume, weights)
+def run_vace(out: Path, steps: int, seed: int, resume: bool, weights: Path | None = None,
+             warm_start: bool = False) -> dict:
+    """Train (or skip when finished) and write ``vace_module.safetensors`` to ``weights``.
+    ``warm_start``: start from the module already in the weights folder (trained for an
+    earlier T2V) instead of the zero-projection initialisation."""
+    result = _train_vace(out, steps, seed, resume, weights, warm_start)
     save_vace_module(out, weights)
     return result
 
 
-def _train_vace(out: Path, steps: int, seed: int, resume: bool, weights: Path | None) -> dict:
+def _train_vace(out: Path, steps: int, seed: int, resume: bool, weights: Path | None,
+                warm_start: bool = False) -> dict:
     stage_dir = Path(out) / "vace"
     done = finished_already(stage_dir, steps, resume)
     if done is not None:
         return done
     cache = cache_clips(out, seed, resume=True, weights=weights)
     model = vace_model(weights)
+    if warm_start:
+        from safetensors.torch import load_file
+
+        module = load_file(str(Path(weights or WEIGHTS_DIR) / FILES["vace_module"]))
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in module.items()},
+                                                    strict=False)
+        if unexpected or any(k.startswith("vace_") for k in missing):
+            raise ValueError("the VACE module in the weights folder does not fit this base; "
+                             "train without --warm-start")
     opt = torch.optim.AdamW(module_params(model), lr=LR, weight_decay=0.01)
     ema = EMA(model, 0.998)
 
