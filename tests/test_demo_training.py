@@ -208,6 +208,7 @@ def test_a_warm_started_lora_is_the_file_it_started_from(tmp_path):
     assert set(again) == set(written)
     assert all(torch.equal(again[k], written[k]) for k in written)
     small = train_fast.LoRAFactors(dit, 4, seed=3)
-    save_file(train_fast.comfy_lora(small.factors, torch.bfloat16), str(tmp_path / "r4.safetensors"))
+    save_file(train_fast.comfy_lora(small.factors, torch.bfloat16),
+              str(tmp_path / "r4.safetensors"))
     with pytest.raises(ValueError, match="rank"):
         train_fast.warm_factors(warm, tmp_path / "r4.safetensors")

@@ -592,7 +592,7 @@ def shipped_vae_base(out: Path) -> Path:
     return stage
 
 
-ANCHOR_WEIGHT = 0.1          # vae_shape: pull of the encoder's mean towards the base latent
+ANCHOR_WEIGHT = 0.02         # vae_shape: pull of the encoder's mean towards the base latent
 
 
 def run_decoder_shape(out: Path, steps: int, seed: int, resume: bool,
