@@ -120,10 +120,10 @@ def export(out: Path, weights: Optional[Path] = None) -> dict:
         model_type = load_dit(weights / f"{name}.safetensors").config.model_type
         if model_type != kind:
             raise RuntimeError(f"{name} was detected as {model_type}, expected {kind}")
-    total = sum(sizes.values())
     for name in ("fast_lora", "vace_module"):     # written by their own stages
         if name not in sizes and (weights / f"{name}.safetensors").exists():
             sizes[name] = (weights / f"{name}.safetensors").stat().st_size
+    total = sum(sizes.values())
     for name, size in sizes.items():
         print(f"export: {name}.safetensors {size / 1e6:.2f} MB")
     print(f"export: total {total / 1e6:.2f} MB (budget {BUDGET_BYTES / 1e6:.1f} MB)", flush=True)
