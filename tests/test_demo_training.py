@@ -212,3 +212,30 @@ def test_a_warm_started_lora_is_the_file_it_started_from(tmp_path):
               str(tmp_path / "r4.safetensors"))
     with pytest.raises(ValueError, match="rank"):
         train_fast.warm_factors(warm, tmp_path / "r4.safetensors")
+
+
+def test_fine_patch_copy_embeds_flat_patches_as_before_and_averages_the_head():
+    """``to_fine_patch`` (stage ``dit_fine``): a 1x1 token of a latent that is flat over each
+    2x2 patch embeds as the 2x2 token did; the head's output per position is the mean of the
+    2x2 sub-positions' outputs; mixed-noise batches then carry one timestep per latent pixel."""
+    from wan_core.models.dit import WanDiT
+
+    torch.manual_seed(0)
+    coarse = WanDiT(train_dit.dit_config("t2v"))
+    for p in coarse.parameters():
+        p.data.normal_(0, 0.1)
+    fine = WanDiT(train_dit.dit_config("t2v", train_dit.FINE_PATCH))
+    fine.load_state_dict(train_dit.to_fine_patch(coarse.state_dict()))
+    flat = torch.randn(1, 16, 1, 4, 4).repeat_interleave(2, 3).repeat_interleave(2, 4)  # [1,16,1,8,8]
+    with torch.no_grad():
+        a = coarse.patch_embedding(flat)                               # [1, D, 1, 4, 4]
+        b = fine.patch_embedding(flat)                                 # [1, D, 1, 8, 8]
+    assert torch.allclose(b[..., ::2, ::2], a, atol=1e-5)
+    tokens = torch.randn(3, 128)
+    with torch.no_grad():
+        per_sub = coarse.head.head(tokens).view(3, 4, 16)              # (ph, pw, C) order
+        assert torch.allclose(fine.head.head(tokens), per_sub.mean(1), atol=1e-5)
+    latents = torch.randn(8, 16, 5, 8, 8).half()
+    cache = {"latents": latents, "captions": ["a"] * 8, "text": {"a": torch.ones(3, 8), "": torch.zeros(1, 8)}}
+    _, t, *_ = train_dit.make_batch(cache, 1, 0, False, mixed=True, patch=train_dit.FINE_PATCH)
+    assert t.shape == (train_dit.BATCH, 5 * 64)

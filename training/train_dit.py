@@ -62,10 +62,10 @@ VAE_STAGE = "encoder_fit"  # whose encoder makes the cached latents (the shipped
 SHAPE_VAE_STAGE = "vae_shape"  # issue 27: when finished, its encoder makes the latents instead
 
 
-def dit_config(model_type: str = "t2v") -> DiTConfig:
+def dit_config(model_type: str = "t2v", patch: tuple = (1, 2, 2)) -> DiTConfig:
     return DiTConfig(model_type=model_type, dim=DIM, ffn_dim=FFN, num_heads=DIM // 128,
                      num_layers=LAYERS, in_dim=36 if model_type == "i2v" else 16, out_dim=16,
-                     text_dim=128, freq_dim=FREQ)
+                     text_dim=128, freq_dim=FREQ, patch_size=patch)
 
 
 def init_weights(model: WanDiT, seed: int) -> WanDiT:
@@ -201,7 +201,8 @@ def clip_weights(cache: dict, per_background: dict) -> torch.Tensor:
 
 
 def make_batch(cache: dict, step: int, seed: int, image: bool, expert: str | None = None,
-               mixed: bool = False, weights: torch.Tensor | None = None, clean: bool = False):
+               mixed: bool = False, weights: torch.Tensor | None = None, clean: bool = False,
+               patch: tuple = (1, 2, 2)):
     """``(x_t, t, context, y, target)`` (and the clean latent ``x0`` when ``clean``); ``t`` is
     [B], or [B, L] per token when ``mixed``. Clips are drawn uniformly, or in proportion to
     ``weights`` [N] when given."""
@@ -228,7 +229,7 @@ def make_batch(cache: dict, step: int, seed: int, image: bool, expert: str | Non
         y = torch.cat([mask, cache["image_latents"][idx].float()], dim=1)
     t = sigma * 1000
     if mixed:
-        t = per_token_timesteps(t, f, h, w, first_frame_known=False)
+        t = per_token_timesteps(t, f, h, w, first_frame_known=False, patch=patch[1])
     return (xt, t, context, y, x1 - x0) + ((x0,) if clean else ())
 
 
@@ -352,7 +353,7 @@ def shape_flow_loss(model, cache, step, seed, weights=None):
     """:func:`flow_loss` (T2V, mixed noise levels) with the object's positions weighted by
     :func:`object_weight`."""
     xt, t, context, y, target, x0 = make_batch(cache, step, seed, False, None, True, weights,
-                                               clean=True)
+                                               clean=True, patch=model.config.patch_size)
     pred = model(xt, t, context, y=y)
     weight = object_weight(x0)
     return ((pred - target).square() * weight).sum() / (weight.sum() * target.shape[1]), {}
@@ -382,3 +383,43 @@ def run_i2v_shape(out: Path, steps: int, seed: int, resume: bool) -> dict:
     ``latents`` cached (after ``vae_shape``: the shape-carrying latent)."""
     return _train("i2v_shape", out, lambda: shipped_dit("i2v"), steps, seed + 15, resume,
                   lr=FOCUS_LR, warmup=50, image=True, per_background=FOCUS)
+
+
+# ------------------------------------------------------------------ dit_fine (issue 27)
+FINE_PATCH = (1, 1, 1)  # one token per latent position: 64 tokens a latent frame instead of 16
+FINE_LR = 5e-4
+
+
+def to_fine_patch(sd: dict, patch: tuple = (1, 2, 2)) -> dict:
+    """A ``(1, 2, 2)``-patch DiT state dict as a ``FINE_PATCH`` one: the patch embedding of a
+    1x1 token is the sum of the 2x2 kernel (a flat 2x2 patch embeds as before), the head's
+    output for a position is the mean of its 2x2 sub-positions' rows (``unpatchify`` order
+    ``(pt, ph, pw, C)``). Every other tensor is unchanged; positions (RoPE) now count latent
+    pixels, so the copy is a starting point to fine-tune, not an equal model."""
+    out = dict(sd)
+    out["patch_embedding.weight"] = sd["patch_embedding.weight"].sum((2, 3, 4), keepdim=True)
+    c = sd["head.head.weight"].shape[0] // (patch[0] * patch[1] * patch[2])
+    out["head.head.weight"] = sd["head.head.weight"].reshape(-1, c, sd["head.head.weight"].shape[1]).mean(0)
+    out["head.head.bias"] = sd["head.head.bias"].reshape(-1, c).mean(0)
+    return out
+
+
+def run_dit_fine(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    """Stage ``dit_fine``: the shipped T2V re-cut to one token per latent position
+    (:func:`to_fine_patch`) and fine-tuned as ``dit_shape`` (object-weighted loss, mixed noise
+    levels, white clips x12). The shipped T2V has 16 tokens a latent frame, so an object
+    ~16 px wide is one token whose shape the linear head must draw; here it spans 4-9."""
+    stage_dir = Path(out) / "dit_fine"
+    done = finished_already(stage_dir, steps, resume)
+    if done is not None:
+        return done
+    model = WanDiT(dit_config("t2v", FINE_PATCH))
+    model.load_state_dict(to_fine_patch(shipped_dit("t2v").state_dict()))
+    cache = load(Path(out) / "latents" / "cache.pt")
+    weights = clip_weights(cache, FOCUS)
+    opt = torch.optim.AdamW(model.parameters(), lr=FINE_LR, weight_decay=0.01)
+    ema = EMA(model, 0.998)
+    return train_loop(stage_dir, model, opt,
+                      lambda s: shape_flow_loss(model, cache, s, seed + 16, weights),
+                      steps, lambda s: cosine_lr(s, steps, FINE_LR, 50, 0.1), resume=resume,
+                      seed=seed, ema=ema, save_every=50)

@@ -186,10 +186,11 @@ def build_ti2v_conditioning(vae, image: torch.Tensor, width: int, height: int,
 
 
 def per_token_timesteps(t: torch.Tensor, lat_frames: int, lat_h: int, lat_w: int,
-                        first_frame_known: bool) -> torch.Tensor:
-    """Timesteps per token ``[B, F_lat * h/2 * w/2]`` from one per sample ``t`` [B] or one per
-    latent frame [B, F_lat]; TI2V: 0 for the given first frame."""
-    tokens_per_frame = (lat_h // PATCH) * (lat_w // PATCH)
+                        first_frame_known: bool, patch: int = PATCH) -> torch.Tensor:
+    """Timesteps per token ``[B, F_lat * h/p * w/p]`` (``p`` = the DiT's spatial ``patch``)
+    from one per sample ``t`` [B] or one per latent frame [B, F_lat]; TI2V: 0 for the given
+    first frame."""
+    tokens_per_frame = (lat_h // patch) * (lat_w // patch)
     per_frame = t.float()[:, None].expand(-1, lat_frames) if t.dim() == 1 else t.float()
     out = per_frame.repeat_interleave(tokens_per_frame, dim=1)
     if first_frame_known:

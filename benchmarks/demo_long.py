@@ -1,0 +1,148 @@
+"""Long demo videos through context windows: motion across windows and window-edge jumps
+(issue 28).
+
+    python -m benchmarks.demo_long                       # 8 held-out prompts, 65 frames
+    python -m benchmarks.demo_long --count 4 --settings 17/8/static/linear 17/12/static/linear
+    python -m benchmarks.demo_long --extend 1 5 9 --count 4  # extension seams instead
+
+Each setting (``frames/overlap/schedule/blend``, or ``none`` for one pass) samples a
+``--frames``-frame demo T2V video per held-out prompt (20 steps, seed 0) and prints, averaged
+over prompts: the object's centroid movement along the prompted direction summed forward and
+backward (pixels), the forward share (worst prompt in brackets) and the window-edge ratio: the
+largest frame-to-frame change at a pixel frame where a window starts or ends, divided by the
+median change elsewhere (``wan_core.extend.seam_ratios``; the median of its worst prompt in
+brackets). Goal (issue 28): no backward movement, window edges <= 1.5x.
+
+``--extend OVERLAP ...``: extension instead of windows. Per held-out prompt a 17-frame demo
+I2V clip from the prompt's rendered first frame, then 3 segments of 17 frames
+(``wan_core.extend.extend_video``, colour matching on); the seam ratio at each boundary
+(``seam_ratios``) over all prompts: median, max and how many are <= 1.5x.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def object_track(video):
+    """Per frame, the centroid (x, y) of the pixels far from the clip's median colour:
+    ``[T, 2]``, NaN where fewer than 5 pixels stand out. video [3, T, H, W] in [-1, 1]."""
+    import torch
+
+    background = video.flatten(1).median(dim=1).values[:, None, None, None]
+    mask = ((video - background).abs().amax(dim=0) > 0.4).float()
+    ys, xs = torch.meshgrid(torch.arange(video.shape[2]), torch.arange(video.shape[3]),
+                            indexing="ij")
+    area = mask.sum(dim=(1, 2))
+    track = torch.stack([(mask * xs).sum(dim=(1, 2)), (mask * ys).sum(dim=(1, 2))], dim=1)
+    return torch.where(area[:, None] > 4, track / area.clamp_min(1)[:, None], float("nan"))
+
+
+def edge_frames(windows, frames: int) -> list:
+    """Pixel frames where a window of ``windows`` (ContextWindows) starts or ends, inside a
+    ``frames``-frame video: the first pixel frame of each window's first latent frame and of
+    the latent frame after its last (latent frame i >= 1 starts at pixel frame 4 i - 3)."""
+    latent = (frames - 1) // 4 + 1
+    edges = set()
+    for start, length in windows.windows(latent):
+        for i in (start, start + length):
+            if 0 < i < latent:
+                edges.add(4 * i - 3)
+    return sorted(edges)
+
+
+def measure(setting: str, prompts, frames: int, steps: int) -> dict:
+    import torch
+
+    from wan_core.demo import DemoModels, generate_video
+    from wan_core.demo.clips import DIRECTIONS
+    from wan_core.extend import seam_ratios
+    from wan_core.sampling import ContextWindows
+
+    windows = None
+    if setting != "none":
+        f, o, schedule, blend = setting.split("/")
+        windows = ContextWindows(int(f), int(o), schedule, blend)
+    models = DemoModels()
+    rows = []
+    started = time.perf_counter()
+    for prompt, direction in prompts:
+        video = generate_video(models, prompt, frames=frames, seed=0, steps=steps,
+                               context_windows=windows)
+        dx, dy = DIRECTIONS[direction]
+        track = object_track(video)
+        along = track[:, 0] * dx + track[:, 1] * dy
+        moves = torch.diff(along[~torch.isnan(along)])
+        forward = float(moves.clamp_min(0).sum())
+        backward = float((-moves).clamp_min(0).sum())
+        edge = max(seam_ratios(video, edge_frames(windows, frames))[0]) if windows else float("nan")
+        rows.append((forward, backward, forward / max(forward + backward, 1e-9), edge))
+    n = len(rows)
+    return {"setting": setting, "forward": sum(r[0] for r in rows) / n,
+            "backward": sum(r[1] for r in rows) / n, "share": sum(r[2] for r in rows) / n,
+            "worst_share": min(r[2] for r in rows), "edge": max(r[3] for r in rows),
+            "edge_median": sorted(r[3] for r in rows)[n // 2],
+            "seconds": time.perf_counter() - started}
+
+
+def measure_extend(overlap: int, prompts, steps: int, segments: int = 3) -> dict:
+    import torch
+
+    from wan_core.demo import CFG, SHIFT, DemoModels, generate_video
+    from wan_core.demo.clips import parse_caption, place, render
+    from wan_core.extend import extend_video, seam_ratios
+
+    models = DemoModels()
+    ratios = []
+    started = time.perf_counter()
+    for prompt, _ in prompts:
+        first = torch.from_numpy(render(place(parse_caption(prompt), 0), 1))[0]
+        clip = generate_video(models, prompt, "i2v", image=first.permute(2, 0, 1) * 2 - 1,
+                              steps=steps, seed=0)
+        context, negative = models.get("text_encoder").encode([prompt, ""])
+        report = []
+        out = extend_video(models.get("i2v"), models.get("vae"), [context], [negative], clip,
+                           segments=segments, frames=17, overlap=overlap, steps=steps,
+                           guide_scale=CFG, shift=SHIFT, seed=1, report=report, tile=False)
+        ratios += seam_ratios(out, [r.start for r in report])[0]
+    ratios.sort()
+    return {"overlap": overlap, "median": ratios[len(ratios) // 2], "max": ratios[-1],
+            "within": sum(r <= 1.5 for r in ratios), "seams": len(ratios),
+            "seconds": time.perf_counter() - started}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=65)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--settings", nargs="+", default=["17/8/static/linear"])
+    parser.add_argument("--extend", type=int, nargs="+", default=None, metavar="OVERLAP")
+    args = parser.parse_args(argv)
+
+    from training.evaluate import heldout_specs
+
+    prompts = [(s.caption, s.direction) for s in heldout_specs(args.count)]
+    if args.extend:
+        print(f"demo I2V extension: {len(prompts)} held-out prompts, 17-frame clip + 3 x 17-frame "
+              f"segments, {args.steps} steps")
+        print("| overlap | seam ratio: median | max | seams <= 1.5x | seconds |")
+        print("|---|---|---|---|---|")
+        for overlap in args.extend:
+            r = measure_extend(overlap, prompts, args.steps)
+            print(f"| {overlap} | {r['median']:.2f} | {r['max']:.2f} | {r['within']} of "
+                  f"{r['seams']} | {r['seconds']:.0f} |", flush=True)
+        return
+    print(f"{args.frames}-frame demo T2V, {len(prompts)} held-out prompts, {args.steps} steps")
+    print("| windows (frames/overlap/schedule/blend) | forward px | backward px | forward share "
+          "(worst) | largest edge / median (median prompt) | seconds |")
+    print("|---|---|---|---|---|---|")
+    for setting in args.settings:
+        r = measure(setting, prompts, args.frames, args.steps)
+        print(f"| {r['setting']} | {r['forward']:.0f} | {r['backward']:.0f} | {r['share']:.2f} "
+              f"({r['worst_share']:.2f}) | {r['edge']:.2f} ({r['edge_median']:.2f}) | "
+              f"{r['seconds']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
