@@ -239,3 +239,30 @@ def test_fine_patch_copy_embeds_flat_patches_as_before_and_averages_the_head():
     cache = {"latents": latents, "captions": ["a"] * 8, "text": {"a": torch.ones(3, 8), "": torch.zeros(1, 8)}}
     _, t, *_ = train_dit.make_batch(cache, 1, 0, False, mixed=True, patch=train_dit.FINE_PATCH)
     assert t.shape == (train_dit.BATCH, 5 * 64)
+
+
+def test_shape_pairs_share_noise_levels_and_placement_and_differ_in_the_shape_word():
+    """``pair_batch`` (stage ``dit_pairs``): rows 2p and 2p + 1 are one placement in two
+    different shapes, noised with the same noise at the same per-frame levels."""
+    from training import dataset
+
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    latents = torch.randn(n, 3, 16, 5, 8, 8, generator=g).half()
+    valid = torch.ones(n, 3, dtype=torch.bool)
+    valid[0, 1] = False                                        # a held-out shape is never drawn
+    captions = [[f"a red {s} moving up on a black background" for s in dataset.SHAPES]
+                for _ in range(n)]
+    text = {c: torch.randn(9, 8, generator=g) for row in captions for c in row}
+    text[""] = torch.zeros(1, 8)
+    triples = {"latents": latents, "valid": valid, "captions": captions}
+    xt, t, context, target, x0 = train_dit.pair_batch({"text": text}, triples, 5, 0)
+    assert xt.shape == (train_dit.BATCH, 16, 5, 8, 8) and t.shape == (train_dit.BATCH, 80)
+    assert torch.equal(t[0::2], t[1::2])
+    x1 = target + x0
+    assert torch.allclose(x1[0::2], x1[1::2], atol=1e-5)
+    for a, b in zip(range(0, train_dit.BATCH, 2), range(1, train_dit.BATCH, 2)):
+        assert not torch.equal(x0[a], x0[b])
+        rows = [(i, k) for i in range(n) for k in range(3)
+                if torch.equal(latents[i, k].float(), x0[a]) or torch.equal(latents[i, k].float(), x0[b])]
+        assert len({i for i, _ in rows}) == 1 and (0, 1) not in rows

@@ -10,7 +10,11 @@
   changed; the ratio of the object's x0 errors (wrong / right) is 1.00 when the word is
   ignored and grows with how much the model relies on it (colour: well above 1).
 
-Both weight latent positions by how much they hold the object (``train_dit.object_weight``).
+- :func:`word_attention`: how much cross-attention the object's tokens give each word of the
+  caption (and the pad token, the attention sink), per block: a word the model routes to the
+  object gets more than the filler words ("a", "on").
+
+All weight latent positions by how much they hold the object (``train_dit.object_weight``).
 """
 from __future__ import annotations
 
@@ -86,6 +90,53 @@ def word_sensitivity(models: DemoModels, specs, attribute: str = "shape",
     return out
 
 
+def word_attention(models: DemoModels, specs, sigma: float = 0.5, seed: int = 0) -> list:
+    """Per T2V block, the mean cross-attention probability ``[words + 2]`` that the object's
+    tokens give each caption token (the caption pattern's words in order, the end token, then
+    the pad token), at noise level ``sigma``; object tokens weighted by ``object_weight``
+    pooled over each 2x2 patch. Captions must tokenise to one token per word (the demo's do)."""
+    import torch.nn.functional as F
+
+    vae, te, dit = models.get("vae"), models.get("text_encoder"), models.dit("t2v", False)
+    x0 = _encode(vae, specs)
+    contexts = te.encode([s.caption for s in specs])
+    patch = dit.config.patch_size[1]
+    probs: list = []
+
+    def hook(module, args, _out):
+        x, text = args[0], args[1]
+        heads = module.num_heads
+        q = module.norm_q(module.q(x)).unflatten(-1, (heads, -1)).transpose(1, 2)
+        k = module.norm_k(module.k(text.tokens)).unflatten(-1, (heads, -1)).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        if text.bias is not None:
+            logits = logits + text.bias
+        probs.append(logits.softmax(-1).mean(1))                     # [B, L, M]
+
+    handles = [b.cross_attn.register_forward_hook(hook) for b in dit.blocks]
+    g = torch.Generator().manual_seed(seed)
+    sums = None
+    try:
+        for i, spec in enumerate(specs):
+            z = x0[i:i + 1]
+            w = object_weight(z)[0, 0] - 1                              # [F, h, w]
+            w = F.avg_pool2d(w, patch).flatten()
+            w = w / w.sum().clamp_min(1e-8)
+            n = len(spec.caption.split()) + 2                           # words, end, pad
+            if contexts[i].shape[0] + 1 != n:
+                raise ValueError(f"{spec.caption!r} does not tokenise to one token per word")
+            probs.clear()
+            xt = (1 - sigma) * z + sigma * torch.randn(z.shape, generator=g)
+            with torch.no_grad():
+                dit(xt, torch.tensor([sigma * 1000.0]), [contexts[i]])
+            rows = torch.stack([(p[0] * w[:, None]).sum(0)[:n] for p in probs])
+            sums = rows if sums is None else sums + rows
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / len(specs)).tolist()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.probes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +156,10 @@ def main(argv=None) -> int:
         print(f"{attribute} word: " + ", ".join(
             f"sigma {s}: {right:.4f} -> {wrong:.4f} (x{wrong / right:.2f})"
             for s, (right, wrong) in rows.items()))
+    words = dataset.CAPTION.replace("{", "").replace("}", "").split() + ["</s>", "<pad>"]
+    print("cross-attention of the object's tokens per caption token (sigma 0.5): " + " ".join(words))
+    for block, row in enumerate(word_attention(models, specs)):
+        print(f"  block {block}: " + " ".join(f"{p:.2f}" for p in row))
     return 0
 
 

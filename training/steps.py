@@ -16,7 +16,7 @@ from .training import finished
 STEPS = {"text": 400, "encoder_fit": 2000, "decoder_fit": 2400, "vae_fit": 300, "dit": 6400,
          "i2v": 12000, "dit_mixed": 10500, "dit_focus": 4000, "i2v_focus": 3000, "experts": 100,
          "fast_lora": 5500, "vace": 3000, "decoder_shape": 400, "vae_shape": 1100,
-         "dit_shape": 3000, "i2v_shape": 2500, "dit_fine": 2000}
+         "dit_shape": 3000, "i2v_shape": 2500, "dit_fine": 2000, "dit_pairs": 1500}
 # The twelfth session shipped vae_shape, dit_shape, i2v_shape (counts above) with the experts, and
 # fast_lora 1500 / vace 1000 steps warm-started from the previous files (--warm-start --steps N).
 SECOND_RUN = {"vae": 1500, "text": 400, "decoder": 1200, "decoder_long": 400, "vae_long": 650,

@@ -2,7 +2,7 @@
 
     python -m training.train all --out runs/demo --resume
     python -m training.train {text,encoder_fit,decoder_fit,vae_fit,latents,dit,i2v,dit_mixed,dit_focus,i2v_focus,experts,fast_lora,export,vace,all} --out DIR --resume
-    python -m training.train {decoder_shape,vae_shape,dit_shape,i2v_shape,dit_fine} --out DIR --resume   # issue 27
+    python -m training.train {decoder_shape,vae_shape,dit_shape,i2v_shape,dit_fine,dit_pairs} --out DIR --resume   # issue 27
 
 Stages write their checkpoints under ``DIR/<stage>/``; ``--resume`` continues an interrupted
 stage from its last checkpoint and skips finished ones. ``export`` writes the shipped files to
@@ -20,7 +20,7 @@ from .training import setup_threads
 STAGES = ("text", "encoder_fit", "decoder_fit", "vae_fit", "latents", "dit", "i2v", "dit_mixed",
           "dit_focus", "i2v_focus", "experts", "fast_lora", "export", "vace")
 # issue 27's shape experiments (TRAINING.md, "Shape fidelity"), not part of ``all``
-SHAPE_STAGES = ("decoder_shape", "vae_shape", "dit_shape", "i2v_shape", "dit_fine")
+SHAPE_STAGES = ("decoder_shape", "vae_shape", "dit_shape", "i2v_shape", "dit_fine", "dit_pairs")
 EARLIER = ("vae", "decoder", "decoder_long", "vae_long")   # the first runs' VAE stages (TRAINING.md)
 
 
@@ -75,7 +75,7 @@ def run_stage(stage: str, args) -> None:
         from .train_dit import cache_latents
         cache_latents(args.out, args.seed, args.resume)
     elif stage in ("dit", "i2v", "dit_mixed", "dit_focus", "dit_shape", "i2v_focus",
-                   "i2v_shape", "dit_fine", "experts"):
+                   "i2v_shape", "dit_fine", "dit_pairs", "experts"):
         from . import train_dit
         getattr(train_dit, "run_" + stage)(args.out, n, args.seed, args.resume)
     elif stage == "fast_lora":

@@ -423,3 +423,105 @@ def run_dit_fine(out: Path, steps: int, seed: int, resume: bool) -> dict:
                       lambda s: shape_flow_loss(model, cache, s, seed + 16, weights),
                       steps, lambda s: cosine_lr(s, steps, FINE_LR, 50, 0.1), resume=resume,
                       seed=seed, ema=ema, save_every=50)
+
+
+# ------------------------------------------------------------------ dit_pairs (issue 27)
+PAIR_WEIGHT = 1.0       # weight of the paired shape-difference loss (relative, see pair_loss)
+
+
+def cache_shape_triples(out: Path, seed: int, resume: bool) -> dict:
+    """Every clip of the latent cache (same specs, same order as :func:`cache_latents`) drawn
+    in all three shapes at the same placement: ``latents [N, 3, C, F, h, w]`` (fp16, shape
+    order ``dataset.SHAPES``) and ``valid [N, 3]`` (False where that shape's combination is
+    held out: never encoded, never trained on)."""
+    path = Path(out) / "latents" / "triples.pt"
+    if resume and path.exists():
+        return load(path)
+    from dataclasses import replace
+
+    vae = _load_vae(out)
+    train = set(dataset.iter_combos("train"))
+    specs = [spec for p in range(PLACEMENTS)
+             for spec in dataset.iter_specs("train", seed=seed * 1000 + p)]
+    shapes = dataset.SHAPES
+    latents = torch.zeros(len(specs), len(shapes), 16, 5, SIZE // 8, SIZE // 8, dtype=torch.half)
+    valid = torch.zeros(len(specs), len(shapes), dtype=torch.bool)
+    todo = [(i, k, replace(spec, combo=replace(spec.combo, shape=shape)))
+            for i, spec in enumerate(specs) for k, shape in enumerate(shapes)
+            if replace(spec.combo, shape=shape) in train]
+    for start in range(0, len(todo), 16):
+        group = todo[start:start + 16]
+        video = torch.stack([dataset.sample_clip(s, FRAMES, SIZE)[0] for _, _, s in group])
+        with torch.no_grad():
+            z = vae.encode(video).half()
+        for (i, k, _), zi in zip(group, z):
+            latents[i, k], valid[i, k] = zi, True
+    triples = {"latents": latents, "valid": valid,
+               "captions": [[replace(s.combo, shape=shape).caption for shape in shapes]
+                            for s in specs]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(triples, path)
+    return triples
+
+
+def pair_batch(cache: dict, triples: dict, step: int, seed: int, weights=None):
+    """``BATCH`` clips as ``BATCH // 2`` pairs: the same placement in two different shapes,
+    noised with the same noise and levels (mixed per-frame levels, as ``dit_focus``), captions
+    dropped together. Returns ``(x_t, t, context, target, x0)``; rows ``2p`` and ``2p + 1``
+    are pair ``p``."""
+    g = torch.Generator().manual_seed(seed * 10**7 + step)
+    valid = triples["valid"]
+    usable = valid.sum(1) >= 2
+    w = (weights if weights is not None else torch.ones(len(valid))) * usable.float()
+    idx = torch.multinomial(w, BATCH // 2, replacement=True, generator=g)
+    rows, captions = [], []
+    for i in idx.tolist():
+        choices = torch.nonzero(valid[i]).flatten()
+        a, b = choices[torch.randperm(len(choices), generator=g)[:2]].tolist()
+        rows += [triples["latents"][i, a], triples["latents"][i, b]]
+        captions += [triples["captions"][i][a], triples["captions"][i][b]]
+    x0 = torch.stack(rows).float()
+    n, _, f, h, w_ = x0.shape
+    sigma = frame_sigmas(sample_sigma(torch.rand(n // 2, generator=g)), f, g)   # [P, F]
+    sigma = sigma.repeat_interleave(2, 0)
+    x1 = torch.randn(n // 2, *x0.shape[1:], generator=g).repeat_interleave(2, 0)
+    s = sigma.view(n, 1, f, 1, 1)
+    xt = (1 - s) * x0 + s * x1
+    drop = (torch.rand(n // 2, generator=g) < DROP).repeat_interleave(2)
+    context = [cache["text"]["" if d else c] for c, d in zip(captions, drop.tolist())]
+    t = per_token_timesteps(sigma * 1000, f, h, w_, first_frame_known=False)
+    return xt, t, context, x1 - x0, x0
+
+
+def pair_loss(model, cache, triples, step, seed, weights=None):
+    """:func:`shape_flow_loss`'s object-weighted velocity MSE plus ``PAIR_WEIGHT`` times the
+    error of the *difference* between a pair's two predictions (same noise, same placement,
+    different shape word), relative to the size of the true difference ``x0_b - x0_a``: the
+    part of the target that only the shape word decides, which the plain loss weights ~10x
+    less than colour."""
+    xt, t, context, target, x0 = pair_batch(cache, triples, step, seed, weights)
+    pred = model(xt, t, context)
+    weight = object_weight(x0)
+    flow = ((pred - target).square() * weight).sum() / (weight.sum() * target.shape[1])
+    d_pred, d_target = pred[0::2] - pred[1::2], target[0::2] - target[1::2]
+    pair = (d_pred - d_target).square().mean() / d_target.square().mean().clamp_min(1e-8)
+    return flow + PAIR_WEIGHT * pair, {"pair": pair.detach()}
+
+
+def run_dit_pairs(out: Path, steps: int, seed: int, resume: bool) -> dict:
+    """Stage ``dit_pairs``: the shipped T2V fine-tuned with :func:`pair_loss` on shape
+    triples (:func:`cache_shape_triples`, built on first use), clips drawn as for ``dit_focus``."""
+    stage_dir = Path(out) / "dit_pairs"
+    done = finished_already(stage_dir, steps, resume)
+    if done is not None:
+        return done
+    model = shipped_dit("t2v")
+    cache = load(Path(out) / "latents" / "cache.pt")
+    triples = cache_shape_triples(out, seed, resume=True)
+    weights = clip_weights(cache, FOCUS)
+    opt = torch.optim.AdamW(model.parameters(), lr=FOCUS_LR, weight_decay=0.01)
+    ema = EMA(model, 0.998)
+    return train_loop(stage_dir, model, opt,
+                      lambda s: pair_loss(model, cache, triples, s, seed + 17, weights),
+                      steps, lambda s: cosine_lr(s, steps, FOCUS_LR, 50, 0.1), resume=resume,
+                      seed=seed, ema=ema, save_every=50)
