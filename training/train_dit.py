@@ -363,19 +363,27 @@ def run_dit_shape(out: Path, steps: int, seed: int, resume: bool) -> dict:
     """Stage ``dit_shape``: the shipped T2V fine-tuned with :func:`shape_flow_loss` (clips
     drawn as for ``dit_focus``) on the latents ``latents`` cached (after ``vae_shape``: the
     shape-carrying latent)."""
-    stage_dir = Path(out) / "dit_shape"
+    return _finetune("dit_shape", out, lambda: shipped_dit("t2v"), steps, seed, resume, FOCUS_LR,
+                     lambda m, c, w: lambda s: shape_flow_loss(m, c, s, seed + 14, w))
+
+
+def _finetune(stage: str, out: Path, make_model: Callable[[], WanDiT], steps: int, seed: int,
+              resume: bool, lr: float, make_loss) -> dict:
+    """Run (or, with ``resume``, skip when finished) a T2V fine-tune on the cached latents,
+    clips drawn as for ``dit_focus``; ``make_loss(model, cache, weights)`` returns the
+    ``step -> (loss, logs)`` function, built only when the stage trains."""
+    stage_dir = Path(out) / stage
     done = finished_already(stage_dir, steps, resume)
     if done is not None:
         return done
-    model = shipped_dit("t2v")
+    model = make_model()
     cache = load(Path(out) / "latents" / "cache.pt")
     weights = clip_weights(cache, FOCUS)
-    opt = torch.optim.AdamW(model.parameters(), lr=FOCUS_LR, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     ema = EMA(model, 0.998)
-    return train_loop(stage_dir, model, opt,
-                      lambda s: shape_flow_loss(model, cache, s, seed + 14, weights),
-                      steps, lambda s: cosine_lr(s, steps, FOCUS_LR, 50, 0.1), resume=resume,
-                      seed=seed, ema=ema, save_every=50)
+    return train_loop(stage_dir, model, opt, make_loss(model, cache, weights), steps,
+                      lambda s: cosine_lr(s, steps, lr, 50, 0.1), resume=resume, seed=seed,
+                      ema=ema, save_every=50)
 
 
 def run_i2v_shape(out: Path, steps: int, seed: int, resume: bool) -> dict:
@@ -409,20 +417,13 @@ def run_dit_fine(out: Path, steps: int, seed: int, resume: bool) -> dict:
     (:func:`to_fine_patch`) and fine-tuned as ``dit_shape`` (object-weighted loss, mixed noise
     levels, white clips x12). The shipped T2V has 16 tokens a latent frame, so an object
     ~16 px wide is one token whose shape the linear head must draw; here it spans 4-9."""
-    stage_dir = Path(out) / "dit_fine"
-    done = finished_already(stage_dir, steps, resume)
-    if done is not None:
-        return done
-    model = WanDiT(dit_config("t2v", FINE_PATCH))
-    model.load_state_dict(to_fine_patch(shipped_dit("t2v").state_dict()))
-    cache = load(Path(out) / "latents" / "cache.pt")
-    weights = clip_weights(cache, FOCUS)
-    opt = torch.optim.AdamW(model.parameters(), lr=FINE_LR, weight_decay=0.01)
-    ema = EMA(model, 0.998)
-    return train_loop(stage_dir, model, opt,
-                      lambda s: shape_flow_loss(model, cache, s, seed + 16, weights),
-                      steps, lambda s: cosine_lr(s, steps, FINE_LR, 50, 0.1), resume=resume,
-                      seed=seed, ema=ema, save_every=50)
+    def make_model():
+        model = WanDiT(dit_config("t2v", FINE_PATCH))
+        model.load_state_dict(to_fine_patch(shipped_dit("t2v").state_dict()))
+        return model
+
+    return _finetune("dit_fine", out, make_model, steps, seed, resume, FINE_LR,
+                     lambda m, c, w: lambda s: shape_flow_loss(m, c, s, seed + 16, w))
 
 
 # ------------------------------------------------------------------ dit_pairs (issue 27)
@@ -511,17 +512,9 @@ def pair_loss(model, cache, triples, step, seed, weights=None):
 def run_dit_pairs(out: Path, steps: int, seed: int, resume: bool) -> dict:
     """Stage ``dit_pairs``: the shipped T2V fine-tuned with :func:`pair_loss` on shape
     triples (:func:`cache_shape_triples`, built on first use), clips drawn as for ``dit_focus``."""
-    stage_dir = Path(out) / "dit_pairs"
-    done = finished_already(stage_dir, steps, resume)
-    if done is not None:
-        return done
-    model = shipped_dit("t2v")
-    cache = load(Path(out) / "latents" / "cache.pt")
-    triples = cache_shape_triples(out, seed, resume=True)
-    weights = clip_weights(cache, FOCUS)
-    opt = torch.optim.AdamW(model.parameters(), lr=FOCUS_LR, weight_decay=0.01)
-    ema = EMA(model, 0.998)
-    return train_loop(stage_dir, model, opt,
-                      lambda s: pair_loss(model, cache, triples, s, seed + 17, weights),
-                      steps, lambda s: cosine_lr(s, steps, FOCUS_LR, 50, 0.1), resume=resume,
-                      seed=seed, ema=ema, save_every=50)
+    def make_loss(model, cache, weights):
+        triples = cache_shape_triples(out, seed, resume=True)
+        return lambda s: pair_loss(model, cache, triples, s, seed + 17, weights)
+
+    return _finetune("dit_pairs", out, lambda: shipped_dit("t2v"), steps, seed, resume,
+                     FOCUS_LR, make_loss)
