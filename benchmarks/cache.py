@@ -163,8 +163,11 @@ def main() -> None:
                         help="instead of the 8 fixed prompts: the first N held-out demo captions "
                              "(training/, from a clone), prompt i with seed i")
     parser.add_argument("--weighted", action="store_true",
-                        help="also run easycache weighted by the noise level (sigma_weight 0.5, "
-                             "threshold 0.5, start 0.1, at most 4 skips in a row)")
+                        help="also run easycache weighted by the noise level (row 'weighted': "
+                             "sigma_weight 0.5, threshold 0.5, start 0.1, at most 4 skips in a "
+                             "row) and the same with limits inside the high-noise expert of a "
+                             "pair (row 'w+high': threshold 0.25, at most 1 skip in a row; a "
+                             "single model runs it like 'weighted')")
     parser.add_argument("--plot", default="cache_benchmark.png")
     parser.add_argument("--calibrate", action="store_true",
                         help="record the demo calibration into wan_core/sampling/"
@@ -195,11 +198,14 @@ def main() -> None:
         seeds = list(range(len(prompts)))
     methods = args.methods.split(",") if args.methods else list(CACHE_METHODS)
     sweep = (1.0,) if args.quick else tuple(float(f) for f in args.factors.split(","))
-    settings = [replace(DEFAULTS[m], threshold=DEFAULTS[m].threshold * f)
+    settings = [(m, replace(DEFAULTS[m], threshold=DEFAULTS[m].threshold * f))
                 for m in methods for f in sweep]
     if args.weighted:
-        settings.append(CacheSettings("easycache", threshold=0.5, start=0.1, max_skips=4,
-                                      sigma_weight=0.5))
+        weighted = CacheSettings("easycache", threshold=0.5, start=0.1, max_skips=4,
+                                 sigma_weight=0.5)
+        settings += [("weighted", weighted),
+                     ("w+high", replace(weighted, high_noise_threshold=0.25,
+                                        high_noise_max_skips=1))]
     load = load_seconds()
     for name in ("vae", "text_encoder", "t2v", "high_noise", "low_noise"):
         models.get(name)
@@ -216,7 +222,7 @@ def main() -> None:
                 twins.append(video)
                 base_total += total + load
                 base_sampling += sampling
-            for s in settings:
+            for label, s in settings:
                 total_s = sampling_s = 0.0
                 psnrs, ssims, evaluated = [], [], 0
                 for prompt, seed, twin in zip(prompts, seeds, twins):
@@ -228,7 +234,8 @@ def main() -> None:
                     ssims.append(ssim(video, twin))
                     evaluated += stats["evaluated"]
                 default = s == DEFAULTS[s.method]
-                rows.append(dict(task=task, steps=steps, method=s.method, threshold=s.threshold,
+                rows.append(dict(task=task, steps=steps, method=s.method, label=label,
+                                 threshold=s.threshold,
                                  default=default, evals=evaluated / len(prompts),
                                  sampling_x=base_sampling / sampling_s,
                                  e2e_x=base_total / total_s, min_psnr=min(psnrs),
@@ -250,14 +257,14 @@ def main() -> None:
     print(f"plot: {args.plot}")
 
 
-HEADER = (f"{'task':<5}{'steps':>6}  {'method':<10}{'thresh':>8}  {'evals':>6}  {'fewer':>6}  "
+HEADER = (f"{'task':<5}{'steps':>6}  {'setting':<10}{'thresh':>8}  {'evals':>6}  {'fewer':>6}  "
           f"{'sampling':>9}  {'end2end':>8}  {'minPSNR':>8}  {'meanPSNR':>9}  {'<30dB':>6}  "
           f"{'minSSIM':>8}")
 
 
 def print_row(r: dict, flush: bool = False) -> None:
     mark = "*" if r["default"] else " "
-    print(f"{r['task']:<5}{r['steps']:>6}  {r['method']:<10}{r['threshold']:>7.3f}{mark}  "
+    print(f"{r['task']:<5}{r['steps']:>6}  {r['label']:<10}{r['threshold']:>7.3f}{mark}  "
           f"{r['evals']:>6.1f}  {r['steps'] / r['evals']:>5.2f}x  {r['sampling_x']:>8.2f}x  "
           f"{r['e2e_x']:>7.2f}x  {r['min_psnr']:>8.1f}  {r['mean_psnr']:>9.1f}  "
           f"{r['below_30']:>6d}  {r['min_ssim']:>8.3f}", flush=flush)

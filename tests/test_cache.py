@@ -198,16 +198,17 @@ def test_teacache_rule_matches_a_hand_built_reference():
     assert got == expected and True in got and got.count(False) >= 2
 
 
-def _easycache_reference(sigmas, xs, vs, threshold, power):
+def _easycache_reference(sigmas, xs, vs, threshold, power, max_skips=math.inf):
     """EasyCache's rule by hand, each estimate weighted by (sigma / (1 - sigma)) ** power:
     k = relative output change / relative input change of the last two evaluations; skip while
     the sum of k * (relative input change since the previous step) * weight stays below the
-    threshold; an evaluation restarts the sum."""
+    threshold and fewer than ``max_skips`` steps were skipped in a row; an evaluation restarts
+    the sum."""
     rel = lambda a, b: abs(a - b) / abs(b)
-    decisions, evaluated, total, prev_x = [], [], 0.0, None
+    decisions, evaluated, total, prev_x, run = [], [], 0.0, None, 0
     for i, sigma in enumerate(sigmas[:-1]):
         skip = False
-        if len(evaluated) >= 2 and prev_x is not None:
+        if len(evaluated) >= 2 and prev_x is not None and run < max_skips:
             (x0, v0), (x1, v1) = evaluated[-2:]
             k = rel(v1, v0) / rel(x1, x0)
             s = min(max(sigma, 1e-3), 1 - 1e-3)
@@ -215,12 +216,27 @@ def _easycache_reference(sigmas, xs, vs, threshold, power):
             skip = total + estimate < threshold
             if skip:
                 total += estimate
+                run += 1
         prev_x = xs[i]
         if not skip:
             evaluated.append((xs[i], vs[i]))
-            total = 0.0
+            total, run = 0.0, 0
         decisions.append(skip)
     return decisions
+
+
+def _drive(settings, sigmas, xs, vs, experts):
+    """Feed a StepCache the scalar inputs ``xs`` / velocities ``vs`` with the expert index of
+    each step; the skip decisions."""
+    cache = StepCache(settings, sigmas, [None] * (max(experts) + 1))
+    got = []
+    for i, expert in enumerate(experts):
+        x = torch.full((1, 1), xs[i], dtype=torch.float64)
+        reused = cache.lookup(x, torch.tensor([sigmas[i] * 1000]), expert, None)
+        got.append(reused is not None)
+        if reused is None:
+            cache.store(x, torch.full((1, 1), vs[i], dtype=torch.float64))
+    return got
 
 
 @pytest.mark.parametrize("power", [0.0, 0.5, 1.5])
@@ -231,19 +247,61 @@ def test_easycache_noise_weighting_matches_a_hand_built_reference(power):
     threshold = 0.25
     settings = CacheSettings("easycache", threshold=threshold, start=0.0, max_skips=100,
                              sigma_weight=power)
-    cache = StepCache(settings, sigmas, [None])
-    got = []
-    for i in range(len(sigmas) - 1):
-        x = torch.full((1, 1), xs[i], dtype=torch.float64)
-        reused = cache.lookup(x, torch.tensor([sigmas[i] * 1000]), 0, None)
-        got.append(reused is not None)
-        if reused is None:
-            cache.store(x, torch.full((1, 1), vs[i], dtype=torch.float64))
+    got = _drive(settings, sigmas, xs, vs, [0] * (len(sigmas) - 1))
     expected = _easycache_reference(sigmas, xs, vs, threshold, power)
     assert got == expected and True in got and False in got[2:]
     if power:   # the weighting changes the decisions: later skips, fewer at high noise
         unweighted = _easycache_reference(sigmas, xs, vs, threshold, 0.0)
         assert got != unweighted
+
+
+@pytest.mark.parametrize("high", [dict(high_noise_max_skips=1),
+                                  dict(high_noise_threshold=0.05, high_noise_max_skips=3),
+                                  dict(high_noise_threshold=0.3)])
+def test_high_noise_expert_limits_match_the_rule_applied_per_expert(high):
+    sigmas = [1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.88, 0.86, 0.84,
+              0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.12, 0.05, 0.0]
+    xs = [3.0 + 0.4 * i for i in range(len(sigmas) - 1)]
+    vs = [1.0 + 0.05 * i + 0.01 * i * i for i in range(len(sigmas) - 1)]
+    switch = 9                    # steps 0-8 on the high-noise expert, then the low-noise one
+    experts = [0] * switch + [1] * (len(sigmas) - 1 - switch)
+    base = CacheSettings("easycache", threshold=0.5, start=0.0, max_skips=2, sigma_weight=0.5)
+    settings = CacheSettings("easycache", threshold=0.5, start=0.0, max_skips=2,
+                             sigma_weight=0.5, **high)
+    got = _drive(settings, sigmas, xs, vs, experts)
+    # by hand: the rule restarts at the switch; the high-noise part with its own limits
+    threshold = high.get("high_noise_threshold", 0.5)
+    max_skips = high.get("high_noise_max_skips", 2)
+    expected = (_easycache_reference(sigmas[:switch + 1], xs[:switch], vs, threshold, 0.5,
+                                     max_skips)
+                + _easycache_reference(sigmas[switch:], xs[switch:], vs[switch:], 0.5, 0.5, 2))
+    assert got == expected
+    unchanged = _drive(base, sigmas, xs, vs, experts)
+    assert got[:switch] != unchanged[:switch] and got[switch:] == unchanged[switch:]
+    # a single model ignores the high-noise limits
+    single = [0] * (len(sigmas) - 1)
+    assert _drive(settings, sigmas, xs, vs, single) == _drive(base, sigmas, xs, vs, single)
+
+
+def test_a_pair_with_no_high_noise_skips_evaluates_every_high_noise_step():
+    high, low = tiny("t2v", 1), tiny("t2v", 2)
+    pair = MoEModel(high, low, boundary=0.6)
+    used = []
+    for index, expert in enumerate((high, low)):
+        original = expert.forward
+        expert.forward = (lambda o, i: lambda *a, **k: (used.append(i), o(*a, **k))[1])(
+            original, index)
+    try:
+        run(pair, steps=10)
+        high_steps = used.count(0)
+        used.clear()
+        _, stats = run(pair, CacheSettings("easycache", high_noise_max_skips=0, **GENEROUS),
+                       steps=10)
+    finally:
+        del high.forward, low.forward
+    assert 2 <= high_steps <= 8
+    assert used.count(0) == high_steps and stats["skipped"] >= 1
+    assert used.count(1) == 10 - high_steps - stats["skipped"]
 
 
 def test_calibration_is_deterministic(t2v, calibration):
@@ -277,6 +335,11 @@ def test_bad_cache_input_is_refused_clearly(t2v):
             CacheSettings("easycache", threshold=bad)
     with pytest.raises(ValueError, match="threshold"):
         cache_settings("easycache", threshold=float("nan"))
+    for name, bad in [("high_noise_threshold", 0), ("high_noise_threshold", "low"),
+                      ("high_noise_max_skips", -1), ("high_noise_max_skips", 1.5),
+                      ("max_skips", None)]:
+        with pytest.raises(ValueError, match=name):
+            CacheSettings("easycache", **{name: bad})
     with pytest.raises(ValueError, match="start and end"):
         CacheSettings("easycache", start=0.8, end=0.5)
     for bad in (-1, 5, float("nan"), "high"):

@@ -29,6 +29,9 @@ multistep solvers (UniPC, DPM++) keep a history consistent with what they integr
 first ``start`` and the steps after ``end`` (fractions of the steps actually run, so vid2vid
 counts from its first step) are always evaluated; at most ``max_skips`` steps are skipped in a
 row; the Wan 2.2 expert switch drops all state (the first step of each expert is evaluated).
+The high-noise expert of a pair can have its own ``high_noise_threshold`` and
+``high_noise_max_skips``: it lays out the video, so a skip there costs more than one in the
+low-noise expert (README "Step caching" has the measured trade-off).
 
     from wan_core.sampling import CacheSettings
     latent = generate(model, ctx, neg, cond, cache="easycache")                 # defaults
@@ -69,6 +72,9 @@ class CacheSettings:
     calibration: MagCache / TeaCache data for the model: a dict as returned by
         :meth:`CacheCalibration.result`, or a JSON file written by :func:`save_calibration`;
         None looks the model up in :data:`CALIBRATION_FILE`.
+    high_noise_threshold / high_noise_max_skips: ``threshold`` and ``max_skips`` inside the
+        high-noise expert of a Wan 2.2 pair (the first of the two); None = the same as the
+        rest. A single model ignores them.
     """
 
     method: str = "easycache"
@@ -79,20 +85,29 @@ class CacheSettings:
     reuse: str = "extrapolate"
     sigma_weight: float = 0.0
     calibration: Any = field(default=None, compare=False)
+    high_noise_threshold: Optional[float] = None
+    high_noise_max_skips: Optional[int] = None
 
     def __post_init__(self):
         if self.method not in CACHE_METHODS:
             raise ValueError(f"unknown cache method {self.method!r}; choose one of "
                              f"{', '.join(CACHE_METHODS)}")
-        threshold = _number(self.threshold, "threshold")
-        if not threshold > 0:
-            raise ValueError(f"cache threshold must be a positive number (got {self.threshold})")
         start, end = _number(self.start, "start"), _number(self.end, "end")
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(f"cache start and end are fractions of the steps with "
                              f"0 <= start <= end <= 1 (got start {self.start}, end {self.end})")
-        if int(self.max_skips) != self.max_skips or self.max_skips < 0:
-            raise ValueError(f"max_skips must be a whole number >= 0 (got {self.max_skips})")
+        optional = {"high_noise_threshold", "high_noise_max_skips"}
+        for name in ("threshold", "high_noise_threshold"):
+            value = getattr(self, name)
+            if (value is not None or name not in optional) and not _number(value, name) > 0:
+                raise ValueError(f"cache {name} must be a positive number (got {value})")
+        for name in ("max_skips", "high_noise_max_skips"):
+            value = getattr(self, name)
+            if (value is None and name in optional) or (
+                    isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and int(value) == value and value >= 0):
+                continue
+            raise ValueError(f"{name} must be a whole number >= 0 (got {value!r})")
         weight = _number(self.sigma_weight, "sigma_weight")
         if not 0.0 <= weight <= 4.0:
             raise ValueError(f"cache sigma_weight must be between 0 and 4 (got "
@@ -103,6 +118,15 @@ class CacheSettings:
     def start_run(self, sigmas: Sequence[float], experts: Sequence) -> "StepCache":
         """The per-run state for a schedule with ``sigmas`` [N + 1] and these model(s)."""
         return StepCache(self, sigmas, experts)
+
+    def limits(self, expert: int, pair: bool) -> tuple:
+        """``(threshold, max_skips)`` inside ``expert`` (its index; ``pair``: one of two)."""
+        if pair and expert == 0:
+            return (self.threshold if self.high_noise_threshold is None
+                    else self.high_noise_threshold,
+                    self.max_skips if self.high_noise_max_skips is None
+                    else self.high_noise_max_skips)
+        return self.threshold, self.max_skips
 
 
 def _number(value, name: str) -> float:
@@ -313,6 +337,7 @@ class StepCache:
         self.first = math.ceil(settings.start * self.total - 1e-9)
         self.last = math.ceil(settings.end * self.total - 1e-9)  # steps >= last are evaluated
         self.method = settings.method
+        self.pair = len(experts) == 2
         self.data = None if self.method == "easycache" else _method_data(settings, experts)
         if self.method == "magcache":
             curve = self.data
@@ -356,6 +381,7 @@ class StepCache:
         sigma = self.sigmas[i]
         if expert != self.expert:
             self._reset(expert)
+        threshold, max_skips = self.settings.limits(expert, self.pair)
         estimate = None
         if self.method == "teacache":
             e0 = _time_embedding(model, t)
@@ -363,7 +389,7 @@ class StepCache:
                 estimate = teacache_rescale(self._coefficients(expert), _rel_l1(e0, self.prev_e0))
             self.prev_e0 = e0
         may_skip = (self.history and self.first <= i < self.last
-                    and self.run < self.settings.max_skips)
+                    and self.run < max_skips)
         if may_skip and self.method == "easycache":
             if self.k is not None and self.prev_x is not None:
                 estimate = self.k * _rel_l1(x, self.prev_x)
@@ -374,7 +400,7 @@ class StepCache:
         self.prev_x = x
         if may_skip and estimate is not None and self.settings.sigma_weight:
             estimate *= noise_weight(sigma, self.settings.sigma_weight)
-        if may_skip and estimate is not None and self.error + estimate < self.settings.threshold:
+        if may_skip and estimate is not None and self.error + estimate < threshold:
             self.error += estimate
             self.run += 1
             self.skipped += 1
