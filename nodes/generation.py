@@ -152,14 +152,22 @@ class WanCoreMoE:
         }}
 
     def combine(self, high_noise_model, low_noise_model, boundary, cfg_high_noise, cfg_low_noise):
+        from dataclasses import replace
+
         from wan_core.models.configs import expert_pair_mismatch
         from wan_core.pipeline import MoEModel, default_boundary, unwrap_options, with_options
+        from wan_core.sampling import CacheSettings
 
         # A WanCore Step Cache / Context Windows on the experts applies to the pair (the
-        # high-noise one's settings first).
+        # high-noise one's settings first; a cache on each expert with the same method: each
+        # expert skips with its own threshold).
         high_noise_model, cache_high, windows_high = unwrap_options(high_noise_model)
         low_noise_model, cache_low, windows_low = unwrap_options(low_noise_model)
         cache, windows = cache_high or cache_low, windows_high or windows_low
+        if (isinstance(cache_high, CacheSettings) and isinstance(cache_low, CacheSettings)
+                and cache_high.method == cache_low.method):
+            cache = replace(cache_high, threshold=cache_low.threshold,
+                            high_noise_threshold=cache_high.threshold)
 
         problem = expert_pair_mismatch(high_noise_model.config, low_noise_model.config)
         if problem:
@@ -184,7 +192,9 @@ class WanCoreStepCache:
                    "instead (easycache defaults on the demo: 1.7x fewer evaluations at 20 steps, "
                    "2.45x at 50, 41 dB from the uncached video on average at 50). Put it right "
                    "before WanCore Sampler (after WanCore LoRA / WanCore MoE); it also works before a LoRA node "
-                   "or on the experts before WanCore MoE. The model is not copied.")
+                   "or on the experts before WanCore MoE (one on each expert, same method: "
+                   "each expert skips with its own threshold; start and end come from the "
+                   "high-noise one). The model is not copied.")
     RETURN_TYPES = ("WANCORE_MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The same model carrying the cache settings, for WanCore Sampler.",)

@@ -379,6 +379,13 @@ def test_step_cache_node_wraps_without_copying_and_chains(t2v):
     (pair,) = moe.combine(wrapped, tiny("t2v", 1), 0.875, 4.0, 3.0)
     assert isinstance(pair, StepCached) and isinstance(pair.model, MoEModel)
     assert pair.model.high_noise is t2v
+    # a cache on each expert (same method): each expert's threshold inside that expert
+    (low,) = node.apply(tiny("t2v", 1), "teacache", 0.5, 0.3, 0.7)
+    (pair,) = moe.combine(again, low, 0.875, 4.0, 3.0)
+    assert pair.cache == CacheSettings("teacache", threshold=0.5, start=0.0, end=1.0,
+                                       max_skips=2, high_noise_threshold=0.2)
+    (pair,) = moe.combine(wrapped, low, 0.875, 4.0, 3.0)          # methods differ: high wins
+    assert pair.cache == wrapped.cache
     # generate() unwraps and uses the carried settings
     _, stats = run(StepCached(t2v, CacheSettings("easycache", **GENEROUS)))
     assert stats["skipped"] >= 1
