@@ -266,3 +266,33 @@ def test_shape_pairs_share_noise_levels_and_placement_and_differ_in_the_shape_wo
         rows = [(i, k) for i in range(n) for k in range(3)
                 if torch.equal(latents[i, k].float(), x0[a]) or torch.equal(latents[i, k].float(), x0[b])]
         assert len({i for i, _ in rows}) == 1 and (0, 1) not in rows
+
+
+def test_object_size_option_draws_every_clip_with_that_size_and_refuses_bad_sizes():
+    from training import dataset, evaluate, paths
+    from wan_core.demo import clips
+
+    shipped = clips.HALF_SIZE
+    try:
+        dataset.set_object_size("0.2,0.22")
+        halves = [dataset.random_spec(seed).half for seed in range(20)]
+        assert all(0.2 <= h <= 0.22 for h in halves)
+        assert all(0.2 <= paths.random_half(seed) <= 0.22 for seed in range(5))
+        # the whole path stays in frame
+        for seed in range(20):
+            spec = dataset.random_spec(seed)
+            video = dataset.sample_clip(spec)[0]
+            border = torch.cat([video[:, :, 0], video[:, :, -1], video[:, :, :, 0],
+                                video[:, :, :, -1]], dim=-1)
+            assert (border - border[:, :, :1]).abs().max() < 1e-5
+    finally:
+        dataset.set_object_size(",".join(str(v) for v in shipped))
+    assert clips.HALF_SIZE == shipped
+    for bad in ("0.3", "big,small", "0.2,0.1", "0.3,0.3", "0,0.1"):
+        with pytest.raises(ValueError, match="object-size"):
+            dataset.set_object_size(bad)
+    # training combinations for --split train: never held out, reproducible
+    specs = evaluate.train_specs(8)
+    heldout = set(dataset.iter_combos("heldout"))
+    assert len({s.combo for s in specs}) == 8 and not heldout & {s.combo for s in specs}
+    assert specs == evaluate.train_specs(8)

@@ -30,6 +30,29 @@ HELDOUT_COUNT = 32
 HELDOUT_SEED = 2024
 
 
+def set_object_size(text: str) -> tuple:
+    """Draw every clip of this process with objects of half-side in ``"LO,HI"`` (fractions of
+    the frame; the shipped demo: ``wan_core.demo.clips.HALF_SIZE``). An experiment knob
+    (``--object-size`` of ``training.train`` / ``training.evaluate``): weights trained with
+    another size expect it in the library's drawing too. ValueError when the path does not fit."""
+    import sys
+
+    from wan_core.demo import clips
+
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--object-size takes two fractions LO,HI (got {text!r}); e.g. "
+                         f"0.18,0.23") from None
+    if not 0.02 <= lo <= hi or 1.0 - 2 * (hi + MARGIN) < TRAVEL:
+        raise ValueError(f"--object-size {text}: need 0.02 <= LO <= HI and room for the path "
+                         f"(HI <= {(1.0 - TRAVEL) / 2 - MARGIN:.3f})")
+    for module in (clips, sys.modules[__name__], sys.modules.get("training.paths")):
+        if module is not None:
+            module.HALF_SIZE = (lo, hi)
+    return lo, hi
+
+
 # --------------------------------------------------------------------------------------------
 # Combinations and the held-out split
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ closely the VACE demo follows a control path.
     python -m training.evaluate --task i2v
     python -m training.evaluate --task vace [--vace-scale 0] [--count 16]
     python -m training.evaluate --task t2v --shapes      # also shape fidelity (issue 27)
+    python -m training.evaluate --task t2v --shapes --split train   # on training combinations
+    python -m training.evaluate --task t2v --shapes --weights W --object-size 0.18,0.23
 
 Every held-out combination (never trained on) is generated through the normal pipeline and read
 back with ``analysis.check_prompt`` (colour, direction, background; ``prompt`` = all three).
@@ -17,6 +19,7 @@ object's centroid is compared with the path in every frame (pixels at 64x64).
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 
@@ -28,6 +31,13 @@ from . import analysis, dataset
 
 def heldout_specs(count: int = 32, seed: int = 1):
     return list(dataset.iter_specs("heldout", seed=seed))[:count]
+
+
+def train_specs(count: int = 32, seed: int = 1):
+    """``count`` training combinations (a fixed random choice), placed like the held-out ones:
+    how well the model fits what it was trained on, against how it composes."""
+    combos = random.Random(f"train-eval/{seed}").sample(list(dataset.iter_combos("train")), count)
+    return [dataset.place(combo, seed * 100_003 + i) for i, combo in enumerate(combos)]
 
 
 def shape_report(clips) -> dict:
@@ -48,14 +58,14 @@ def shape_report(clips) -> dict:
 
 def evaluate(models: DemoModels, task: str = "t2v", count: int = 32, steps=None, cfg=None,
              seed: int = 0, verbose: bool = False, fast: bool = False, clips=None,
-             **sampler) -> dict:
+             split: str = "heldout", **sampler) -> dict:
     """Accuracy per attribute (and ``prompt``) over ``count`` held-out prompts; for i2v also
     ``psnr`` (mean first-frame PSNR, dB) and ``psnr_min``. ``sampler``: ``shift`` / ``solver``
     for ``generate_video``. ``clips``: a list that receives ``(spec, frames [T, H, W, 3])`` of
-    every generated clip."""
+    every generated clip. ``split="train"``: training combinations instead (:func:`train_specs`)."""
     totals: dict = {}
     psnrs = []
-    specs = heldout_specs(count)
+    specs = heldout_specs(count) if split == "heldout" else train_specs(count)
     for i, spec in enumerate(specs):
         image = None
         if task == "i2v":
@@ -152,8 +162,18 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", default=None, help="weights folder (default: shipped)")
     parser.add_argument("--shapes", action="store_true",
                         help="t2v / i2v / moe: also report shape fidelity (shape_right, shape_fit)")
+    parser.add_argument("--object-size", metavar="LO,HI", default=None,
+                        help="weights trained with training.train --object-size: the same here")
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                        help="t2v / i2v / moe: the held-out prompts, or as many training "
+                             "combinations (a fixed random choice; fit vs generalisation)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.object_size:
+        try:
+            dataset.set_object_size(args.object_size)
+        except ValueError as e:
+            parser.error(str(e))
     import torch
 
     torch.set_num_threads(1)
@@ -165,7 +185,7 @@ def main(argv=None) -> int:
     else:
         clips = [] if args.shapes else None
         result = evaluate(models, args.task, args.count or 32, args.steps, args.cfg, args.seed,
-                          args.verbose, args.fast, clips)
+                          args.verbose, args.fast, clips, args.split)
         if clips:
             result.update(shape_report(clips))
     vace = f" vace_scale {args.vace_scale:g} silhouette {args.silhouette}"

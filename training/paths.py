@@ -12,7 +12,7 @@ import random
 
 import numpy as np
 
-from wan_core.demo.clips import BACKGROUNDS, COLOURS, HALF_SIZE, MARGIN, Combo
+from wan_core.demo.clips import BACKGROUNDS, COLOURS, MARGIN, Combo
 from wan_core.demo.paths import (DEMO_HALF, MotionPath, bezier_points, shape_at,
                                  waypoints_path)
 
@@ -75,7 +75,9 @@ def random_path(seed: int, family: str | None = None, half: float = DEMO_HALF) -
 
 
 def random_half(seed: int) -> float:
-    return random.Random(f"half/{seed}").uniform(*HALF_SIZE)
+    from wan_core.demo import clips   # read at call time: --object-size may change it
+
+    return random.Random(f"half/{seed}").uniform(*clips.HALF_SIZE)
 
 
 

@@ -38,7 +38,17 @@ def main(argv=None) -> int:
     parser.add_argument("--warm-start", action="store_true",
                         help="fast_lora, vace: start from the file already in the weights folder "
                              "(trained for an earlier T2V) instead of from scratch")
+    parser.add_argument("--object-size", metavar="LO,HI", default=None,
+                        help="issue 27 experiment: objects of half-side LO..HI (fractions of the "
+                             "frame; shipped 0.11,0.14) in every clip drawn")
     args = parser.parse_args(argv)
+    if args.object_size:
+        from .dataset import set_object_size
+
+        try:
+            set_object_size(args.object_size)
+        except ValueError as e:
+            parser.error(str(e))
     setup_threads(args.threads)
     stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:
