@@ -296,3 +296,37 @@ def test_object_size_option_draws_every_clip_with_that_size_and_refuses_bad_size
     heldout = set(dataset.iter_combos("heldout"))
     assert len({s.combo for s in specs}) == 8 and not heldout & {s.combo for s in specs}
     assert specs == evaluate.train_specs(8)
+
+
+def test_dit_shape_can_continue_from_a_given_t2v_with_its_own_object_weight(tmp_path, monkeypatch):
+    """``train dit_shape --init FILE --shape-weight W``: the stage starts from FILE's weights
+    (not the shipped T2V) and weighs the object's positions by W."""
+    from safetensors.torch import save_file
+
+    from training import train
+
+    model = train_dit.init_weights(train_dit.WanDiT(train_dit.dit_config("t2v")), seed=3)
+    with torch.no_grad():
+        model.head.head.weight.normal_()            # init leaves it zero: make it tell
+    path = tmp_path / "dit_t2v.safetensors"
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = train_dit.shipped_dit("t2v", path).state_dict()
+    shipped = train_dit.shipped_dit("t2v").state_dict()
+    key = "head.head.weight"
+    assert torch.equal(loaded[key], model.state_dict()[key].half().float())
+    assert not torch.equal(loaded[key], shipped[key])
+
+    x0 = torch.randn(2, 16, 3, 8, 8)
+    w4, w12 = train_dit.object_weight(x0, 4.0), train_dit.object_weight(x0, 12.0)
+    assert torch.allclose(w12 - 1, 3 * (w4 - 1)) and float((w4 - 1).amax()) == pytest.approx(4.0)
+
+    seen = {}
+    monkeypatch.setattr(train_dit, "run_dit_shape",
+                        lambda out, n, seed, resume, init=None, **kw: seen.update(init=init, **kw))
+    train.main(["dit_shape", "--out", str(tmp_path / "run"), "--init", str(path),
+                "--shape-weight", "12", "--steps", "1"])
+    assert seen == {"init": path, "shape_weight": 12.0}
+    for bad in (["dit_shape", "--init", str(tmp_path / "missing.safetensors")],
+                ["dit", "--shape-weight", "2"], ["dit_shape", "--shape-weight", "-1"]):
+        with pytest.raises(SystemExit):
+            train.main(bad + ["--out", str(tmp_path / "run")])

@@ -41,7 +41,19 @@ def main(argv=None) -> int:
     parser.add_argument("--object-size", metavar="LO,HI", default=None,
                         help="issue 27 experiment: objects of half-side LO..HI (fractions of the "
                              "frame; shipped 0.11,0.14) in every clip drawn")
+    parser.add_argument("--init", type=Path, default=None, metavar="FILE",
+                        help="dit_shape: start from this demo T2V file (e.g. an earlier run's "
+                             "export) instead of the shipped one")
+    parser.add_argument("--shape-weight", type=float, default=None,
+                        help="dit_shape: extra loss weight on the object's latent positions "
+                             "(default: train_dit.SHAPE_WEIGHT)")
     args = parser.parse_args(argv)
+    if args.init is not None and not args.init.is_file():
+        parser.error(f"--init {args.init}: no such file (give a dit_t2v.safetensors)")
+    if (args.init is not None or args.shape_weight is not None) and args.stage != "dit_shape":
+        parser.error("--init and --shape-weight apply to the dit_shape stage only")
+    if args.shape_weight is not None and not args.shape_weight >= 0:
+        parser.error("--shape-weight must be a number >= 0")
     if args.object_size:
         from .dataset import set_object_size
 
@@ -84,7 +96,11 @@ def run_stage(stage: str, args) -> None:
     elif stage == "latents":
         from .train_dit import cache_latents
         cache_latents(args.out, args.seed, args.resume)
-    elif stage in ("dit", "i2v", "dit_mixed", "dit_focus", "dit_shape", "i2v_focus",
+    elif stage == "dit_shape":
+        from . import train_dit
+        extra = {"shape_weight": args.shape_weight} if args.shape_weight is not None else {}
+        train_dit.run_dit_shape(args.out, n, args.seed, args.resume, init=args.init, **extra)
+    elif stage in ("dit", "i2v", "dit_mixed", "dit_focus", "i2v_focus",
                    "i2v_shape", "dit_fine", "dit_pairs", "experts"):
         from . import train_dit
         getattr(train_dit, "run_" + stage)(args.out, n, args.seed, args.resume)

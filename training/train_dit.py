@@ -328,43 +328,46 @@ def run_experts(out: Path, steps: int, seed: int, resume: bool) -> dict:
 SHAPE_WEIGHT = 4.0      # extra loss weight on latent positions that hold the object
 
 
-def object_weight(x0: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, F, h, w]`` loss weight ``1 + SHAPE_WEIGHT * objectness``: how far each latent
+def object_weight(x0: torch.Tensor, shape_weight: float = SHAPE_WEIGHT) -> torch.Tensor:
+    """``[B, 1, F, h, w]`` loss weight ``1 + shape_weight * objectness``: how far each latent
     position of the clean latent ``x0 [B, C, F, h, w]`` is from its frame's background (the
     spatial median), scaled to 0..1 per frame."""
     bg = x0.flatten(3).median(dim=3).values[..., None, None]
     dev = (x0 - bg).abs().mean(1, keepdim=True)
     dev = dev / dev.amax(dim=(3, 4), keepdim=True).clamp_min(1e-6)
-    return 1 + SHAPE_WEIGHT * dev
+    return 1 + shape_weight * dev
 
 
-def shipped_dit(model_type: str = "t2v") -> WanDiT:
-    """The T2V (or I2V) in the weights folder as a trainable fp32 :class:`WanDiT`."""
+def shipped_dit(model_type: str = "t2v", path: Path | None = None) -> WanDiT:
+    """The T2V (or I2V) in the weights folder, or the demo-sized DiT file ``path``, as a
+    trainable fp32 :class:`WanDiT`."""
     from safetensors.torch import load_file
     from wan_core.demo import FILES, WEIGHTS_DIR
 
     model = WanDiT(dit_config(model_type))
     model.load_state_dict({k: v.float() for k, v in
-                           load_file(str(WEIGHTS_DIR / FILES[model_type])).items()})
+                           load_file(str(path or WEIGHTS_DIR / FILES[model_type])).items()})
     return model
 
 
-def shape_flow_loss(model, cache, step, seed, weights=None):
+def shape_flow_loss(model, cache, step, seed, weights=None, shape_weight=SHAPE_WEIGHT):
     """:func:`flow_loss` (T2V, mixed noise levels) with the object's positions weighted by
     :func:`object_weight`."""
     xt, t, context, y, target, x0 = make_batch(cache, step, seed, False, None, True, weights,
                                                clean=True, patch=model.config.patch_size)
     pred = model(xt, t, context, y=y)
-    weight = object_weight(x0)
+    weight = object_weight(x0, shape_weight)
     return ((pred - target).square() * weight).sum() / (weight.sum() * target.shape[1]), {}
 
 
-def run_dit_shape(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    """Stage ``dit_shape``: the shipped T2V fine-tuned with :func:`shape_flow_loss` (clips
-    drawn as for ``dit_focus``) on the latents ``latents`` cached (after ``vae_shape``: the
-    shape-carrying latent)."""
-    return _finetune("dit_shape", out, lambda: shipped_dit("t2v"), steps, seed, resume, FOCUS_LR,
-                     lambda m, c, w: lambda s: shape_flow_loss(m, c, s, seed + 14, w))
+def run_dit_shape(out: Path, steps: int, seed: int, resume: bool, init: Path | None = None,
+                  shape_weight: float = SHAPE_WEIGHT) -> dict:
+    """Stage ``dit_shape``: the shipped T2V (or the T2V file ``init``: continue an earlier
+    run) fine-tuned with :func:`shape_flow_loss` (clips drawn as for ``dit_focus``) on the
+    latents ``latents`` cached (after ``vae_shape``: the shape-carrying latent)."""
+    return _finetune("dit_shape", out, lambda: shipped_dit("t2v", init), steps, seed, resume,
+                     FOCUS_LR,
+                     lambda m, c, w: lambda s: shape_flow_loss(m, c, s, seed + 14, w, shape_weight))
 
 
 def _finetune(stage: str, out: Path, make_model: Callable[[], WanDiT], steps: int, seed: int,
@@ -502,7 +505,7 @@ def pair_loss(model, cache, triples, step, seed, weights=None):
     less than colour."""
     xt, t, context, target, x0 = pair_batch(cache, triples, step, seed, weights)
     pred = model(xt, t, context)
-    weight = object_weight(x0)
+    weight = object_weight(x0, shape_weight)
     flow = ((pred - target).square() * weight).sum() / (weight.sum() * target.shape[1])
     d_pred, d_target = pred[0::2] - pred[1::2], target[0::2] - target[1::2]
     pair = (d_pred - d_target).square().mean() / d_target.square().mean().clamp_min(1e-8)
