@@ -505,7 +505,7 @@ def pair_loss(model, cache, triples, step, seed, weights=None):
     less than colour."""
     xt, t, context, target, x0 = pair_batch(cache, triples, step, seed, weights)
     pred = model(xt, t, context)
-    weight = object_weight(x0, shape_weight)
+    weight = object_weight(x0)
     flow = ((pred - target).square() * weight).sum() / (weight.sum() * target.shape[1])
     d_pred, d_target = pred[0::2] - pred[1::2], target[0::2] - target[1::2]
     pair = (d_pred - d_target).square().mean() / d_target.square().mean().clamp_min(1e-8)
