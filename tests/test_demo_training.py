@@ -330,3 +330,29 @@ def test_dit_shape_can_continue_from_a_given_t2v_with_its_own_object_weight(tmp_
                 ["dit", "--shape-weight", "2"], ["dit_shape", "--shape-weight", "-1"]):
         with pytest.raises(SystemExit):
             train.main(bad + ["--out", str(tmp_path / "run")])
+
+
+def test_export_of_a_dit_only_run_keeps_the_shipped_vae_and_text_encoder(tmp_path):
+    """A run that retrained only the DiTs (on latents the shipped VAE encoded) exports the
+    shipped VAE and text encoder with its own DiTs; an unfinished stage is named."""
+    from safetensors.torch import load_file
+
+    from training import export
+    from training.training import atomic_save
+
+    shipped = export.WEIGHTS
+    run, out = tmp_path / "run", tmp_path / "weights"
+    for stage, name in (("i2v_shape", "dit_i2v"), ("expert_high", "dit_high_noise"),
+                        ("expert_low", "dit_low_noise")):
+        ema = {k: v.float() for k, v in load_file(str(shipped / f"{name}.safetensors")).items()}
+        atomic_save({"ema": ema, "step": 1}, run / stage / "done.pt")
+    with pytest.raises(FileNotFoundError, match="run the 'dit' stage first"):
+        export.export(run, out)
+    t2v = {k: (v.float() * 1.5) for k, v in load_file(str(shipped / "dit_t2v.safetensors")).items()}
+    atomic_save({"ema": t2v, "step": 1}, run / "dit_shape" / "done.pt")
+    export.export(run, out)
+    for name in ("vae", "text_encoder"):
+        got, want = load_file(str(out / f"{name}.safetensors")), load_file(str(shipped / f"{name}.safetensors"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    got = load_file(str(out / "dit_t2v.safetensors"))
+    assert all(torch.equal(got[k], t2v[k].bfloat16()) for k in t2v)

@@ -79,6 +79,14 @@ def text_state(out: Path) -> dict:
     return sd
 
 
+def shipped_state(name: str) -> dict:
+    """The shipped ``<name>.safetensors`` from the package's weights folder (copied, so that
+    an export into that same folder can overwrite the file)."""
+    from safetensors.torch import load_file
+
+    return {k: v.clone() for k, v in load_file(str(WEIGHTS / f"{name}.safetensors")).items()}
+
+
 def dit_state(out: Path, stage: str) -> dict:
     return {k: v.to(torch.bfloat16).contiguous() for k, v in _stage(out, stage)["ema"].items()}
 
@@ -92,9 +100,13 @@ def export(out: Path, weights: Optional[Path] = None) -> dict:
 
     weights = Path(weights or WEIGHTS)
     weights.mkdir(parents=True, exist_ok=True)
-    files = {"vae": vae_state(out, final_stage(out, VAE_STAGES)),
+    vae_stage = final_stage(out, VAE_STAGES)
+    # a run without the VAE / text stages (e.g. DiTs retrained on latents the shipped VAE
+    # encoded) keeps the shipped files: their latents are what the DiTs learnt
+    files = {"vae": vae_state(out, vae_stage) if finished(Path(out) / vae_stage) is not None
+             else shipped_state("vae"),
              "text_encoder": text_state(out) if finished(Path(out) / "text") is not None
-             else load_file(str(WEIGHTS / "text_encoder.safetensors"))}
+             else shipped_state("text_encoder")}
     for stage, name in DIT_FILES.items():
         chain = {"dit": T2V_STAGES, "i2v": I2V_STAGES}.get(stage)
         files[name] = dit_state(out, final_stage(out, chain) if chain else stage)
