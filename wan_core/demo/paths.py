@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .clips import coverage
+from .clips import HALF_SIZE, coverage
 
-DEMO_HALF = 0.125            # object half size of the CLI's paths (fraction of the frame)
+DEMO_HALF = sum(HALF_SIZE) / 2   # object half size of the CLI's paths: the middle of the trained sizes
 SILHOUETTE = (1.0, 1.0, 1.0)  # the control clip: the object's shape (or a disc) in white on black
 
 
