@@ -321,13 +321,21 @@ def test_dit_shape_can_continue_from_a_given_t2v_with_its_own_object_weight(tmp_
     assert torch.allclose(w12 - 1, 3 * (w4 - 1)) and float((w4 - 1).amax()) == pytest.approx(4.0)
 
     seen = {}
+    monkeypatch.setattr(train_dit, "_finetune", lambda stage, out, make, n, seed, resume, lr, loss:
+                        seen.update(lr=lr, start=make().state_dict()[key]))
+    train_dit.run_dit_shape(tmp_path / "run", 1, 0, False, init=path, lr=6e-4)
+    assert seen["lr"] == 6e-4 and torch.equal(seen["start"], loaded[key])
+    train_dit.run_dit_shape(tmp_path / "run", 1, 0, False)
+    assert seen["lr"] == train_dit.FOCUS_LR and torch.equal(seen["start"], shipped[key])
+    seen = {}
     monkeypatch.setattr(train_dit, "run_dit_shape",
                         lambda out, n, seed, resume, init=None, **kw: seen.update(init=init, **kw))
     train.main(["dit_shape", "--out", str(tmp_path / "run"), "--init", str(path),
-                "--shape-weight", "12", "--steps", "1"])
-    assert seen == {"init": path, "shape_weight": 12.0}
+                "--shape-weight", "12", "--lr", "6e-4", "--steps", "1"])
+    assert seen == {"init": path, "shape_weight": 12.0, "lr": 6e-4}
     for bad in (["dit_shape", "--init", str(tmp_path / "missing.safetensors")],
-                ["dit", "--shape-weight", "2"], ["dit_shape", "--shape-weight", "-1"]):
+                ["dit", "--shape-weight", "2"], ["dit_shape", "--shape-weight", "-1"],
+                ["dit", "--lr", "1e-4"], ["dit_shape", "--lr", "0"]):
         with pytest.raises(SystemExit):
             train.main(bad + ["--out", str(tmp_path / "run")])
 

@@ -47,11 +47,16 @@ def main(argv=None) -> int:
     parser.add_argument("--shape-weight", type=float, default=None,
                         help="dit_shape: extra loss weight on the object's latent positions "
                              "(default: train_dit.SHAPE_WEIGHT)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="dit_shape: peak learning rate (default: train_dit.FOCUS_LR)")
     args = parser.parse_args(argv)
     if args.init is not None and not args.init.is_file():
         parser.error(f"--init {args.init}: no such file (give a dit_t2v.safetensors)")
-    if (args.init is not None or args.shape_weight is not None) and args.stage != "dit_shape":
-        parser.error("--init and --shape-weight apply to the dit_shape stage only")
+    if ((args.init is not None or args.shape_weight is not None or args.lr is not None)
+            and args.stage != "dit_shape"):
+        parser.error("--init, --shape-weight and --lr apply to the dit_shape stage only")
+    if args.lr is not None and not 0 < args.lr < 1:
+        parser.error("--lr must be a learning rate between 0 and 1 (e.g. 6e-4)")
     if args.shape_weight is not None and not args.shape_weight >= 0:
         parser.error("--shape-weight must be a number >= 0")
     if args.object_size:
@@ -98,7 +103,8 @@ def run_stage(stage: str, args) -> None:
         cache_latents(args.out, args.seed, args.resume)
     elif stage == "dit_shape":
         from . import train_dit
-        extra = {"shape_weight": args.shape_weight} if args.shape_weight is not None else {}
+        extra = {k: v for k, v in (("shape_weight", args.shape_weight), ("lr", args.lr))
+                 if v is not None}
         train_dit.run_dit_shape(args.out, n, args.seed, args.resume, init=args.init, **extra)
     elif stage in ("dit", "i2v", "dit_mixed", "dit_focus", "i2v_focus",
                    "i2v_shape", "dit_fine", "dit_pairs", "experts"):

@@ -361,12 +361,13 @@ def shape_flow_loss(model, cache, step, seed, weights=None, shape_weight=SHAPE_W
 
 
 def run_dit_shape(out: Path, steps: int, seed: int, resume: bool, init: Path | None = None,
-                  shape_weight: float = SHAPE_WEIGHT) -> dict:
+                  shape_weight: float = SHAPE_WEIGHT, lr: float = FOCUS_LR) -> dict:
     """Stage ``dit_shape``: the shipped T2V (or the T2V file ``init``: continue an earlier
     run) fine-tuned with :func:`shape_flow_loss` (clips drawn as for ``dit_focus``) on the
-    latents ``latents`` cached (after ``vae_shape``: the shape-carrying latent)."""
+    latents ``latents`` cached (after ``vae_shape``: the shape-carrying latent); ``lr``: the
+    peak of the cosine schedule."""
     return _finetune("dit_shape", out, lambda: shipped_dit("t2v", init), steps, seed, resume,
-                     FOCUS_LR,
+                     lr,
                      lambda m, c, w: lambda s: shape_flow_loss(m, c, s, seed + 14, w, shape_weight))
 
 
