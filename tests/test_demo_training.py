@@ -340,6 +340,41 @@ def test_dit_shape_can_continue_from_a_given_t2v_with_its_own_object_weight(tmp_
             train.main(bad + ["--out", str(tmp_path / "run")])
 
 
+def test_i2v_shape_can_start_from_a_given_t2v_with_the_shipped_image_input(tmp_path, monkeypatch):
+    """``train i2v_shape --init T2V``: the I2V is that T2V (the same output when the image
+    input ``y`` is zero) reading the image through the shipped I2V's ``y`` weights."""
+    from safetensors.torch import save_file
+
+    from training import train
+
+    t2v = train_dit.init_weights(train_dit.WanDiT(train_dit.dit_config("t2v")), seed=5)
+    with torch.no_grad():
+        t2v.head.head.weight.normal_()              # init leaves it zero: make the output tell
+    path = tmp_path / "dit_t2v.safetensors"
+    save_file({k: v.contiguous() for k, v in t2v.state_dict().items()}, str(path))
+    i2v = train_dit.i2v_from_t2v(path)
+    shipped = train_dit.shipped_dit("i2v").state_dict()["patch_embedding.weight"]
+    assert torch.equal(i2v.state_dict()["patch_embedding.weight"][:, 16:], shipped[:, 16:])
+
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 16, 2, 8, 8), torch.tensor([700.0])
+    context = [torch.randn(6, 128)]
+    y = torch.randn(1, 20, 2, 8, 8)
+    with torch.no_grad():
+        plain = t2v(x, t, context)
+        assert torch.allclose(i2v(x, t, context, y=torch.zeros_like(y)), plain, atol=1e-5)
+        assert not torch.allclose(i2v(x, t, context, y=y), plain, atol=1e-3)
+
+    seen = {}
+    monkeypatch.setattr(train_dit, "run_i2v_shape",
+                        lambda out, n, seed, resume, init=None: seen.update(init=init))
+    train.main(["i2v_shape", "--out", str(tmp_path / "run"), "--init", str(path), "--steps", "1"])
+    assert seen == {"init": path}
+    for bad in (["experts", "--init", str(path)], ["i2v_shape", "--lr", "1e-4"]):
+        with pytest.raises(SystemExit):
+            train.main(bad + ["--out", str(tmp_path / "run")])
+
+
 def test_export_of_a_dit_only_run_keeps_the_shipped_vae_and_text_encoder(tmp_path):
     """A run that retrained only the DiTs (on latents the shipped VAE encoded) exports the
     shipped VAE and text encoder with its own DiTs; an unfinished stage is named."""

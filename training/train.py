@@ -43,7 +43,8 @@ def main(argv=None) -> int:
                              "frame; shipped 0.11,0.14) in every clip drawn")
     parser.add_argument("--init", type=Path, default=None, metavar="FILE",
                         help="dit_shape: start from this demo T2V file (e.g. an earlier run's "
-                             "export) instead of the shipped one")
+                             "export) instead of the shipped one; i2v_shape: start from this T2V "
+                             "with the shipped I2V's image input channels")
     parser.add_argument("--shape-weight", type=float, default=None,
                         help="dit_shape: extra loss weight on the object's latent positions "
                              "(default: train_dit.SHAPE_WEIGHT)")
@@ -52,9 +53,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.init is not None and not args.init.is_file():
         parser.error(f"--init {args.init}: no such file (give a dit_t2v.safetensors)")
-    if ((args.init is not None or args.shape_weight is not None or args.lr is not None)
-            and args.stage != "dit_shape"):
-        parser.error("--init, --shape-weight and --lr apply to the dit_shape stage only")
+    if args.init is not None and args.stage not in ("dit_shape", "i2v_shape"):
+        parser.error("--init applies to the dit_shape and i2v_shape stages only")
+    if (args.shape_weight is not None or args.lr is not None) and args.stage != "dit_shape":
+        parser.error("--shape-weight and --lr apply to the dit_shape stage only")
     if args.lr is not None and not 0 < args.lr < 1:
         parser.error("--lr must be a learning rate between 0 and 1 (e.g. 6e-4)")
     if args.shape_weight is not None and not args.shape_weight >= 0:
@@ -106,8 +108,11 @@ def run_stage(stage: str, args) -> None:
         extra = {k: v for k, v in (("shape_weight", args.shape_weight), ("lr", args.lr))
                  if v is not None}
         train_dit.run_dit_shape(args.out, n, args.seed, args.resume, init=args.init, **extra)
+    elif stage == "i2v_shape":
+        from . import train_dit
+        train_dit.run_i2v_shape(args.out, n, args.seed, args.resume, init=args.init)
     elif stage in ("dit", "i2v", "dit_mixed", "dit_focus", "i2v_focus",
-                   "i2v_shape", "dit_fine", "dit_pairs", "experts"):
+                   "dit_fine", "dit_pairs", "experts"):
         from . import train_dit
         getattr(train_dit, "run_" + stage)(args.out, n, args.seed, args.resume)
     elif stage == "fast_lora":

@@ -390,10 +390,27 @@ def _finetune(stage: str, out: Path, make_model: Callable[[], WanDiT], steps: in
                       ema=ema, save_every=50)
 
 
-def run_i2v_shape(out: Path, steps: int, seed: int, resume: bool) -> dict:
-    """Stage ``i2v_shape``: the shipped I2V fine-tuned as ``i2v_focus`` was, on the latents
-    ``latents`` cached (after ``vae_shape``: the shape-carrying latent)."""
-    return _train("i2v_shape", out, lambda: shipped_dit("i2v"), steps, seed + 15, resume,
+def i2v_from_t2v(t2v: Path) -> WanDiT:
+    """An I2V made of the demo T2V file ``t2v`` and the shipped I2V's image input: every
+    weight is the T2V's except the patch embedding's ``y`` channels (mask + image latent,
+    input channels 16..35), which are the shipped I2V's. With ``y`` all zero it is the T2V;
+    the ``y`` weights start from what reads the image for the shipped T2V, the model the new
+    T2V was fine-tuned from."""
+    model = shipped_dit("i2v")
+    sd = shipped_dit("t2v", t2v).state_dict()
+    latent = sd["patch_embedding.weight"].shape[1]
+    image = model.state_dict()["patch_embedding.weight"][:, latent:]
+    sd["patch_embedding.weight"] = torch.cat([sd["patch_embedding.weight"], image], 1)
+    model.load_state_dict(sd)
+    return model
+
+
+def run_i2v_shape(out: Path, steps: int, seed: int, resume: bool,
+                  init: Path | None = None) -> dict:
+    """Stage ``i2v_shape``: the shipped I2V (or, with ``init``, :func:`i2v_from_t2v` of that
+    T2V file) fine-tuned as ``i2v_focus`` was, on the latents ``latents`` cached."""
+    start = (lambda: i2v_from_t2v(init)) if init is not None else (lambda: shipped_dit("i2v"))
+    return _train("i2v_shape", out, start, steps, seed + 15, resume,
                   lr=FOCUS_LR, warmup=50, image=True, per_background=FOCUS)
 
 
