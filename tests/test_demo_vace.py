@@ -51,6 +51,14 @@ def test_random_paths_stay_in_frame_and_move():
         assert ((xy >= lo) & (xy <= hi)).all(), (seed, path)
         assert np.linalg.norm(xy[-1] - xy[0]) > 0.1 or path.family in ("curve", "turn")
     assert {training_paths.random_path(s).family for s in range(40)} == set(training_paths.FAMILIES)
+    # every family at both ends of the object sizes trained (the largest leaves the least room)
+    for half in (0.11, 0.23):
+        lo, hi = half * 4 / 3 + training_paths.MARGIN - 1e-6, 1 - half * 4 / 3 - training_paths.MARGIN + 1e-6
+        for family in training_paths.FAMILIES:
+            for seed in range(30):
+                xy = training_paths.random_path(seed, family, half).positions(17)
+                assert ((xy >= lo) & (xy <= hi)).all(), (half, family, seed)
+                assert np.linalg.norm(xy[1:] - xy[:-1], axis=1).sum() > 0.15, (half, family, seed)
 
 
 @pytest.mark.parametrize("shape", ["circle", "square", "triangle"])

@@ -33,11 +33,16 @@ def random_path(seed: int, family: str | None = None, half: float = DEMO_HALF) -
     rng = random.Random(f"path/{seed}")
     family = family or FAMILIES[rng.randrange(len(FAMILIES))]
     lo, hi = _bounds(half)
+    # the lengths were chosen for the objects of half-side 0.11-0.14 (room 0.63); a larger
+    # object leaves less room (half 0.23: 0.35), where a 0.35-long curve cannot be drawn in it
+    room = hi - lo
+    min_length, curve_length, turn_leg = (min(MIN_LENGTH, 0.6 * room), min(0.35, 0.75 * room),
+                                          min(0.2, 0.5 * room))
 
     def point():
         return rng.uniform(lo, hi), rng.uniform(lo, hi)
 
-    def far_point(p, min_length=MIN_LENGTH):
+    def far_point(p, min_length=min_length):
         while True:
             q = point()
             if math.dist(p, q) >= min_length:
@@ -47,7 +52,7 @@ def random_path(seed: int, family: str | None = None, half: float = DEMO_HALF) -
     if family == "line":
         return waypoints_path([p0, far_point(p0)], family)
     if family == "curve":
-        p2 = far_point(p0, 0.35)
+        p2 = far_point(p0, curve_length)
         mid = ((p0[0] + p2[0]) / 2, (p0[1] + p2[1]) / 2)
         nx, ny = -(p2[1] - p0[1]), p2[0] - p0[0]             # perpendicular, |n| = |p2 - p0|
         for _ in range(100):
@@ -61,9 +66,9 @@ def random_path(seed: int, family: str | None = None, half: float = DEMO_HALF) -
         t_stop = rng.uniform(0.3, 0.7)
         return MotionPath(((0.0, *p0), (t_stop, *p1), (1.0, *p1)), family)
     if family == "turn":
-        p1 = far_point(p0, 0.2)
+        p1 = far_point(p0, turn_leg)
         while True:
-            p2 = far_point(p1, 0.2)
+            p2 = far_point(p1, turn_leg)
             a = (p1[0] - p0[0], p1[1] - p0[1])
             b = (p2[0] - p1[0], p2[1] - p1[1])
             cos = (a[0] * b[0] + a[1] * b[1]) / (math.hypot(*a) * math.hypot(*b))
