@@ -55,7 +55,7 @@ def test_random_paths_stay_in_frame_and_move():
     for half in (0.11, 0.23):
         lo, hi = half * 4 / 3 + training_paths.MARGIN - 1e-6, 1 - half * 4 / 3 - training_paths.MARGIN + 1e-6
         for family in training_paths.FAMILIES:
-            for seed in range(30):
+            for seed in range(300):
                 xy = training_paths.random_path(seed, family, half).positions(17)
                 assert ((xy >= lo) & (xy <= hi)).all(), (half, family, seed)
                 assert np.linalg.norm(xy[1:] - xy[:-1], axis=1).sum() > 0.15, (half, family, seed)

@@ -34,10 +34,11 @@ def random_path(seed: int, family: str | None = None, half: float = DEMO_HALF) -
     family = family or FAMILIES[rng.randrange(len(FAMILIES))]
     lo, hi = _bounds(half)
     # the lengths were chosen for the objects of half-side 0.11-0.14 (room 0.63); a larger
-    # object leaves less room (half 0.23: 0.35), where a 0.35-long curve cannot be drawn in it
+    # object leaves less room (half 0.23: 0.35). Kept below 0.7 x room, the distance from any
+    # point to the farthest corner, so that far_point always has somewhere to go
     room = hi - lo
-    min_length, curve_length, turn_leg = (min(MIN_LENGTH, 0.6 * room), min(0.35, 0.75 * room),
-                                          min(0.2, 0.5 * room))
+    min_length, curve_length, turn_leg = (min(MIN_LENGTH, 0.5 * room), min(0.35, 0.6 * room),
+                                          min(0.2, 0.4 * room))
 
     def point():
         return rng.uniform(lo, hi), rng.uniform(lo, hi)
