@@ -214,6 +214,28 @@ def test_a_warm_started_lora_is_the_file_it_started_from(tmp_path):
         train_fast.warm_factors(warm, tmp_path / "r4.safetensors")
 
 
+def test_the_fast_lora_teacher_is_the_t2v_of_the_weights_folder(tmp_path):
+    """``fast_lora --weights DIR`` distils the T2V exported to DIR, not the shipped one: the
+    teacher's clean latents change with the folder's T2V (and repeat for the same folder)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from training import train_fast
+    from wan_core.demo import FILES, WEIGHTS_DIR
+
+    folder = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, folder)
+    sd = load_file(str(folder / FILES["t2v"]))
+    sd["head.head.weight"] = (sd["head.head.weight"].float() * 0.5).to(sd["head.head.weight"].dtype)
+    save_file(sd, str(folder / FILES["t2v"]))
+    shipped = train_fast.teacher_data(tmp_path / "a", 0, False, count=2)
+    mine = train_fast.teacher_data(tmp_path / "b", 0, False, folder, count=2)
+    again = train_fast.teacher_data(tmp_path / "c", 0, False, folder, count=2)
+    assert shipped["x0"].shape == mine["x0"].shape == (2, *train_fast.LATENT)
+    assert torch.equal(shipped["z"], mine["z"]) and torch.equal(mine["x0"], again["x0"])
+    assert (shipped["x0"] - mine["x0"]).abs().max() > 0.1
+
+
 def test_fine_patch_copy_embeds_flat_patches_as_before_and_averages_the_head():
     """``to_fine_patch`` (stage ``dit_fine``): a 1x1 token of a latent that is flat over each
     2x2 patch embeds as the 2x2 token did; the head's output per position is the mean of the

@@ -1,6 +1,7 @@
 """Stage ``fast_lora``: distil the demo T2V into a 4-step, CFG-free LoRA (the demo's ``--fast``).
 
-The teacher is the shipped demo T2V at its default settings (20 UniPC steps, CFG 4, shift 3).
+The teacher is the demo T2V of the weights folder (`--weights`; default the shipped one) at its
+default settings (20 UniPC steps, CFG 4, shift 3).
 The student is the same DiT with a rank-``RANK`` LoRA on every Linear, sampled the way the
 published step-distilled Wan LoRAs are (``wan_core.sampling.distilled_schedule``: Euler, 4
 steps, shift 5, CFG 1).
@@ -44,19 +45,22 @@ ROLLOUT = 0.5           # share of batches that start from the student's own rol
 SHIPPED_SCALE = 1.75
 
 
-def teacher_data(out: Path, seed: int, resume: bool) -> dict:
+def teacher_data(out: Path, seed: int, resume: bool, weights: Path | None = None,
+                 count: int | None = None) -> dict:
     """``{"z", "x0", "context", "captions"}``: the teacher's clean latents for every training
-    caption x ``SEEDS`` noise seeds (batched CFG, the demo's default sampler)."""
+    caption x ``SEEDS`` noise seeds (batched CFG, the demo's default sampler), the teacher
+    being the T2V in ``weights`` (default: the shipped one); ``count``: only the first items
+    (tests)."""
     path = Path(out) / "fast_lora" / "teacher.pt"
     if resume and path.exists():
         return load(path)
-    models = DemoModels()
+    models = DemoModels(weights)
     te, dit = models.get("text_encoder"), models.get("t2v")
     captions = [c.caption for c in dataset.iter_combos("train")]
     contexts = te.encode(captions)
     (negative,) = te.encode([""])
     schedule = solver_schedule(SOLVER, STEPS, SHIFT)
-    items = [(i, s) for s in range(SEEDS) for i in range(len(captions))]
+    items = [(i, s) for s in range(SEEDS) for i in range(len(captions))][:count]
     zs, x0s = [], []
     for start in range(0, len(items), 64):
         chunk = items[start:start + 64]
@@ -118,7 +122,7 @@ def run_fast_lora(out: Path, steps: int, seed: int, resume: bool,
     """Train (or skip when finished) and write ``fast_lora.safetensors`` to ``weights``.
     ``warm_start``: start from the factors of the LoRA already in the weights folder (trained
     for an earlier T2V) instead of ``up = 0``."""
-    done = _train_fast_lora(out, steps, seed, resume, warm_start)
+    done = _train_fast_lora(out, steps, seed, resume, weights, warm_start)
     save_fast_lora(out, weights)
     return done
 
@@ -140,13 +144,15 @@ def warm_factors(factors: LoRAFactors, path: Path) -> None:
 
 
 def _train_fast_lora(out: Path, steps: int, seed: int, resume: bool,
-                     warm_start: bool = False) -> dict:
+                     weights: Path | None = None, warm_start: bool = False) -> dict:
     stage = Path(out) / "fast_lora"
     done = finished_already(stage, steps, resume)
     if done is not None:
         return done
-    data = teacher_data(out, seed, resume)
-    models = DemoModels()
+    # teacher and student are the T2V of the weights folder (an export of a retrained T2V is
+    # distilled there, not the shipped one)
+    data = teacher_data(out, seed, resume, weights)
+    models = DemoModels(weights)
     base = models.get("t2v")
     factors = LoRAFactors(base, RANK, seed)
     if warm_start:
