@@ -23,6 +23,8 @@ FLOOR_BACKGROUND = 0.90     # measured 0.97 (t2v, i2v, moe; 32 prompts, 20 steps
 FLOOR_COLOUR = 0.70         # measured 0.97 (t2v, i2v, moe)
 FLOOR_I2V_DIRECTION = 0.75  # measured 0.97 / 1.00 (32 prompts, 20 steps, two seeds)
 FLOOR_T2V_DIRECTION = 0.75  # measured 0.94 / 1.00 (32 prompts, 20 steps, two seeds); chance 0.25
+MIN_LORA_CHANGE = 0.003     # mean squared change the LoRA makes to the 4-step video (frames in
+                            # 0..1); a no-op LoRA gives 0 (LoRA / base vs the 20-step video: 0.022 / 0.012)
 GOAL_FAST_ADHERENCE = 0.90  # issue 18: the distilled LoRA at 4 steps, CFG 1; measured 0.938 / 0.969
 PROMPTS = 32                # held-out prompts per seed (the goal asks for at least 24)
 SEEDS = (0, 100)            # the adherence figure is the mean over both
@@ -104,24 +106,37 @@ def test_moe_expert_pair_runs(models):
     assert result["count"] == 8 and result["background"] >= FLOOR_BACKGROUND
 
 
+FAST_CLIPS: list = []        # (spec, frames) of every clip fast_result generated
+
+
 @pytest.fixture(scope="module")
 def fast_result(models):
-    return heldout_t2v(models, "fast (LoRA, 4 steps, cfg 1)", fast=True)
+    return heldout_t2v(models, "fast (LoRA, 4 steps, cfg 1)", clips=FAST_CLIPS, fast=True)
 
 
 def test_fast_lora_heldout_prompt_adherence_goal(fast_result):
     assert fast_result["prompt"] >= GOAL_FAST_ADHERENCE
 
 
-def test_the_lora_is_what_makes_4_steps_without_cfg_work(models, fast_result):
-    """The base T2V sampled the same way (4 distilled steps, cfg 1, same prompts and seeds)
-    without the LoRA follows the prompt clearly less often."""
+def test_the_fast_path_runs_the_lora(models, t2v_result, fast_result):
+    """``--fast`` samples with the LoRA: its 4-step video differs from the base T2V's 4-step
+    video of the same prompt and noise (a LoRA that does nothing gives the same video). Since
+    issue 27's T2V the base alone follows the prompt at 4 steps (0.969), so the LoRA's gain in
+    adherence is no longer measurable; how close each is to the 20-step CFG video is printed."""
     from wan_core.demo import FAST
 
-    base = heldout_t2v(models, "base T2V at 4 distilled steps, cfg 1, no LoRA", **FAST)["prompt"]
-    # measured 0.656 -> 0.953 (sixth-session T2V); 0.844 -> 0.938 on the twelfth session's T2V,
-    # which already does better at 4 steps on its own; a LoRA that does nothing gains 0
-    assert fast_result["prompt"] >= base + 0.05
+    base_clips = []
+    heldout_t2v(models, "base T2V at 4 distilled steps, cfg 1, no LoRA", clips=base_clips, **FAST)
+
+    def error(clips, to):
+        assert [spec for spec, _ in clips] == [spec for spec, _ in to]
+        return float(np.mean([np.mean((np.asarray(f) - np.asarray(t)) ** 2)
+                              for (_, f), (_, t) in zip(clips, to)]))
+
+    print(f"\nDEMO 4 steps vs the 20-step CFG video, mean squared error: LoRA "
+          f"{error(FAST_CLIPS, T2V_CLIPS):.4f}, base {error(base_clips, T2V_CLIPS):.4f}; "
+          f"LoRA vs base {error(FAST_CLIPS, base_clips):.4f}")
+    assert error(FAST_CLIPS, base_clips) > MIN_LORA_CHANGE
 
 
 def test_demo_command_writes_a_video(tmp_path):
@@ -159,11 +174,12 @@ def test_fast_demo_command_writes_a_video(tmp_path):
 # sum(min) / sum(max) of that map with the shape's anti-aliased coverage, maximised by a
 # shrinking pattern search from the map's moments.
 # Issue 27's goals: right >= 0.90 of frames, mean fit >= 0.80; rendered clips score 1.00 / 0.97.
-# Measured on the shipped weights (64 clips, 20 steps): right 0.37 (circle 0.85, square 0.06,
-# triangle 0.00), fit 0.75: the goal is not met yet (TRAINING.md, "Shape fidelity"); these
-# floors catch a regression.
-FLOOR_SHAPE_RIGHT = 0.30
-FLOOR_SHAPE_FIT = 0.70
+# Measured on the weights shipped before issue 27's retrain (64 clips, 20 steps): right 0.37
+# (circle 0.85, square 0.06, triangle 0.00), fit 0.75; on the retrained demo: right
+# 0.929 (0.91 / 0.92 / 1.00), fit 0.854.
+# These floors catch a regression.
+FLOOR_SHAPE_RIGHT = 0.80
+FLOOR_SHAPE_FIT = 0.78
 SUB = 3                      # template supersampling
 
 

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                              "(trained for an earlier T2V) instead of from scratch")
     parser.add_argument("--object-size", metavar="LO,HI", default=None,
                         help="issue 27 experiment: objects of half-side LO..HI (fractions of the "
-                             "frame; shipped 0.11,0.14) in every clip drawn")
+                             "frame; shipped 0.18,0.23, before issue 27 0.11,0.14) in every clip drawn")
     parser.add_argument("--init", type=Path, default=None, metavar="FILE",
                         help="dit_shape: start from this demo T2V file (e.g. an earlier run's "
                              "export) instead of the shipped one; i2v_shape: start from this T2V "

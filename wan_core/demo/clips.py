@@ -38,7 +38,8 @@ BACKGROUNDS = {
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y down
 
 TRAVEL = 0.45                 # distance travelled over the whole clip, fraction of the frame
-HALF_SIZE = (0.11, 0.14)      # half the bounding-box side, fraction of the frame
+HALF_SIZE = (0.18, 0.23)      # half the bounding-box side, fraction of the frame (issue 27:
+                              # 23-29 px on 64 px, about two DiT tokens; 0.11-0.14 before)
 MARGIN = 0.02                 # gap kept between the object and the frame edge
 SUPERSAMPLE = 4               # anti-aliasing factor of the renderer
 
