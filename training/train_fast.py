@@ -38,11 +38,14 @@ BATCH = 32
 LR = 1e-3
 LATENT = (16, 5, 8, 8)  # the demo's 17-frame 64x64 latent
 ROLLOUT = 0.5           # share of batches that start from the student's own rollout
-# The shipped scale: the trained factors undershoot (the regression target is an average over
-# what the teacher might do), and on 64 *training* captions (new placements and seeds) prompt
-# adherence at strength 0.75 / 1 / 1.25 / 1.5 / 1.75 / 2 was 0.906 / 0.938 / 0.938 / 0.969 /
-# 0.984 / 0.984; the file's alpha carries 1.75, so strength 1 is the calibrated LoRA.
-SHIPPED_SCALE = 1.75
+# The shipped scale (the file's alpha = scale x rank; strength 1 in apply_loras is then this).
+# For the sixth-session T2V the trained factors undershot and 1.75 was shipped (adherence on 64
+# training captions at 0.75 / 1 / 1.25 / 1.5 / 1.75 / 2: 0.906 / 0.938 / 0.938 / 0.969 / 0.984 /
+# 0.984). For issue 27's T2V, which samples well at 4 steps by itself, 1.75 overshoots: on 32
+# held-out prompts (seed 0) at 0.75 / 1 / 1.25 / 1.5 / 1.75 adherence 0.969 / 0.969 / 0.969 /
+# 0.969 / 0.938 and mean squared error to the 20-step CFG video 0.012 / 0.014 / 0.017 / 0.020 /
+# 0.025 (the base T2V alone at 4 steps: 0.969, 0.0125). So the LoRA ships as trained.
+SHIPPED_SCALE = 1.0
 
 
 def teacher_data(out: Path, seed: int, resume: bool, weights: Path | None = None,
