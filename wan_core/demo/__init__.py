@@ -40,7 +40,8 @@ SHIFT = 3.0
 CFG = 4.0               # first run: adherence 0.156 at 4 vs 0.062 at 1.5; third: CFG 8 loses colour
 SOLVER = "unipc"
 FRAMES = 17             # the clip length the models were trained on
-CONTEXT_OVERLAP = 8     # longer videos: 17-frame context windows overlapping by this (README)
+CONTEXT_OVERLAP = 12    # longer videos: 17-frame context windows overlapping by this (README;
+                        # 8 before issue 27's retrain: the larger objects step back less with 12)
 SIZE = 64
 FPS = 8
 MOE_BOUNDARY = 0.875
