@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cfg", type=_positive_float, default=None, help="guidance scale (default: tuned)")
     demo.add_argument("--frames", type=_positive_int, default=17,
                       help="frame count, 4n+1 (default 17, the length the demo was trained on; "
-                           "longer videos are sampled as overlapping 17-frame context windows)")
+                           "up to 25 in one pass, longer videos as overlapping 25-frame context "
+                           "windows)")
     demo.add_argument("--size", type=_demo_size, default=64, metavar="WxH",
                       help="video size, WxH like generate's (the demo draws squares: W = H) or "
                            "one number, a multiple of 16 (default 64x64)")

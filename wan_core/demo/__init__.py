@@ -40,8 +40,12 @@ SHIFT = 3.0
 CFG = 4.0               # first run: adherence 0.156 at 4 vs 0.062 at 1.5; third: CFG 8 loses colour
 SOLVER = "unipc"
 FRAMES = 17             # the clip length the models were trained on
-CONTEXT_OVERLAP = 12    # longer videos: 17-frame context windows overlapping by this (README;
-                        # 8 before issue 27's retrain: the larger objects step back less with 12)
+# Longer videos: context windows of CONTEXT_FRAMES overlapping by CONTEXT_OVERLAP (README,
+# "Context windows"; benchmarks.demo_long). The models know 25-frame clips as well as 17-frame
+# ones (one 25-frame pass keeps 99 % of the movement forward), and 25-frame windows step back
+# least (17 / 12 before the nineteenth session, 17 / 8 before issue 27's retrain).
+CONTEXT_FRAMES = 25
+CONTEXT_OVERLAP = 20
 SIZE = 64
 FPS = 8
 MOE_BOUNDARY = 0.875
@@ -51,12 +55,14 @@ FAST = {"steps": 4, "cfg": 1.0, "shift": 5.0, "solver": "distilled"}
 
 
 def demo_context_windows(frames: int):
-    """The context windows a ``frames``-frame demo video is sampled with: None up to the
-    trained length (``FRAMES``), else ``FRAMES``-frame windows overlapping by
+    """The context windows a ``frames``-frame demo video is sampled with: None (one pass) up to
+    ``CONTEXT_FRAMES``, else ``CONTEXT_FRAMES``-frame windows overlapping by
     ``CONTEXT_OVERLAP`` frames (``wan_core.sampling.ContextWindows``)."""
     from ..sampling import ContextWindows
 
-    return ContextWindows(FRAMES, CONTEXT_OVERLAP) if frames > FRAMES else None
+    if frames <= CONTEXT_FRAMES:
+        return None
+    return ContextWindows(CONTEXT_FRAMES, CONTEXT_OVERLAP)
 
 
 def weights_path(name: str) -> Path:
@@ -124,7 +130,7 @@ def generate_video(models: DemoModels, prompt: str, task: str = "t2v",
     ``cache``: step caching, as ``wan_core.pipeline.generate`` takes it (None, a name from
     ``wan_core.sampling.CACHE_METHODS`` or a ``CacheSettings``); ``stats`` receives the
     evaluated / skipped step counts. ``context_windows``: ``"auto"`` samples videos longer than
-    ``FRAMES`` as overlapping windows (:func:`demo_context_windows`); None: one pass; or a
+    ``CONTEXT_FRAMES`` as overlapping windows (:func:`demo_context_windows`); None: one pass; or a
     ``ContextWindows``."""
     from ..conditioning import VideoConditioning, build_i2v_conditioning, build_vace_conditioning
     from ..pipeline import generate
@@ -327,8 +333,9 @@ def run(args) -> int:
     windows = demo_context_windows(frames)
     if windows is not None:
         count = len(windows.windows(latent_frames(frames)))
-        print(f"{frames} frames is longer than the {FRAMES} the demo was trained on: sampling "
-              f"{count} overlapping {FRAMES}-frame context windows (overlap {CONTEXT_OVERLAP})")
+        print(f"{frames} frames is longer than the demo samples in one pass ({CONTEXT_FRAMES}; "
+              f"it was trained on {FRAMES}): sampling {count} overlapping {CONTEXT_FRAMES}-frame "
+              f"context windows (overlap {CONTEXT_OVERLAP})")
     stats: dict = {}
     video = generate_video(DemoModels(), args.prompt, task, image, cache=cache, stats=stats,
                            steps=getattr(args, "steps", None),
