@@ -178,18 +178,11 @@ def restyled(combo, kind: str):
     return dataclasses.replace(combo, **change[kind])
 
 
-def psnr(a, b) -> float:
-    """PSNR in dB of two videos in [-1, 1] (peak 1 after mapping to 0..1)."""
-    import math
-
-    mse = float(((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).mean()) / 4
-    return 10 * math.log10(1 / max(mse, 1e-12))
-
-
 def measure_v2v(denoises, specs, steps: int) -> dict:
     """{(kind, denoise): [PSNR per prompt]}; kind ``"round trip"`` at denoise 0."""
     import torch
 
+    from benchmarks.cache import psnr
     from wan_core.conditioning import VideoConditioning
     from wan_core.demo import CFG, NEGATIVE, SHIFT, SIZE, DemoModels, generate_video
     from wan_core.pipeline import generate
