@@ -4,6 +4,7 @@
     python -m benchmarks.demo_long                       # 8 held-out prompts, 65 frames
     python -m benchmarks.demo_long --count 4 --settings 17/8/static/linear 17/12/static/linear
     python -m benchmarks.demo_long --extend 1 5 9 --count 4  # extension seams instead
+    python -m benchmarks.demo_long --extend 5 9 --extend-model vace  # ... through the VACE model
     python -m benchmarks.demo_long --v2v 0.1 0.3 0.5 0.7     # video-to-video fidelity instead
 
 Each setting (``frames/overlap/schedule/blend``, or ``none`` for one pass) samples a
@@ -21,7 +22,8 @@ not window edges in the same videos, which shows how large the frame change gets
 windows meet.
 
 ``--extend OVERLAP ...``: extension instead of windows. Per held-out prompt a 17-frame demo
-I2V clip from the prompt's rendered first frame, then 3 segments of 17 frames
+I2V clip from the prompt's rendered first frame, then 3 segments of 17 frames from the demo I2V
+(or, with ``--extend-model vace``, the demo VACE model: the clip's last frames as its control)
 (``wan_core.extend.extend_video``, colour matching on); the seam ratio at each boundary
 (``seam_ratios``) over all prompts: median, max and how many are <= 1.5x; and a control: the
 same ratio at the latent starts (pixel frames 4 i - 3, i >= 2) of the first clip, a plain I2V
@@ -125,7 +127,8 @@ def measure(setting: str, prompts, frames: int, steps: int) -> dict:
             "seconds": time.perf_counter() - started}
 
 
-def measure_extend(overlap: int, prompts, steps: int, segments: int = 3) -> dict:
+def measure_extend(overlap: int, prompts, steps: int, segments: int = 3,
+                   model: str = "i2v") -> dict:
     import torch
 
     from wan_core.demo import CFG, SHIFT, DemoModels, generate_video
@@ -141,7 +144,7 @@ def measure_extend(overlap: int, prompts, steps: int, segments: int = 3) -> dict
                               steps=steps, seed=0)
         context, negative = models.get("text_encoder").encode([prompt, ""])
         report = []
-        out = extend_video(models.get("i2v"), models.get("vae"), [context], [negative], clip,
+        out = extend_video(models.get(model), models.get("vae"), [context], [negative], clip,
                            segments=segments, frames=17, overlap=overlap, steps=steps,
                            guide_scale=CFG, shift=SHIFT, seed=1, report=report, tile=False)
         found, median = seam_ratios(out, [r.start for r in report])
@@ -216,6 +219,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--settings", nargs="+", default=["17/8/static/linear"])
     parser.add_argument("--extend", type=int, nargs="+", default=None, metavar="OVERLAP")
+    parser.add_argument("--extend-model", choices=("i2v", "vace"), default="i2v",
+                        help="the demo model that extends the I2V clip (default i2v)")
     parser.add_argument("--v2v", type=float, nargs="+", default=None, metavar="DENOISE")
     args = parser.parse_args(argv)
 
@@ -239,13 +244,13 @@ def main(argv=None) -> None:
 
     prompts = [(s.caption, s.direction) for s in heldout_specs(args.count)]
     if args.extend:
-        print(f"demo I2V extension: {len(prompts)} held-out prompts, 17-frame clip + 3 x 17-frame "
-              f"segments, {args.steps} steps")
+        print(f"demo extension through the {args.extend_model} model: {len(prompts)} held-out "
+              f"prompts, 17-frame I2V clip + 3 x 17-frame segments, {args.steps} steps")
         print("| overlap | seam ratio: median | max | seams <= 1.5x | control: largest at the "
               "first clip's latent starts (<= 1.5x) | seconds |")
         print("|---|---|---|---|---|---|")
         for overlap in args.extend:
-            r = measure_extend(overlap, prompts, args.steps)
+            r = measure_extend(overlap, prompts, args.steps, model=args.extend_model)
             print(f"| {overlap} | {r['median']:.2f} | {r['max']:.2f} | {r['within']} of "
                   f"{r['seams']} | {r['control']:.2f} ({r['control_within']} of {r['controls']}) "
                   f"| {r['seconds']:.0f} |", flush=True)
