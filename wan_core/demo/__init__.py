@@ -43,7 +43,7 @@ FRAMES = 17             # the clip length the models were trained on
 # Longer videos: context windows of CONTEXT_FRAMES overlapping by CONTEXT_OVERLAP (README,
 # "Context windows"; benchmarks.demo_long). The models know 25-frame clips as well as 17-frame
 # ones (one 25-frame pass keeps 99 % of the movement forward), and 25-frame windows step back
-# least (17 / 12 before the nineteenth session, 17 / 8 before issue 27's retrain).
+# least (issue 28; 17 / 12 before, 17 / 8 before issue 27's retrain).
 CONTEXT_FRAMES = 25
 CONTEXT_OVERLAP = 20
 SIZE = 64

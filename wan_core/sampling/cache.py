@@ -144,8 +144,8 @@ def _number(value, name: str) -> float:
 # 4 skips) skips more at 50 steps (2.8x fewer T2V evaluations against 2.45x on 32 held-out
 # prompts) but loses more at 20, the demo's default: it stays an option, not the default.
 DEFAULTS = {
-    # max_skips 4 (3 before the nineteenth session): at 50 steps 3 capped the speed-up at
-    # 2.5x (10 steps kept + one evaluation per 4 steps); at 20 steps the threshold binds first.
+    # max_skips 4 (was 3; issue 29): at 50 steps 3 capped the speed-up at 2.5x (10 steps kept
+    # + one evaluation per 4 steps); at 20 steps the threshold binds first.
     "easycache": CacheSettings("easycache", threshold=0.3, start=0.2, max_skips=4),
     "magcache": CacheSettings("magcache", threshold=0.05, start=0.25, max_skips=2),
     "teacache": CacheSettings("teacache", threshold=0.1, start=0.25, max_skips=2),
