@@ -31,7 +31,8 @@ generation with no seam, which shows how large the frame change gets there witho
 
 ``--v2v DENOISE ...``: video-to-video instead. Per held-out prompt a 17-frame demo T2V clip
 (seed 0) is VAE-encoded and restyled (seed 1) with its own prompt and with one attribute of the
-prompt changed (shape, direction, object colour, background colour); per prompt kind and
+prompt changed (the next shape, the opposite direction, the next object colour or background
+that keeps the object visible); per prompt kind and
 denoise, the PSNR of the result to the input clip, worst / mean over the prompts (denoise 0:
 the VAE's round trip). Goal (issue 28): denoise 0.3 keeps >= 25 dB.
 """
@@ -77,12 +78,21 @@ def latent_starts(frames: int) -> list:
     return [4 * i - 3 for i in range(2, (frames - 1) // 4 + 1)]
 
 
+def change_ratios(video, frames, median: float) -> list:
+    """The frame-to-frame change into each pixel frame of ``frames`` (the change from the frame
+    before), over ``median`` (``seam_ratios``' median change): the control columns."""
+    from wan_core.extend import frame_changes
+
+    changes = frame_changes(video)
+    return [float(changes[f - 1]) / max(median, 1e-12) for f in frames]
+
+
 def measure(setting: str, prompts, frames: int, steps: int) -> dict:
     import torch
 
     from wan_core.demo import DemoModels, generate_video
     from wan_core.demo.clips import DIRECTIONS
-    from wan_core.extend import frame_changes, seam_ratios
+    from wan_core.extend import seam_ratios
     from wan_core.sampling import ContextWindows
 
     windows = None
@@ -106,10 +116,8 @@ def measure(setting: str, prompts, frames: int, steps: int) -> dict:
             edges = edge_frames(windows, frames)
             ratios, median = seam_ratios(video, edges)
             edge = max(ratios)
-            changes = frame_changes(video)
             others = [f for f in latent_starts(frames) if f not in edges]
-            control = max((float(changes[f - 1]) / max(median, 1e-12) for f in others),
-                          default=float("nan"))
+            control = max(change_ratios(video, others, median), default=float("nan"))
             step = torch.diff(along)          # frame i -> i + 1, NaN where out of frame
             near = torch.tensor([min(abs(i + 1 - e) for e in edges) <= 2
                                  for i in range(len(step))])
@@ -133,7 +141,7 @@ def measure_extend(overlap: int, prompts, steps: int, segments: int = 3,
 
     from wan_core.demo import CFG, SHIFT, DemoModels, generate_video
     from wan_core.demo.clips import parse_caption, place, render
-    from wan_core.extend import extend_video, frame_changes, seam_ratios
+    from wan_core.extend import extend_video, seam_ratios
 
     models = DemoModels()
     ratios, controls = [], []
@@ -149,9 +157,7 @@ def measure_extend(overlap: int, prompts, steps: int, segments: int = 3,
                            guide_scale=CFG, shift=SHIFT, seed=1, report=report, tile=False)
         found, median = seam_ratios(out, [r.start for r in report])
         ratios += found
-        changes = frame_changes(out)
-        controls += [float(changes[f - 1]) / max(median, 1e-12)
-                     for f in latent_starts(clip.shape[1])]
+        controls += change_ratios(out, latent_starts(clip.shape[1]), median)
     ratios.sort()
     return {"overlap": overlap, "median": ratios[len(ratios) // 2], "max": ratios[-1],
             "within": sum(r <= 1.5 for r in ratios), "seams": len(ratios),
@@ -162,23 +168,22 @@ def measure_extend(overlap: int, prompts, steps: int, segments: int = 3,
 RESTYLES = ("own", "shape", "direction", "object colour", "background colour")
 
 
-def restyled(combo, kind: str):
-    """``combo`` (a ``clips.Combo``) with the attribute ``kind`` names changed (``own``: as is):
-    the next shape, the opposite direction, the next object colour, the next background."""
+def restyled(spec, kind: str):
+    """The caption of ``spec`` (a held-out ``ClipSpec``) with the attribute ``kind`` names
+    changed (``own``: as is): the opposite direction, or the next shape / object colour /
+    background that keeps the object visible (``training.probes.changed``)."""
     import dataclasses
 
-    from wan_core.demo.clips import BACKGROUNDS, COLOURS, SHAPES
+    from training.probes import changed
 
-    def following(names, name):
-        names = list(names)
-        return names[(names.index(name) + 1) % len(names)]
-
-    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
-    change = {"own": {}, "shape": {"shape": following(SHAPES, combo.shape)},
-              "direction": {"direction": opposite[combo.direction]},
-              "object colour": {"colour": following(COLOURS, combo.colour)},
-              "background colour": {"background": following(BACKGROUNDS, combo.background)}}
-    return dataclasses.replace(combo, **change[kind])
+    if kind == "own":
+        return spec.caption
+    if kind == "direction":
+        opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+        return dataclasses.replace(spec.combo, direction=opposite[spec.direction]).caption
+    attribute = {"shape": "shape", "object colour": "colour",
+                 "background colour": "background"}[kind]
+    return changed(spec, attribute).caption
 
 
 def measure_v2v(denoises, specs, steps: int) -> dict:
@@ -200,7 +205,7 @@ def measure_v2v(denoises, specs, steps: int) -> dict:
             out.setdefault(("round trip", 0.0), []).append(
                 psnr(vae.decode(z, tile=False)[0], source))
         for kind in RESTYLES:
-            context, negative = te.encode([restyled(spec.combo, kind).caption, NEGATIVE])
+            context, negative = te.encode([restyled(spec, kind), NEGATIVE])
             for denoise in denoises:
                 latent = generate(dit, [context], [negative],
                                   VideoConditioning(SIZE, SIZE, source.shape[1]), steps=steps,
